@@ -575,7 +575,7 @@ class CatalogEntry:
     offline: bool
 
 
-def tiny_native_config(n_layers: int = 2, d_model: int = 32, seed: int = 0, n_ctx: int = 64) -> dict[str, Any]:
+def tiny_native_config(n_layers: int = 2, d_model: int = 32, seed: int = 0, n_ctx: int = 256) -> dict[str, Any]:
     """A small TL-native config over the byte vocabulary (for tests and quick demos)."""
     return {
         "n_layers": n_layers,

@@ -1,0 +1,260 @@
+"""Streamlit glue: cached resources, the shared sidebar and small UI helpers.
+
+The only module outside ``pages/`` that imports streamlit. Pages call it to get the selected
+model, dataset and cache entry, and to show :class:`ProbingError` messages instead of tracebacks.
+
+Caching rules (see ../shared/STYLE.md): ``st.cache_resource`` holds loaded models and the store
+(shared by every session, never mutated; forward passes hold the model's lock); big arrays live
+in the store; ``st.session_state`` holds UI choices only, keys prefixed by page.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import streamlit as st
+
+from probing_core.activations import CachedActivations, open_entry
+from probing_core.datasets import MAX_UPLOAD_BYTES, Dataset, DatasetSpec, load_dataset
+from probing_core.errors import ProbingError
+from probing_core.models import (
+    EMBEDDED_NAME,
+    LoadedModel,
+    ModelSpec,
+    default_cache_root,
+    load_model,
+    model_catalog,
+)
+from probing_core.store import DEFAULT_SIZE_LIMIT, ActivationStore, StoreEntry
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------
+
+
+def demo_mode() -> bool:
+    """Demo mode (PROBING_DEMO=1): capped inputs, embedded model preselected, explanations shown."""
+    return os.environ.get("PROBING_DEMO", "0").lower() in ("1", "true", "yes", "on")
+
+
+#: Token cap for cache builds: small in demo mode so nothing a visitor clicks takes long.
+def max_tokens_cap() -> int:
+    return 5_000 if demo_mode() else 200_000
+
+
+def explain(text: str) -> None:
+    """A plain-language "what this shows, how to read it" box (always in demo mode, else folded)."""
+    if demo_mode():
+        st.info(text, icon="💡")
+    else:
+        with st.expander("What am I looking at?", expanded=False):
+            st.markdown(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cached resources (shared by all sessions: read-only)
+# ---------------------------------------------------------------------------------------------
+
+
+@st.cache_resource(show_spinner=False, max_entries=3)
+def _load_model_cached(spec: ModelSpec, cache_root: str) -> LoadedModel:
+    return load_model(spec, cache_root=Path(cache_root))
+
+
+def get_model(spec: ModelSpec) -> LoadedModel:
+    """The loaded model for ``spec``; loads once per process (spinner while loading)."""
+    with st.spinner(f"Loading {spec.label()} (first time: up to a minute)…"):
+        return _load_model_cached(spec, str(default_cache_root()))
+
+
+@st.cache_resource(show_spinner=False)
+def _store_cached(root: str, limit: int) -> ActivationStore:
+    return ActivationStore(Path(root), size_limit=limit)
+
+
+def get_store() -> ActivationStore:
+    """The activation store under ``$PROBING_CACHE_DIR/activations``."""
+    limit = int(float(os.environ.get("PROBING_CACHE_LIMIT_GB", DEFAULT_SIZE_LIMIT / 1024**3)) * 1024**3)
+    return _store_cached(str(default_cache_root() / "activations"), limit)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _dataset_cached(spec: DatasetSpec, upload_digest: str, _upload: bytes | None) -> Dataset:
+    return load_dataset(spec, upload=_upload)
+
+
+def get_dataset(spec: DatasetSpec, upload: bytes | None = None) -> Dataset:
+    digest = hashlib.blake2b(upload, digest_size=8).hexdigest() if upload else ""
+    return _dataset_cached(spec, digest, upload)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _entry_cached(root: str, key: str) -> CachedActivations:
+    return open_entry(get_store(), key)
+
+
+def get_entry(key: str) -> CachedActivations:
+    """Read access to a store entry (token table loaded once per process)."""
+    return _entry_cached(str(get_store().root), key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors and progress
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Show a :class:`ProbingError` as ``st.error`` and stop the page (never a traceback)."""
+    try:
+        yield
+    except ProbingError as e:
+        st.error(str(e), icon="⚠️")
+        st.stop()
+
+
+def progress_bar(label: str) -> tuple[Callable[[float, str], None], Callable[[], None]]:
+    """A Streamlit progress bar as a core progress callback, and a function that removes it."""
+    bar = st.progress(0.0, text=label)
+
+    def update(frac: float, msg: str) -> None:
+        bar.progress(max(0.0, min(1.0, float(frac))), text=f"{label} — {msg}")
+
+    return update, bar.empty
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared sidebar: model and dataset picked once, used by every page
+# ---------------------------------------------------------------------------------------------
+
+_CUSTOM_HF = "Hugging Face model by name…"
+_CUSTOM_LOCAL = "Local model folder…"
+
+
+def _model_options() -> dict[str, ModelSpec | None]:
+    opts: dict[str, ModelSpec | None] = {}
+    for e in model_catalog():
+        if e.spec.kind == "hf":
+            continue
+        opts[EMBEDDED_NAME if e.id == "embedded" else e.spec.label()] = e.spec
+    if not demo_mode():
+        opts[_CUSTOM_HF] = None
+        opts[_CUSTOM_LOCAL] = None
+    return opts
+
+
+_DATASETS = {
+    "Python documentation (offline corpus)": DatasetSpec("pydoc"),
+    "Model vocabulary (every token once)": DatasetSpec("vocab"),
+    "Upload a file (.txt, .csv, .jsonl)": None,
+    "Hugging Face dataset by name (online)": None,
+}
+
+
+def sidebar() -> None:
+    """Render the model and dataset pickers (called by app.py on every page)."""
+    with st.sidebar:
+        st.subheader("Model")
+        opts = _model_options()
+        choice = st.selectbox("Model", list(opts), key="model_choice", label_visibility="collapsed")
+        spec = opts.get(choice)
+        if choice == _CUSTOM_HF:
+            name = st.text_input("Model name", value="gpt2", key="model_hf_name", help="e.g. gpt2, EleutherAI/pythia-70m — needs the internet")
+            spec = ModelSpec("hf", name.strip())
+        elif choice == _CUSTOM_LOCAL:
+            folder = st.text_input("Folder", key="model_local_dir", help="a Hugging Face model folder (config.json + weights)")
+            spec = ModelSpec("local", folder.strip()) if folder.strip() else None
+        with st.expander("Device and dtype"):
+            device = st.selectbox("Device", ["auto", "cpu", "cuda", "mps"], key="model_device")
+            dtype = st.selectbox("Weights dtype", ["float32", "bfloat16", "float16"], key="model_dtype")
+        if spec is not None:
+            spec = ModelSpec(spec.kind, spec.name, device=device, dtype=dtype)
+        st.session_state["_model_spec"] = spec
+
+        st.subheader("Dataset")
+        dchoice = st.selectbox("Dataset", list(_DATASETS), key="dataset_choice", bind="query-params", label_visibility="collapsed")
+        dspec = _DATASETS[dchoice]
+        upload: bytes | None = None
+        if dchoice.startswith("Upload"):
+            f = st.file_uploader("File", type=["txt", "csv", "jsonl"], key="dataset_upload", max_upload_size=MAX_UPLOAD_BYTES // (1024 * 1024))
+            column = st.text_input("Text column (CSV/JSONL)", value="text", key="dataset_text_column")
+            if f is not None:
+                upload = f.getvalue()
+                dspec = DatasetSpec("upload", f.name, text_column=column.strip() or "text")
+        elif dchoice.startswith("Hugging Face"):
+            name = st.text_input("Dataset", value="wikitext:wikitext-2-raw-v1", key="dataset_hf_name", help="NAME[:CONFIG]; needs the internet")
+            dspec = DatasetSpec("hf", name.strip(), max_docs=2000)
+        st.session_state["_dataset_spec"] = dspec
+        st.session_state["_dataset_upload"] = upload
+        if demo_mode():
+            st.caption("Demo mode: inputs are capped so every step is quick.")
+
+
+def selected_model() -> LoadedModel:
+    """The model picked in the sidebar, loaded (stops the page with a message on failure)."""
+    spec = st.session_state.get("_model_spec")
+    if spec is None:
+        st.warning("Pick a model in the sidebar (for a local folder, type its path).")
+        st.stop()
+    with user_errors():
+        return get_model(spec)
+
+
+def selected_dataset() -> Dataset:
+    """The dataset picked in the sidebar (stops the page with a message on failure)."""
+    spec = st.session_state.get("_dataset_spec")
+    if spec is None:
+        st.warning("Upload a file in the sidebar, or pick the Python documentation corpus.")
+        st.stop()
+    with user_errors():
+        return get_dataset(spec, st.session_state.get("_dataset_upload"))
+
+
+def entries_for(model: LoadedModel, hooks_like: str | None = None) -> list[StoreEntry]:
+    """Store entries built with ``model`` (most recent first), optionally holding a hook containing ``hooks_like``."""
+    out = []
+    for e in get_store().entries():
+        if e.meta.get("model_key") != model.key:
+            continue
+        if hooks_like and not any(hooks_like in h for h in e.hooks):
+            continue
+        out.append(e)
+    return out
+
+
+def entry_picker(model: LoadedModel, *, page: str, hooks_like: str | None = None, help_build: str = "") -> CachedActivations:
+    """Select box over this model's cache entries; stops with a pointer to Home if there are none.
+
+    The default is the entry last built or chosen on Home.
+    """
+    entries = entries_for(model, hooks_like)
+    if not entries:
+        need = f" with `{hooks_like}` hooks" if hooks_like else ""
+        st.warning(f"No cached activations{need} for this model yet. Build them on the **Home** page first. {help_build}")
+        st.page_link("pages/home.py", label="Go to Home", icon="🏠")
+        st.stop()
+    keys = [e.key for e in entries]
+    preferred = st.session_state.get("home_entry_key")
+    index = keys.index(preferred) if preferred in keys else 0
+    labels = {e.key: f"{e.meta.get('dataset_label')} · {e.n_tokens:,} tokens · {len(e.hooks)} hooks · {e.key[:8]}" for e in entries}
+    key = st.selectbox("Cached activations", keys, index=index, format_func=labels.get, key=f"{page}_entry")
+    with user_errors():
+        return get_entry(key)
+
+
+def manifest_base(model: LoadedModel, acts: CachedActivations | None = None) -> dict[str, Any]:
+    """Common fields of every JSON run manifest (model, dataset fingerprint, versions)."""
+    import probing_core
+    import sklearn
+    import torch
+
+    out: dict[str, Any] = {
+        "model": model.describe(),
+        "versions": {"probing_core": probing_core.__version__, "torch": torch.__version__, "streamlit": st.__version__, "scikit-learn": sklearn.__version__},
+    }
+    if acts is not None:
+        out["cache_entry"] = {k: acts.meta.get(k) for k in ("key", "dataset_label", "dataset_fingerprint", "n_tokens", "max_len", "max_tokens", "dtype")}
+    return out

@@ -1,0 +1,87 @@
+"""Home: pick hooks, build the activation cache with a progress bar, list and delete entries."""
+import pandas as pd
+import streamlit as st
+
+import glue
+from probing_core.activations import build_cache
+
+st.title("🔬 Probing dashboard")
+st.caption("Cache a model's activations once, then probe them: R² curves, sparse L1 paths, layer accuracy, attention and the logit lens.")
+glue.explain(
+    "A **probe** is a small linear model that tries to read a property (say, a token's length) out of a "
+    "model's internal activations. If a simple probe can read it at layer 5 but not at layer 1, the model "
+    "has computed that property by layer 5. This page runs text through the model once and saves the "
+    "activations so every other page can fit probes in seconds."
+)
+
+model = glue.selected_model()
+dataset = glue.selected_dataset()
+
+c1, c2, c3, c4 = st.columns(4)
+c1.metric("Layers", model.n_layers)
+c2.metric("d_model", model.d_model)
+c3.metric("Heads", model.n_heads)
+c4.metric("Documents" if dataset.spec.kind != "vocab" else "Vocabulary", f"{dataset.n_docs:,}" if dataset.spec.kind != "vocab" else f"{model.d_vocab:,}")
+st.caption(f"{model.spec.label()} · key `{model.key}` · {model.device} · " + " · ".join(model.notes))
+
+st.subheader("Build a cache entry")
+families = {
+    "embed": "token embedding (hook_embed)",
+    "resid_pre": "residual stream before each block",
+    "resid_mid": "residual stream between attention and MLP",
+    "resid_post": "residual stream after each block",
+    "attn_out": "attention output of each block",
+    "mlp_out": "MLP output of each block",
+    "mlp_post": "MLP neurons after the activation (d_mlp wide)",
+}
+picked = st.multiselect(
+    "Hooks", list(families), default=["embed", "resid_post"],
+    format_func=lambda f: f"{f} — {families[f]}", key="home_hooks",
+)
+cap = glue.max_tokens_cap()
+a, b, c = st.columns(3)
+max_tokens = a.number_input("Max tokens", min_value=1, max_value=cap, value=min(5_000, cap), step=1000, key="home_max_tokens")
+max_len = b.number_input("Tokens per row", min_value=2, max_value=min(model.n_ctx, 1024), value=min(128, model.n_ctx), key="home_max_len")
+store_dtype = c.selectbox("Storage dtype", ["float32", "float16"], key="home_store_dtype", help="float16 halves disk and read time; R² changes by ≤ 1.5e-4")
+
+if st.button("Build cache", type="primary", disabled=not picked, key="home_build"):
+    with glue.user_errors():
+        hooks = model.hook_names(picked)
+        update, done = glue.progress_bar("Building cache")
+        entry, built = build_cache(
+            model, dataset, hooks, store=glue.get_store(), max_len=int(max_len),
+            max_tokens=int(max_tokens), dtype=store_dtype, progress=update,
+        )
+        done()
+    st.session_state["home_entry_key"] = entry.key
+    if built:
+        st.success(f"Built `{entry.key}`: {entry.n_tokens:,} tokens × {len(entry.hooks)} hooks in {entry.meta['seconds']:.1f} s ({entry.meta['tokens_per_second']:,.0f} tokens/s), {entry.bytes / 1e6:.1f} MB.")
+    else:
+        st.info(f"Already cached as `{entry.key}` ({entry.n_tokens:,} tokens) — nothing to recompute.")
+    bad = {h: n for h, n in entry.meta.get("nonfinite", {}).items() if n}
+    if bad:
+        st.warning(f"Non-finite values (overflow?) in {len(bad)} hooks: {bad}. Rebuild with float32 storage.")
+
+st.subheader("Cached entries")
+store = glue.get_store()
+entries = store.entries()
+if not entries:
+    st.write("Nothing cached yet.")
+else:
+    rows = [
+        {
+            "key": e.key, "model": e.meta.get("model_label"), "dataset": e.meta.get("dataset_label"),
+            "tokens": e.n_tokens, "hooks": len(e.hooks), "dtype": e.meta.get("dtype"),
+            "MB": round(e.bytes / 1e6, 1), "this model": e.meta.get("model_key") == model.key,
+        }
+        for e in entries
+    ]
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    st.caption(f"{sum(e.bytes for e in entries) / 1e6:.1f} MB of {store.size_limit / 1e9:.0f} GB limit in `{store.root}` (least recently used entries are evicted past the limit).")
+    d1, d2 = st.columns([3, 1])
+    to_delete = d1.selectbox("Entry", [e.key for e in entries], key="home_delete_key", label_visibility="collapsed")
+    if d2.button("Delete entry", key="home_delete"):
+        with glue.user_errors():
+            store.delete(to_delete)
+        st.session_state.pop("home_entry_key", None)
+        st.rerun()

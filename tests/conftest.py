@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny native models and the embedded model (session scope), real stores on disk.
+
+PROBING_CACHE_DIR points at <repo>/.test-cache for the whole session so the embedded model is
+dequantized once per machine, not once per test run.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PROBING_CACHE_DIR", str(REPO / ".test-cache"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from probing_core.activations import build_cache  # noqa: E402
+from probing_core.datasets import DatasetSpec, load_dataset  # noqa: E402
+from probing_core.models import LoadedModel, ModelSpec, load_model, tiny_native_config  # noqa: E402
+from probing_core.store import ActivationStore  # noqa: E402
+
+TINY_HOOK_FAMILIES = ("embed", "resid_pre", "resid_mid", "resid_post", "mlp_post")
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> LoadedModel:
+    return load_model(ModelSpec.native(tiny_native_config()))
+
+
+@pytest.fixture(scope="session")
+def embedded_model() -> LoadedModel:
+    return load_model(ModelSpec("embedded"))
+
+
+@pytest.fixture(scope="session")
+def pydoc_dataset():
+    return load_dataset(DatasetSpec("pydoc"))
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> ActivationStore:
+    return ActivationStore(tmp_path / "store")
+
+
+@pytest.fixture(scope="session")
+def tiny_entry(tiny_model, pydoc_dataset, tmp_path_factory):
+    """A real cache entry of the tiny model over 3,000 pydoc tokens (session scope)."""
+    store = ActivationStore(tmp_path_factory.mktemp("tiny-store"))
+    entry, _ = build_cache(
+        tiny_model, pydoc_dataset, tiny_model.hook_names(TINY_HOOK_FAMILIES), store=store, max_len=64, max_tokens=3000
+    )
+    return store, entry
