@@ -1,0 +1,29 @@
+# Two commands do everything: `make run` (the app on the embedded offline model) and
+# `make test` (the whole suite). Both create .venv and install the pinned requirements first.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PORT    ?= 8501
+STAMP   := $(VENV)/.installed-$(shell cat requirements.txt scripts/install.sh | cksum | cut -d' ' -f1)
+
+.PHONY: run test setup bench clean-cache
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt scripts/install.sh
+	test -x $(PY) || python3 -m venv $(VENV)
+	scripts/install.sh $(PY)
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+run: setup
+	@echo "Starting the probing dashboard at http://localhost:$(PORT) (embedded offline model; first start converts it, ~30 s)"
+	$(PY) -m streamlit run app.py --server.port $(PORT)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean-cache:
+	rm -rf cache .test-cache
