@@ -1,0 +1,79 @@
+"""Attention: CircuitsVis view of one layer (offline bundle), head-score heatmaps, one head in detail."""
+import json
+
+import pandas as pd
+import streamlit as st
+
+import glue
+from probing_core import attention
+from probing_core.plots import attention as plots
+
+st.title("👀 Attention")
+glue.explain(
+    "Each attention head decides, for every token (query), how much to read from each earlier token (key). "
+    "The grid shows one layer's heads; the heatmaps summarise every head: **entropy** (spread out vs focused), "
+    "**previous-token** score, attention to the **first token** (often a resting place), and attention to a token you pick."
+)
+model = glue.selected_model()
+
+source = st.radio("Text", ["Type a prompt", "Dataset sample"], horizontal=True, key="attn_source", bind="query-params")
+if source == "Type a prompt":
+    text = st.text_area("Prompt", "When Mary and John went to the store, John gave a drink to", key="attn_prompt",
+                        bind="query-params", height=80)
+else:
+    dataset = glue.selected_dataset()
+    if not dataset.documents:
+        st.warning("This dataset has no documents (the vocabulary lists tokens). Pick a text corpus in the sidebar or type a prompt.")
+        st.stop()
+    doc = st.number_input(f"Document (0…{dataset.n_docs - 1})", 0, dataset.n_docs - 1, 0, key="attn_doc", bind="query-params")
+    text = dataset.documents[int(doc)]
+c1, c2 = st.columns(2)
+max_len = c1.slider("Max tokens shown", 8, 256, 64, key="attn_max_len", bind="query-params",
+                    help="Longer texts are cut; CircuitsVis gets hard to read past ~100 tokens.")
+layer = c2.number_input(f"Layer (0…{model.n_layers - 1})", 0, model.n_layers - 1, 0, key="attn_layer", bind="query-params")
+
+
+@st.cache_data(max_entries=16, show_spinner="Running the model…")
+def _layer(_model, key: str, text: str, layer: int, max_len: int):
+    return attention.attention_patterns(_model, text, layer=layer, max_len=max_len)
+
+
+@st.cache_data(max_entries=16, show_spinner="Scoring every head…")
+def _scores(_model, key: str, text: str, max_len: int, selected: int | None):
+    res = attention.attention_patterns(_model, text, layer=None, max_len=max_len)
+    return attention.head_scores(res.pattern, res.tokens, selected_token=selected)
+
+
+with glue.user_errors():
+    res = _layer(model, model.key, text, int(layer), int(max_len))
+if res.notice:
+    st.info(res.notice[0].upper() + res.notice[1:])
+
+st.subheader(f"Layer {int(layer)}: all {res.n_heads} heads")
+page = attention.circuitsvis_html(res.tokens, res.pattern, title=f"{model.spec.label()} · layer {int(layer)}")
+st.iframe(page, height=720)
+st.download_button("⬇ CircuitsVis page (standalone HTML, works offline)", page, f"attention-layer{int(layer)}.html",
+                   "text/html", key="attn_dl_html")
+
+st.subheader("Head scores (every layer)")
+positions = list(range(len(res.tokens)))
+sel = st.selectbox("Attention to token", [None] + positions, key="attn_sel",
+                   format_func=lambda p: "(none)" if p is None else f"{p}: {res.tokens[p]!r}")
+with glue.user_errors():
+    scores = _scores(model, model.key, text, int(max_len), sel)
+st.plotly_chart(plots.head_scores_grid(scores), key="attn_scores_grid")
+st.download_button("⬇ Head scores (CSV)", pd.DataFrame(scores.rows()).to_csv(index=False), "head-scores.csv",
+                   "text/csv", key="attn_dl_scores")
+
+st.subheader("One head")
+head = st.selectbox("Head", list(range(res.n_heads)), key="attn_head", bind="query-params", format_func=lambda h: f"H{h}")
+with glue.user_errors():
+    pat = res.head(int(head))
+st.plotly_chart(plots.head_pattern_heatmap(res.tokens, pat, title=f"L{int(layer)}H{int(head)}"), key="attn_head_map")
+st.download_button(f"⬇ L{int(layer)}H{int(head)} pattern (CSV)", pd.DataFrame(res.head_rows(int(head))).to_csv(index=False),
+                   f"pattern-L{int(layer)}H{int(head)}.csv", "text/csv", key="attn_dl_head")
+manifest = {**glue.manifest_base(model), "page": "attention", "source": source, "text": text[:2000], "layer": int(layer),
+            "head": int(head), "max_len": int(max_len), "selected_token": sel, "truncated": res.truncated,
+            "tokens": res.tokens}
+st.download_button("⬇ Run manifest (JSON)", json.dumps(manifest, indent=1, default=str), "attention-manifest.json",
+                   "application/json", key="attn_dl_manifest")

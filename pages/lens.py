@@ -1,0 +1,117 @@
+"""Logit lens: next-token top-k, layer-by-layer predictions, logit difference and its attribution."""
+import json
+
+import pandas as pd
+import streamlit as st
+
+import glue
+from probing_core import lens
+from probing_core.plots import lens as plots
+
+st.title("🔭 Logit lens")
+glue.explain(
+    "The **logit lens** asks every layer: *if the model had to answer now, what would it say?* Each layer's "
+    "residual stream goes through the model's final LayerNorm and unembedding. **Logit difference** compares two "
+    "answers (\" great\" vs \" awful\"); **attribution** splits that difference into what each layer and each "
+    "attention head wrote into the residual stream — the parts add up to the model's own logit difference."
+)
+model = glue.selected_model()
+VIEWS = ["Next token", "Logit lens", "Logit difference & attribution"]
+view = st.radio("View", VIEWS, horizontal=True, key="lens_view", bind="query-params")
+
+
+@st.cache_data(max_entries=32, show_spinner="Running the model…")
+def _topk(_model, key: str, prompt: str, k: int, answer: str | None):
+    return lens.next_token_topk(_model, prompt, k=k, answer=answer)
+
+
+@st.cache_data(max_entries=16, show_spinner="Reading every layer…")
+def _lens(_model, key: str, prompt: str, k: int, incl_mid: bool):
+    return lens.logit_lens(_model, prompt, k=k, incl_mid=incl_mid)
+
+
+@st.cache_data(max_entries=8, show_spinner="Attributing the logit difference…")
+def _attr(_model, key: str, ps: lens.PromptSet):
+    return lens.logit_difference(_model, ps), lens.logit_attribution(_model, ps)
+
+
+def _csv(rows, name: str, label: str) -> None:
+    st.download_button(f"⬇ {label} (CSV)", pd.DataFrame(rows).to_csv(index=False), f"{name}.csv", "text/csv", key=f"lens_dl_{name}")
+
+
+def _manifest(params: dict, result: dict) -> None:
+    doc = {**glue.manifest_base(model), "page": "logit lens", "view": view, "params": params, "result": result}
+    st.download_button("⬇ Run manifest (JSON)", json.dumps(doc, indent=1, default=str), "lens-manifest.json",
+                       "application/json", key="lens_dl_manifest")
+
+
+if view != VIEWS[2]:
+    prompt = st.text_area("Prompt", "The capital of France is", key="lens_prompt", bind="query-params", height=80)
+    k = st.slider("Top-k", 1, 20, 5, key="lens_k", bind="query-params")
+
+if view == VIEWS[0]:
+    answer = st.text_input("Answer to rank (optional, one token; mind the leading space)", "", key="lens_answer",
+                           bind="query-params")
+    with glue.user_errors():
+        res = _topk(model, model.key, prompt, k, answer or None)
+    st.caption("Tokens: " + " · ".join(repr(t) for t in res.tokens))
+    if res.answer is not None:
+        a, b, c = st.columns(3)
+        a.metric("Answer rank (0 = top)", res.answer_rank)
+        b.metric("Answer probability", f"{res.answer_prob:.4f}")
+        c.metric("Answer logit", f"{res.answer_logit:.3f}")
+    st.dataframe(pd.DataFrame(res.rows()), hide_index=True)
+    st.plotly_chart(plots.next_token_bar(res), key="lens_next_bar")
+    _csv(res.rows(), "next-token-topk", "Top-k table")
+    _manifest({"prompt": prompt, "k": k, "answer": answer}, res.to_json())
+
+elif view == VIEWS[1]:
+    c1, c2 = st.columns(2)
+    incl_mid = c1.checkbox("Include mid-layer points (after attention)", False, key="lens_mid", bind="query-params")
+    colour = c2.selectbox("Colour by", ["top_prob", "next_prob", "next_rank_log"], key="lens_colour",
+                          format_func={"top_prob": "top-1 probability", "next_prob": "probability of the actual next token",
+                                       "next_rank_log": "rank of the actual next token (log)"}.get)
+    with glue.user_errors():
+        res = _lens(model, model.key, prompt, k, incl_mid)
+    st.plotly_chart(plots.logit_lens_heatmap(res, value=colour), key="lens_heatmap")
+    if len(res.tokens) > 1:
+        pos = st.selectbox("Position for the next-token curve", list(range(len(res.tokens) - 1)),
+                           index=len(res.tokens) - 2, key="lens_pos",
+                           format_func=lambda p: f"{p}: {res.tokens[p]!r} → {res.tokens[p + 1]!r}")
+        st.plotly_chart(plots.next_token_by_layer(res, pos), key="lens_next_curve")
+    _csv(res.rows(), "logit-lens", "Logit lens (layer × position × top-k)")
+    _manifest({"prompt": prompt, "k": k, "incl_mid": incl_mid},
+              {"layers": res.labels, "tokens": res.tokens,
+               "final_top1": [res.top_tokens[-1][p][0] for p in range(len(res.tokens))]})
+
+else:
+    source = st.radio("Prompts", ["Sentiment templates", "My prompts"], horizontal=True, key="lens_source",
+                      bind="query-params")
+    with glue.user_errors():
+        if source == "Sentiment templates":
+            n_pairs = st.slider("Template pairs (positive + negative)", 1, 25, 4, key="lens_pairs", bind="query-params")
+            ps = lens.sentiment_prompt_set(n_pairs)
+            st.caption(f'Template: "{lens.SENTIMENT_TEMPLATE}" — positive → (" great", " awful"), negative → (" awful", " great").')
+        else:
+            text = st.text_area("One per line: prompt | correct answer | incorrect answer", key="lens_pairs_text",
+                                value="The capital of France is | Paris | London\nThe capital of Italy is | Rome | Paris",
+                                help='Answers get one leading space; write "ing" in quotes to keep it exact.')
+            ps = lens.parse_prompt_lines(text)
+        ld, at = _attr(model, model.key, ps)
+    a, b, c = st.columns(3)
+    a.metric("Model logit difference (mean)", f"{at.model_logit_diff:.4f}")
+    b.metric("Sum of components", f"{at.decomposition_sum:.4f}")
+    c.metric("Max |error| per prompt", f"{at.max_abs_error:.2e}")
+    ok = at.max_abs_error <= 1e-3 * max(1.0, abs(at.model_logit_diff))
+    (st.success if ok else st.warning)(
+        "The per-layer components add up to the model's logit difference." if ok else " ".join(at.notes) or "Components do not add up.")
+    st.plotly_chart(plots.logit_diff_bar(ld), key="lens_ld_bar")
+    _csv(ld.rows(), "logit-difference", "Logit difference per prompt")
+    st.plotly_chart(plots.accumulated_resid_line(at), key="lens_acc_line")
+    _csv(at.accumulated_rows(), "accumulated-residual", "Accumulated residual")
+    st.plotly_chart(plots.decomposition_bar(at), key="lens_dec_bar")
+    _csv(at.decomposition_rows(), "decomposition", "Per-layer decomposition")
+    st.plotly_chart(plots.head_dla_heatmap(at), key="lens_head_dla")
+    _csv(at.head_rows(), "head-dla", "Head DLA (layer × head)")
+    _manifest({"prompts": list(ps.prompts), "answers": [list(x) for x in ps.answers]},
+              {**at.check(), "mean_logit_diff": ld.mean, "head_remainder": at.head_remainder})

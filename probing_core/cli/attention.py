@@ -1,0 +1,54 @@
+"""``attention``: head scores of one layer for a prompt, optionally a standalone offline CircuitsVis page."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from probing_core import attention
+from probing_core.cli._common import add_json_arg, add_model_args, add_store_args, open_model, print_json, print_table
+from probing_core.errors import InputError
+
+
+def _run(args: argparse.Namespace) -> int:
+    model = open_model(args, quiet=args.json)
+    res = attention.attention_patterns(model, args.prompt, layer=args.layer, max_len=args.max_len)
+    scores = attention.head_scores(res.pattern[None], res.tokens, selected_token=args.token)
+    rows = [{k: v for k, v in r.items() if k != "layer"} for r in scores.rows()]
+    html_path = None
+    if args.html:
+        html_path = Path(args.html)
+        try:
+            html_path.write_text(attention.circuitsvis_html(
+                res.tokens, res.pattern, title=f"{model.spec.label()} · layer {args.layer}"), encoding="utf-8")
+        except OSError as e:
+            raise InputError(f"cannot write {html_path}: {e.strerror}; pick another --html path.") from e
+    if args.json and res.notice:
+        print(f"note: {res.notice}", file=sys.stderr)
+    if args.json:
+        print_json({"model": model.describe(), "layer": args.layer, "tokens": res.tokens, "truncated": res.truncated,
+                    "notice": res.notice, "head_scores": rows, "pattern": res.pattern if args.pattern else None,
+                    "html": str(html_path) if html_path else None})
+        return 0
+    print(f"tokens ({len(res.tokens)}): {res.tokens}")
+    if res.notice:
+        print(f"note: {res.notice}")
+    print(f"\nlayer {args.layer} head scores (averaged over query positions ≥ 1):")
+    print_table(rows, list(rows[0]))
+    if html_path:
+        print(f"\nwrote {html_path} ({html_path.stat().st_size / 1e6:.1f} MB; opens offline, JavaScript inlined)")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("attention", help="attention head scores for one layer; --html writes a CircuitsVis page")
+    add_model_args(p)
+    add_store_args(p)
+    p.add_argument("--prompt", required=True, help="the prompt text (BOS is prepended)")
+    p.add_argument("--layer", type=int, required=True, help="layer index (0-based)")
+    p.add_argument("--max-len", type=int, default=attention.DEFAULT_MAX_LEN, help="truncate longer prompts (tokens, with BOS)")
+    p.add_argument("--token", type=int, default=None, help="also score attention to this token position")
+    p.add_argument("--html", default=None, metavar="FILE", help="write a standalone CircuitsVis HTML page (works offline)")
+    p.add_argument("--pattern", action="store_true", help="with --json: include the [head, query, key] pattern")
+    add_json_arg(p)
+    p.set_defaults(func=_run)

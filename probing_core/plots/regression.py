@@ -1,0 +1,126 @@
+"""Figures for regression probes. Compute returns arrays (probing_core.ridge); these return figures."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+
+from probing_core.ridge import RidgePathResult, TransferResult
+
+__all__ = ["r2_curve", "r2_by_hook", "abs_r2_log", "transfer_curve", "predicted_vs_true", "label_histogram", "r2_vs_alpha"]
+
+_TRAIN, _TEST, _CV, _BASE = "#1f77b4", "#d62728", "#2ca02c", "#7f7f7f"
+
+
+def _band(x: Sequence[str] | np.ndarray, lo: np.ndarray, hi: np.ndarray, color: str, name: str) -> list[go.Scatter]:
+    x = list(x)
+    return [go.Scatter(x=x + x[::-1], y=np.concatenate([hi, lo[::-1]]), fill="toself", fillcolor=color, opacity=0.18,
+                       line=dict(width=0), hoverinfo="skip", name=name, showlegend=True)]
+
+
+def r2_curve(result: RidgePathResult, alpha_index: int | None = None, *, title: str = "R² across hooks",
+             show_train: bool = True) -> go.Figure:
+    """R² per hook: train, test, CV mean ± std band, shuffled baseline; markers at each hook's best α.
+
+    Args:
+        result: from ``fit_ridge_path``.
+        alpha_index: one α of ``result.alphas`` for every hook; None = each hook's best α.
+    """
+    hooks = list(result.hooks)
+    idx = result.best_index if alpha_index is None else np.full(len(hooks), int(alpha_index))
+    rows = np.arange(len(hooks))
+    label = "best α per hook" if alpha_index is None else f"α = {result.alphas[int(alpha_index)]:.3g}"
+    fig = go.Figure()
+    cv_mean, cv_std = result.r2_cv_mean[rows, idx], result.r2_cv_std[rows, idx]
+    if not np.all(np.isnan(cv_mean)):
+        fig.add_traces(_band(hooks, cv_mean - cv_std, cv_mean + cv_std, _CV, "CV ± std"))
+        fig.add_scatter(x=hooks, y=cv_mean, name=f"CV mean ({result.n_folds} folds)", line=dict(color=_CV))
+    if show_train:
+        fig.add_scatter(x=hooks, y=result.r2_train[rows, idx], name="train", line=dict(color=_TRAIN, dash="dot"))
+    if not np.all(np.isnan(result.r2_test)):
+        fig.add_scatter(x=hooks, y=result.r2_test[rows, idx], name="test", line=dict(color=_TEST),
+                        customdata=result.alphas[idx], hovertemplate="%{x}<br>R² %{y:.4f}<br>α %{customdata:.3g}<extra>test</extra>")
+    fig.add_scatter(x=hooks, y=result.baseline_r2, name="shuffled-label baseline", line=dict(color=_BASE, dash="dash"))
+    if alpha_index is None:
+        score = result.r2_cv_mean if result.n_folds else result.r2_test
+        fig.add_scatter(x=hooks, y=score[rows, result.best_index], mode="markers", name="best α",
+                        marker=dict(symbol="diamond", size=8, color="black"), customdata=result.best_alpha,
+                        hovertemplate="%{x}<br>best α %{customdata:.3g}<br>R² %{y:.4f}<extra></extra>")
+    fig.update_layout(title=f"{title} ({label})", xaxis_title="hook", yaxis_title="R²", hovermode="x unified",
+                      legend=dict(orientation="h", y=-0.3))
+    return fig
+
+
+def r2_by_hook(hooks: Sequence[str], series: Mapping[str, np.ndarray], *, title: str = "R² across hooks",
+               log_abs: bool = False) -> go.Figure:
+    """Generic R²-per-hook lines; ``log_abs`` plots |R²| on a log axis (as the reference notebook did)."""
+    fig = go.Figure()
+    for name, r2 in series.items():
+        y = np.abs(np.asarray(r2, dtype=float)) if log_abs else np.asarray(r2, dtype=float)
+        fig.add_scatter(x=list(hooks), y=y, name=name, mode="lines+markers")
+    fig.update_layout(title=title, xaxis_title="hook", yaxis_title="|R²|" if log_abs else "R²")
+    if log_abs:
+        fig.update_yaxes(type="log")
+    return fig
+
+
+def abs_r2_log(hooks: Sequence[str], r2: np.ndarray, *, title: str = "|R²| across hooks (log scale)") -> go.Figure:
+    """|R²| per hook on a log axis (negative R² of a transferred probe become visible)."""
+    return r2_by_hook(hooks, {"|R²|": r2}, title=title, log_abs=True)
+
+
+def transfer_curve(transfer: TransferResult, *, source: str = "hook_embed", log_abs: bool = False) -> go.Figure:
+    """R² (or |R²| on a log axis) of a probe fit on ``source`` and scored on every hook."""
+    title = f"Probe fit on {source}, scored on every hook"
+    return r2_by_hook(transfer.hooks, {"R² (transferred probe)": transfer.r2}, title=title, log_abs=log_abs)
+
+
+def predicted_vs_true(y_true: np.ndarray, y_pred: np.ndarray, *, title: str = "Predicted vs true",
+                      x_label: str = "true", max_boxes: int = 60) -> go.Figure:
+    """Box plot of predictions for each true value (binned when there are more than ``max_boxes``),
+    with the x = y line."""
+    y_true = np.asarray(y_true, dtype=float)
+    y_pred = np.asarray(y_pred, dtype=float)
+    uniq = np.unique(y_true)
+    if uniq.size > max_boxes:
+        edges = np.quantile(y_true, np.linspace(0, 1, max_boxes + 1))
+        edges = np.unique(edges)
+        which = np.clip(np.searchsorted(edges, y_true, side="right") - 1, 0, edges.size - 2)
+        x = ((edges[:-1] + edges[1:]) / 2)[which]
+    else:
+        x = y_true
+    lo, hi = float(y_true.min()), float(y_true.max())
+    fig = go.Figure(go.Box(x=x, y=y_pred, name="predicted", boxpoints=False))
+    fig.add_shape(type="line", x0=lo, y0=lo, x1=hi, y1=hi, line=dict(dash="dot", color="black"),
+                  label=dict(text="x=y"))
+    fig.update_layout(title=title, xaxis_title=x_label, yaxis_title=f"predicted {x_label}", showlegend=False)
+    return fig
+
+
+def label_histogram(values: np.ndarray, *, title: str = "Label histogram", x_label: str = "label",
+                    nbins: int | None = None) -> go.Figure:
+    """Histogram of label values (outliers show up here)."""
+    fig = go.Figure(go.Histogram(x=np.asarray(values, dtype=float), nbinsx=nbins))
+    fig.update_layout(title=title, xaxis_title=x_label, yaxis_title="tokens", bargap=0.05)
+    return fig
+
+
+def r2_vs_alpha(result: RidgePathResult, hook: str) -> go.Figure:
+    """Train/test/CV R² against α (log axis) for one hook, with its best α marked."""
+    i = list(result.hooks).index(hook)
+    a = result.alphas
+    fig = go.Figure()
+    if result.n_folds:
+        m, s = result.r2_cv_mean[i], result.r2_cv_std[i]
+        fig.add_traces(_band(a, m - s, m + s, _CV, "CV ± std"))
+        fig.add_scatter(x=a, y=m, name="CV mean", line=dict(color=_CV))
+    fig.add_scatter(x=a, y=result.r2_train[i], name="train", line=dict(color=_TRAIN, dash="dot"))
+    if not np.all(np.isnan(result.r2_test[i])):
+        fig.add_scatter(x=a, y=result.r2_test[i], name="test", line=dict(color=_TEST))
+    fig.add_hline(y=float(result.baseline_r2[i]), line=dict(color=_BASE, dash="dash"), annotation_text="shuffled baseline")
+    fig.add_vline(x=float(result.best_alpha[i]), line=dict(color="black", dash="dot"),
+                  annotation_text=f"best α {result.best_alpha[i]:.3g}")
+    fig.update_xaxes(type="log", title="α")
+    fig.update_layout(title=f"R² vs α — {hook}", yaxis_title="R²")
+    return fig
