@@ -27,7 +27,7 @@ def _topk(_model, key: str, prompt: str, k: int, answer: str | None):
 
 @st.cache_data(max_entries=16, show_spinner="Reading every layer…")
 def _lens(_model, key: str, prompt: str, k: int, incl_mid: bool):
-    return lens.logit_lens(_model, prompt, k=k, incl_mid=incl_mid)
+    return lens.logit_lens(_model, prompt, k=k, incl_mid=incl_mid, max_tokens=128)  # heatmap unreadable beyond
 
 
 @st.cache_data(max_entries=8, show_spinner="Attributing the logit difference…")

@@ -54,3 +54,14 @@ def test_empty_prompt_error(at: AppTest):
     at.text_area(key="attn_prompt").set_value("").run()
     assert not at.exception
     assert at.error and "empty" in at.error[0].value
+
+
+def test_state_restored_from_url_and_bad_values_ignored():
+    app = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
+    app.session_state["model_choice"] = "tiny native model"
+    app.query_params["attn_layer"] = "1"
+    app.query_params["attn_head"] = "99"  # out of range for this model: falls back to the default
+    app.run()
+    app.switch_page("pages/attention.py").run()
+    assert not app.exception and not app.error
+    assert app.number_input(key="attn_layer").value == 1 and app.selectbox(key="attn_head").value == 0

@@ -89,3 +89,16 @@ def test_sentiment_templates_embedded():
     m = _metrics(app)
     assert float(m["Max |error| per prompt"]) < 2e-3
     assert float(m["Model logit difference (mean)"]) > 0  # SmolLM2 gets the sentiment right on average
+
+
+def test_state_restored_from_url():
+    app = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
+    app.session_state["model_choice"] = TINY
+    app.query_params["lens_view"] = "Logit lens"
+    app.query_params["lens_prompt"] = "abc"
+    app.query_params["lens_k"] = "3"
+    app.run()
+    app.switch_page("pages/lens.py").run()
+    assert not app.exception and not app.error
+    assert app.radio(key="lens_view").value == "Logit lens"
+    assert app.text_area(key="lens_prompt").value == "abc" and app.slider(key="lens_k").value == 3
