@@ -45,8 +45,25 @@ def max_tokens_cap() -> int:
     return 5_000 if demo_mode() else 200_000
 
 
+def ensure_shell() -> None:
+    """Rerun through app.py if a page was started without it.
+
+    On a fresh server, the first visit straight to a page URL (e.g. ``/attention``) runs the page
+    file by Streamlit's legacy ``pages/`` folder rule, skipping app.py's sidebar and navigation.
+    Streamlit keeps using that rule until app.py's ``st.navigation`` has run once, so we switch
+    the rule off (the flag app.py's ``st.navigation`` would clear) and rerun through app.py, which
+    then routes to the same URL. Covered by the browser test that opens a page URL first.
+    """
+    if "_shell" not in st.session_state:
+        from streamlit.runtime.pages_manager import PagesManager
+
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
 def explain(text: str) -> None:
     """A plain-language "what this shows, how to read it" box (always in demo mode, else folded)."""
+    ensure_shell()
     if demo_mode():
         st.info(text, icon="💡")
     else:
@@ -156,6 +173,7 @@ _DATASETS = {
 
 def sidebar() -> None:
     """Render the model and dataset pickers (called by app.py on every page)."""
+    st.session_state["_shell"] = True
     with st.sidebar:
         st.subheader("Model")
         opts = _model_options()
@@ -195,6 +213,7 @@ def sidebar() -> None:
 
 def selected_model() -> LoadedModel:
     """The model picked in the sidebar, loaded (stops the page with a message on failure)."""
+    ensure_shell()
     spec = st.session_state.get("_model_spec")
     if spec is None:
         st.warning("Pick a model in the sidebar (for a local folder, type its path).")
@@ -205,6 +224,7 @@ def selected_model() -> LoadedModel:
 
 def selected_dataset() -> Dataset:
     """The dataset picked in the sidebar (stops the page with a message on failure)."""
+    ensure_shell()
     spec = st.session_state.get("_dataset_spec")
     if spec is None:
         st.warning("Upload a file in the sidebar, or pick the Python documentation corpus.")
