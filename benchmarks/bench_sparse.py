@@ -45,7 +45,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sizes = [(300, 1536)] if args.quick else [(200, 1536), (500, 1536), (1000, 1536), (2000, 1536),
                                               (200, 3072), (500, 3072), (1000, 3072), (2000, 3072)]
-    print(f"torch threads={args.threads}; 17 C values, 3 decades from the first entering neuron; tol=1e-3 KKT")
+    print(f"torch threads={args.threads}; 17 C values, 2 decades from the first entering neuron; tol=1e-3 KKT")
     print(f"{'n':>5} {'d':>5} {'ours s':>7} {'sk s':>7} {'ratio':>6} {'max|dacc|':>9} {'jaccard':>13} "
           f"{'conv':>5} {'refit s':>7}")
     for n, d in sizes:

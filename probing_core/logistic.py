@@ -452,12 +452,13 @@ def _fista(
     W = torch.zeros(K, m, d, dtype=dt) if W0 is None else torch.as_tensor(W0, dtype=dt).clone()
     if W.shape[0] != K:
         W = W[:1].expand(K, m, d).clone()
-    if b0 is None:
+    if b0 is None or W0 is None:
         prior = T.mean(dim=0).squeeze(0).clamp(1e-6, 1 - 1e-6)
         binit = torch.log(prior / (1 - prior)) if binary else torch.log(prior)
         b = binit.expand(K, m).clone()
     else:
-        b = torch.as_tensor(b0, dtype=dt).clone().expand(K, m).clone()
+        b = torch.as_tensor(b0, dtype=dt).clone()
+        b = b[:1].expand(K, m).clone() if b.shape[0] != K else b
     kkt_out = torch.full((K,), float("inf"), dtype=dt)
     it_out = np.zeros(K, dtype=np.int64)
     obj_out = torch.zeros(K, dtype=dt)
@@ -599,7 +600,7 @@ class LogisticPathResult:
 
 
 def default_Cs(
-    X: np.ndarray, y: np.ndarray, *, n: int = 17, decades: float = 3.0, standardize: bool = True
+    X: np.ndarray, y: np.ndarray, *, n: int = 17, decades: float = 2.0, standardize: bool = True
 ) -> np.ndarray:
     """A log-spaced C grid starting just above the C where L1 selects the first feature.
 
@@ -652,10 +653,28 @@ def _solve_path(
     max_iter: int,
     W0: np.ndarray | None = None,
     b0: np.ndarray | None = None,
+    chunk: int = 6,
 ) -> _SolveOut:
+    """Solve an ascending C path in chunks of ``chunk`` consecutive C values.
+
+    Each chunk is one batched FISTA; a chunk without its own warm start starts from the last
+    (largest-C) solution of the previous chunk — batching and path warm starts together.
+    """
     T, binary = _targets(codes_tr, n_classes)
+    Xt = torch.as_tensor(Xs_tr)
+    outs: list[_SolveOut] = []
     with torch.no_grad():
-        return _fista(torch.as_tensor(Xs_tr), T, Cs, a, binary=binary, W0=W0, b0=b0, tol=tol, max_iter=max_iter)
+        for s0 in range(0, Cs.size, chunk):
+            sl = slice(s0, s0 + chunk)
+            if W0 is not None:
+                w0 = W0[sl] if W0.shape[0] == Cs.size else W0
+                bb = b0[sl] if b0 is not None and b0.shape[0] == Cs.size else b0
+            elif outs:
+                w0, bb = outs[-1].W[-1:], outs[-1].b[-1:]
+            else:
+                w0 = bb = None
+            outs.append(_fista(Xt, T, Cs[sl], a, binary=binary, W0=w0, b0=bb, tol=tol, max_iter=max_iter))
+    return _SolveOut(*(np.concatenate([getattr(o, f) for o in outs]) for f in ("W", "b", "kkt", "n_iter", "objective")))
 
 
 def fit_logistic_path(
@@ -670,7 +689,7 @@ def fit_logistic_path(
     cv: int | None = None,
     standardize: bool = True,
     tol: float = 1e-3,
-    max_iter: int = 3000,
+    max_iter: int = 1500,
 ) -> LogisticPathResult:
     """Fit a logistic probe at every C of a sweep at once (batched FISTA in torch).
 
@@ -1006,39 +1025,41 @@ def fit_multiclass_all_hooks(
         Vp, b = p[:, :d], p[:, d]
         return (torch.bmm(P, Vp) if precondition else Vp), b
 
-    def objective(p: torch.Tensor) -> torch.Tensor:
+    def value_and_grad(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Objective (H,), gradient w.r.t. p, and the unscaled W-space gradient inf-norm / (C n)."""
         W, b = weights(p)
         Z = torch.bmm(Xtr, W) + b.unsqueeze(1)
         if binary:
             loss = (torch.nn.functional.softplus(Z) - T * Z).sum(dim=(1, 2))
+            R = torch.sigmoid(Z) - T
         else:
-            loss = (torch.logsumexp(Z, dim=2) - (T * Z).sum(dim=2)).sum(dim=1)
-        return (0.5 * (W * W).sum(dim=(1, 2)) + C_val * loss) * scale  # (H,)
+            lse = torch.logsumexp(Z, dim=2, keepdim=True)
+            loss = (lse.squeeze(2) - (T * Z).sum(dim=2)).sum(dim=1)
+            R = torch.exp(Z - lse) - T
+        # r^T X (small transposed operand) rather than X^T r: no copy of the big stacked X.
+        gW = W + C_val * torch.bmm(R.transpose(1, 2), Xtr).transpose(1, 2)
+        gb = C_val * R.sum(dim=1)
+        f = (0.5 * (W * W).sum(dim=(1, 2)) + C_val * loss) * scale
+        gV = torch.bmm(P.transpose(1, 2), gW) if precondition else gW
+        g = torch.cat([gV, gb.unsqueeze(1)], dim=1) * scale
+        wnorm = torch.maximum(gW.abs().amax(dim=(1, 2)), gb.abs().amax(dim=1)) * scale
+        return f, g, wnorm
 
-    def w_grad(p: torch.Tensor) -> torch.Tensor:
-        W, b = weights(p.detach())
-        W = W.clone().requires_grad_(True)
-        bb = b.clone().requires_grad_(True)
-        Z = torch.bmm(Xtr, W) + bb.unsqueeze(1)
-        loss = ((torch.nn.functional.softplus(Z) - T * Z).sum() if binary
-                else (torch.logsumexp(Z, dim=2) - (T * Z).sum(dim=2)).sum())
-        gW, gb = torch.autograd.grad(0.5 * (W * W).sum() + C_val * loss, (W, bb))
-        return torch.maximum(gW.abs().amax(dim=(1, 2)), gb.abs().amax(dim=1)) * scale
+    params = params.detach().requires_grad_(True)
+    opt = torch.optim.LBFGS([params], lr=1.0, max_iter=max_iter, max_eval=int(max_iter * 1.5),
+                            history_size=20, tolerance_grad=tol,
+                            tolerance_change=1e-14, line_search_fn="strong_wolfe")
 
-    with torch.enable_grad():
-        opt = torch.optim.LBFGS([params], lr=1.0, max_iter=max_iter, max_eval=int(max_iter * 1.5),
-                                history_size=20, tolerance_grad=tol,
-                                tolerance_change=1e-14, line_search_fn="strong_wolfe")
+    def closure() -> torch.Tensor:
+        with torch.no_grad():
+            f, g, _ = value_and_grad(params)
+        params.grad = g
+        return f.sum()
 
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            f = objective(params).sum()
-            f.backward()
-            return f
-
-        opt.step(closure)
-        n_iter = int(opt.state[opt._params[0]].get("n_iter", 0))
-        rel = w_grad(params).numpy().astype(np.float64)
+    opt.step(closure)
+    n_iter = int(opt.state[opt._params[0]].get("n_iter", 0))
+    with torch.no_grad():
+        rel = value_and_grad(params)[2].numpy().astype(np.float64)
     with torch.no_grad():
         W, b = weights(params.detach())
 

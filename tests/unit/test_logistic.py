@@ -264,3 +264,19 @@ def test_bad_data_raise():
         fit_multiclass_all_hooks([X, X[:, :2]], y)
     with pytest.raises(ProbeError, match="2-D"):
         fit_logistic_path(X[:, 0], y, Cs=[1.0])
+
+
+def test_sparse_figures_build(planted, path):
+    from probing_core.plots import sparse as plots
+
+    X, y, idx = planted
+    k = 8
+    fig = plots.coefficients(path, k)
+    nz_trace = [t for t in fig.data if t.name.startswith("non-zero")][0]
+    assert len(nz_trace.x) == path.n_nonzero[k]
+    assert plots.nonzero_histogram(path, k).data[0].x.size == path.n_nonzero[k]
+    assert len(plots.activation_strips(X, y, idx[:3], class_names=["the", "an"]).data) == 2
+    assert len(plots.density_vs_C(path, float(path.Cs[k])).data) == 4
+    assert len(plots.layers_curve(["a", "b"], np.array([0.6, 0.8]), np.array([1.0, 2.0]), chance=0.5).data) == 2
+    bars = plots.selection_frequency_bars(np.array([0.0, 1.0, 0.5]))
+    assert list(bars.data[0].x) == ["1", "2"]

@@ -1,0 +1,125 @@
+"""Sparse probing: which MLP neurons tell " the" from " an"? L1/L2/elastic-net logistic probes along a C path."""
+import pandas as pd
+import streamlit as st
+
+import glue
+from probing_core import sparse
+from probing_core.plots import sparse as plots
+
+st.title("✂️ Sparse probing")
+glue.explain(
+    "A **sparse probe** is a logistic regression with an L1 penalty: most neuron weights become exactly zero, so the "
+    "few that survive are candidate neurons for the distinction. **C = 1/λ**: small C = strong penalty = few neurons. "
+    "Features are standardized; every C is fitted to a certified tolerance (a probe that did not converge is flagged, "
+    "unlike scikit-learn's saga at the notebook's C=10). **Selectivity** compares with a control task where each next "
+    "word gets a random class: a good probe is accurate on the real task but not on the control."
+)
+model = glue.selected_model()
+acts = glue.entry_picker(model, page="sparse", hooks_like="mlp.hook_post",
+                         help_build="Include the `mlp_post` hook family.")
+hooks = [h for h in acts.hooks if h.endswith("mlp.hook_post") or h.endswith("hook_resid_post")]
+c1, c2 = st.columns(2)
+cls_a = c1.text_input("Class A tokens (comma-separated, mind the leading space)", " the", key="sparse_a", bind="query-params")
+cls_b = c2.text_input("Class B tokens", " an", key="sparse_b", bind="query-params")
+c1, c2, c3, c4 = st.columns(4)
+before = c1.number_input("Tokens before (N)", 0, 60, 14, key="sparse_before", bind="query-params")
+after = c2.number_input("Tokens after (M)", 0, 10, 3, key="sparse_after", bind="query-params")
+whole = c3.checkbox("Next token is a whole word", True, key="sparse_whole", bind="query-params")
+cap = c4.number_input("Max per class", 10, 5000, 500, key="sparse_cap", bind="query-params")
+c1, c2, c3, c4 = st.columns(4)
+hook = c1.selectbox("Features (hook at the target)", hooks, key="sparse_hook", bind="query-params")
+penalty = c2.selectbox("Penalty", ["l1", "l2", "elasticnet"], key="sparse_penalty", bind="query-params")
+l1_ratio = c3.slider("L1 ratio (elastic net)", 0.05, 0.95, 0.5, key="sparse_l1r", disabled=penalty != "elasticnet")
+folds = c4.number_input("CV folds (selection frequency; 0 = off)", 0, 10, 0, key="sparse_cv", bind="query-params")
+classes = tuple(tuple(t for t in s.split(",")) for s in (cls_a, cls_b))
+
+
+@st.cache_data(max_entries=16, show_spinner="Mining contexts…")
+def _contexts(_acts, key, classes, before, after, whole, cap):
+    return sparse.contexts_for(_acts, model.tokenizer.encode, model.tokenizer.decode_tokens, classes, before=before,
+                               after=after, whole_word_next=whole, max_per_class=cap)
+
+
+@st.cache_data(max_entries=16, show_spinner="Fitting the whole C path at once…")
+def _path(_acts, key, hook, classes, before, after, whole, cap, penalty, l1_ratio, folds):
+    ctx = _contexts(_acts, key, classes, before, after, whole, cap)
+    return sparse.fit_sparse_path(sparse.features(_acts, hook, ctx), ctx, penalty=penalty, l1_ratio=l1_ratio,
+                                  cv=folds or None)
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def _layer(_acts, key, hook, classes, before, after, whole, cap, penalty, l1_ratio, C):
+    ctx = _contexts(_acts, key, classes, before, after, whole, cap)
+    return sparse.fit_hook_at_C(_acts, hook, ctx, C, penalty=penalty, l1_ratio=l1_ratio)
+
+
+args = (acts.key, classes, int(before), int(after), whole, int(cap))
+with glue.user_errors():
+    ctx = _contexts(acts, *args)
+    X = sparse.features(acts, hook, ctx)
+    path = _path(acts, acts.key, hook, *args[1:], penalty, l1_ratio, int(folds))
+
+with st.expander(f"Contexts: {', '.join(f'{n}: {c}' for n, c in ctx.counts.items())} (found {ctx.found})"):
+    for name, samples in ctx.samples.items():
+        st.markdown(f"**{name}**")
+        st.code("\n".join(samples), language=None)
+
+labels = [f"{c:.4g}" for c in path.Cs]
+C_lab = st.select_slider("C = 1/λ (moves along the fitted path)", labels, value=labels[len(labels) // 2],
+                         key="sparse_C", bind="query-params")
+k = labels.index(C_lab)
+C = float(path.Cs[k])
+m1, m2, m3, m4 = st.columns(4)
+m1.metric("Test accuracy", f"{100 * path.test_accuracy[k]:.1f} %")
+m2.metric("Density", f"{path.density[k]:.2f} %")
+m3.metric("Non-zero neurons", int(path.n_nonzero[k]))
+m4.metric("KKT residual", f"{path.kkt_residual[k]:.1e}")
+if not path.converged[k]:
+    st.warning(f"Not converged at C = {C:.4g} (KKT residual {path.kkt_residual[k]:.1e} > {path.tol}); "
+               "do not read its neurons as the answer — pick a smaller C.")
+
+st.plotly_chart(plots.density_vs_C(path, C), key="sparse_fig_path")
+st.subheader("Which neurons survive")
+a, b = st.columns([2, 1])
+a.plotly_chart(plots.coefficients(path, k), key="sparse_fig_coef")
+b.plotly_chart(plots.nonzero_histogram(path, k), key="sparse_fig_hist")
+surv = path.surviving(k)[:20]
+if surv.size:
+    st.plotly_chart(plots.activation_strips(X, ctx.labels, surv, class_names=ctx.class_names), key="sparse_fig_strips")
+st.dataframe(pd.DataFrame(sparse.neuron_table(X, ctx, path, k)), key="sparse_neurons")
+if path.cv_selection_frequency is not None:
+    st.plotly_chart(plots.selection_frequency_bars(path.cv_selection_frequency[k]), key="sparse_fig_sel")
+
+st.subheader("Classification report (test split)")
+st.dataframe(pd.DataFrame(sparse.report_at(X, ctx, path, k)).T, key="sparse_report")
+
+st.subheader("Control task")
+with glue.user_errors():
+    ct = sparse.control_task(X, ctx, path, C)
+c1, c2, c3 = st.columns(3)
+c1.metric("Real task accuracy", f"{100 * ct.accuracy:.1f} %")
+c2.metric("Control task accuracy", f"{100 * ct.control_accuracy:.1f} %", help=f"chance {100 * ct.control_chance:.1f} %")
+c3.metric("Selectivity", f"{100 * ct.selectivity:.1f} points")
+
+st.subheader("All layers at this C")
+if st.toggle("Compute every layer (the one in view is already done)", key="sparse_all"):
+    fam = "mlp.hook_post" if "mlp" in hook else "hook_resid_post"
+    layer_hooks = [h for h in hooks if h.endswith(fam)]
+    bar = st.progress(0.0, "Fitting layers…")
+    pts = []
+    with glue.user_errors():
+        for i, h in enumerate(layer_hooks):
+            pts.append(_layer(acts, acts.key, h, *args[1:], penalty, l1_ratio, C))
+            bar.progress((i + 1) / len(layer_hooks), f"{h}")
+    bar.empty()
+    st.plotly_chart(plots.layers_curve([p.hook for p in pts], [p.test_accuracy for p in pts],
+                                       [p.density for p in pts], C=C), key="sparse_fig_layers")
+    st.dataframe(pd.DataFrame([p.__dict__ for p in pts]), key="sparse_layers_table")
+
+st.subheader("Downloads")
+d1, d2, d3, d4 = st.columns(4)
+d1.download_button("⬇ Path (CSV)", sparse.path_csv(path), "sparse-path.csv", "text/csv", key="sparse_dl_path")
+d2.download_button("⬇ Coefficients (CSV)", sparse.coefs_csv(path, k), "sparse-coefs.csv", "text/csv", key="sparse_dl_coef")
+d3.download_button("⬇ Weights (.npy)", sparse.weights_npy(path, k), "sparse-weights.npy", key="sparse_dl_npy")
+d4.download_button("⬇ Run manifest (JSON)", sparse.manifest(path, ctx, hook, k, glue.manifest_base(model, acts)),
+                   "sparse-manifest.json", "application/json", key="sparse_dl_manifest")

@@ -1,0 +1,101 @@
+"""``probe sparse``: sparse (L1 / L2 / elastic-net) logistic probe of one layer, e.g. " the" vs " an"."""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from probing_core import sparse
+from probing_core.activations import build_cache, open_entry
+from probing_core.cli._common import (
+    add_dataset_args,
+    add_json_arg,
+    add_model_args,
+    add_store_args,
+    open_dataset,
+    open_model,
+    open_store,
+    print_json,
+    print_table,
+    tqdm_progress,
+)
+from probing_core.errors import InputError
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.C is not None and args.Cs:
+        raise InputError("give either --C (one value) or --Cs (a sweep), not both.")
+    model = open_model(args, quiet=args.json)
+    if not (0 <= args.layer < model.n_layers):
+        raise InputError(f"--layer {args.layer} is out of range; this model has layers 0..{model.n_layers - 1}.")
+    hook = f"blocks.{args.layer}.mlp.hook_post" if args.features == "mlp_post" else f"blocks.{args.layer}.hook_resid_post"
+    dataset = open_dataset(args)
+    store = open_store(args)
+    cb, close = tqdm_progress("extracting") if not args.json else (None, lambda: None)
+    try:
+        entry, _ = build_cache(model, dataset, [hook], store=store, max_len=args.max_len, max_tokens=args.max_tokens,
+                               progress=cb)
+    finally:
+        close()
+    acts = open_entry(store, entry.key)
+    classes = [[t for t in c.split(",")] for c in args.classes]
+    ctx = sparse.contexts_for(acts, model.tokenizer.encode, model.tokenizer.decode_tokens, classes,
+                              before=args.before, after=args.after, whole_word_next=not args.any_next,
+                              max_per_class=args.max_per_class, seed=args.seed)
+    X = sparse.features(acts, hook, ctx)
+    Cs = [args.C] if args.C is not None else (args.Cs or None)
+    path = sparse.fit_sparse_path(X, ctx, Cs=Cs, penalty=args.penalty, l1_ratio=args.l1_ratio,
+                                  test_fraction=args.test_fraction, seed=args.seed, cv=args.cv)
+    k = 0 if len(path.Cs) == 1 else (path.nearest_index(args.show_C) if args.show_C else int(
+        np.argmax(np.where(path.converged, path.test_accuracy, -1))))
+    neurons = sparse.neuron_table(X, ctx, path, k, top=args.top)
+    report = sparse.report_at(X, ctx, path, k)
+    if args.json:
+        print_json({"model": model.describe(), "hook": hook, "cache_key": entry.key, "classes": ctx.class_names,
+                    "counts": ctx.counts, "found": ctx.found, "path": path.table(), "chosen_index": k,
+                    "chosen": path.table()[k], "surviving_neurons": neurons, "classification_report": report,
+                    "samples": ctx.samples})
+        return 0
+    print(f"{hook}: {', '.join(f'{n} {c}' for n, c in ctx.counts.items())} contexts "
+          f"({args.before} before / {args.after} after); penalty {args.penalty}, features standardized")
+    print_table(path.table(), ["C", "lambda", "train_accuracy", "test_accuracy", "density_pct", "n_nonzero",
+                               "kkt_residual", "converged"])
+    row = path.table()[k]
+    print(f"\nat C = {row['C']:.4g}: test accuracy {row['test_accuracy']:.3f}, density {row['density_pct']:.2f} %, "
+          f"{row['n_nonzero']} neurons, KKT {row['kkt_residual']:.1e} ({'converged' if row['converged'] else 'NOT converged'})")
+    if not path.converged.all():
+        print(f"warning: {int((~path.converged).sum())} C value(s) did not converge; their figures are not the answer.")
+    print("\nsurviving neurons (by |coef|):")
+    print_table(neurons, list(neurons[0]) if neurons else ["neuron"])
+    return 0
+
+
+def register_probe(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sparse", help="sparse (L1) logistic probe of one layer's neurons at a target token")
+    add_model_args(p)
+    add_dataset_args(p)
+    add_store_args(p)
+    add_json_arg(p)
+    p.add_argument("--classes", nargs=2, required=True, metavar="TOKENS",
+                   help="two classes, each one token string or a comma-separated set (e.g. ' the' ' an')")
+    p.add_argument("--layer", type=int, required=True, help="layer index")
+    p.add_argument("--features", choices=["mlp_post", "resid_post"], default="mlp_post",
+                   help="MLP post-activation neurons (default) or the residual stream, at the target position")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--C", type=float, default=None, help="one C = 1/λ")
+    g.add_argument("--Cs", type=float, nargs="+", default=None, help="a sweep of C values (default: 17 automatic)")
+    p.add_argument("--show-C", type=float, default=None, help="report neurons at the path point nearest this C "
+                   "(default: the best converged test accuracy)")
+    p.add_argument("--penalty", choices=["l1", "l2", "elasticnet"], default="l1")
+    p.add_argument("--l1-ratio", type=float, default=0.5, help="elastic-net mixing (0 = L2, 1 = L1)")
+    p.add_argument("--before", type=int, default=14, help="tokens of context required before the target")
+    p.add_argument("--after", type=int, default=3, help="tokens required after the target")
+    p.add_argument("--any-next", action="store_true", help="do not require the next token to be a whole word")
+    p.add_argument("--max-per-class", type=int, default=None)
+    p.add_argument("--test-fraction", type=float, default=0.3)
+    p.add_argument("--cv", type=int, default=None, help="k folds for selection frequency")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top", type=int, default=20, help="surviving neurons to list")
+    p.add_argument("--max-len", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=20_000)
+    p.set_defaults(func=_run)

@@ -1,0 +1,159 @@
+"""Figures for sparse (L1 / elastic-net) logistic probes. Compute lives in ``probing_core.logistic``.
+
+Every function takes result arrays and returns a ``plotly.graph_objects.Figure``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from probing_core.logistic import LogisticPathResult
+
+_NZ = "#2a9d8f"
+_ZERO = "#e63946"
+_CLASS_COLORS = ["#e76f51", "#2a9d8f", "#264653", "#e9c46a", "#8ab17d", "#9b5de5", "#f15bb5", "#00bbf9"]
+
+
+def _row(path: LogisticPathResult, k: int) -> np.ndarray:
+    """Coefficient per feature at path point k: the class row for binary, max |coef| otherwise."""
+    W = path.coefs[k]
+    if W.shape[0] == 1:
+        return W[0]
+    return W[np.abs(W).argmax(axis=0), np.arange(W.shape[1])]
+
+
+def coefficients(path: LogisticPathResult, k: int, *, feature_name: str = "MLP neuron") -> go.Figure:
+    """Coefficient of every feature at path point k; non-zero as dots, exact zeros as crosses at 0."""
+    w = _row(path, k)
+    nz = np.flatnonzero(w)
+    z = np.flatnonzero(w == 0)
+    d = w.size
+    fig = go.Figure()
+    fig.add_trace(go.Scattergl(x=z, y=np.zeros(z.size), mode="markers", name=f"exact zero ({z.size})",
+                               marker=dict(symbol="x", size=4, color=_ZERO, opacity=0.35)))
+    fig.add_trace(go.Scattergl(x=nz, y=w[nz], mode="markers", name=f"non-zero ({nz.size})",
+                               marker=dict(size=7, color=_NZ, line=dict(width=1, color="black"))))
+    fig.update_layout(
+        title=f"C = {path.Cs[k]:.4g}: {nz.size}/{d} coefficients non-zero ({100 * nz.size / d:.2f} % dense)",
+        xaxis_title=feature_name, yaxis_title="coefficient (standardized units)", height=360,
+        legend=dict(orientation="h", y=1.02, yanchor="bottom", x=1, xanchor="right"), margin=dict(t=70),
+    )
+    return fig
+
+
+def nonzero_histogram(path: LogisticPathResult, k: int, *, bins: int = 30) -> go.Figure:
+    """Distribution of the non-zero coefficients at path point k (zeros left out)."""
+    w = _row(path, k)
+    fig = go.Figure(go.Histogram(x=w[w != 0], nbinsx=bins, marker=dict(color="#8d99ae", line=dict(width=1, color="black"))))
+    fig.update_layout(title="Distribution of non-zero coefficients", xaxis_title="coefficient", yaxis_title="count",
+                      height=360, bargap=0.02)
+    return fig
+
+
+def activation_strips(
+    X: np.ndarray,
+    y: np.ndarray,
+    neurons: Sequence[int],
+    *,
+    class_names: Sequence[str] | None = None,
+    max_points: int = 400,
+    seed: int = 0,
+) -> go.Figure:
+    """Per-neuron activation strips by class (jittered points), one column per surviving neuron.
+
+    Args:
+        X: ``(n, d)`` raw activations; y: ``(n,)`` labels; neurons: feature indices to show.
+    """
+    rng = np.random.default_rng(seed)
+    classes = np.unique(y)
+    names = list(class_names) if class_names is not None else [str(c) for c in classes]
+    fig = go.Figure()
+    width = 0.7 / max(1, classes.size)
+    for ci, c in enumerate(classes):
+        xs, ys = [], []
+        rows = np.flatnonzero(y == c)
+        if rows.size > max_points:
+            rows = rng.choice(rows, max_points, replace=False)
+        for j, nid in enumerate(neurons):
+            off = (ci - (classes.size - 1) / 2) * width
+            xs.append(j + off + rng.normal(0, width / 6, rows.size))
+            ys.append(X[rows, nid])
+        fig.add_trace(go.Scattergl(
+            x=np.concatenate(xs) if xs else [], y=np.concatenate(ys) if ys else [], mode="markers",
+            name=names[ci] if ci < len(names) else str(c),
+            marker=dict(size=4, opacity=0.45, color=_CLASS_COLORS[ci % len(_CLASS_COLORS)]),
+        ))
+    fig.update_layout(
+        title="Activations of the surviving neurons, by class", yaxis_title="activation", height=380,
+        xaxis=dict(tickmode="array", tickvals=list(range(len(neurons))), ticktext=[str(n) for n in neurons],
+                   title="neuron (non-zero coefficient)"),
+    )
+    return fig
+
+
+def density_vs_C(path: LogisticPathResult, current_C: float | None = None) -> go.Figure:
+    """Density (% non-zero) and test accuracy against λ = 1/C (log axis) and against C; current C marked."""
+    fig = make_subplots(rows=1, cols=2, specs=[[{"secondary_y": True}, {"secondary_y": True}]],
+                        subplot_titles=("against λ = 1/C", "against C = 1/λ"))
+    conv = path.converged
+    for col, x in ((1, path.lambdas), (2, path.Cs)):
+        show = col == 1
+        fig.add_trace(go.Scatter(x=x, y=path.density, mode="lines+markers", name="density (%)", showlegend=show,
+                                 marker=dict(size=8, color="#6c8ebf", symbol=np.where(conv, "circle", "circle-open"))),
+                      row=1, col=col, secondary_y=False)
+        fig.add_trace(go.Scatter(x=x, y=100 * path.test_accuracy, mode="lines+markers", name="test accuracy (%)",
+                                 showlegend=show, line=dict(dash="dot", color="#e76f51")),
+                      row=1, col=col, secondary_y=True)
+        if current_C is not None:
+            xv = 1.0 / current_C if col == 1 else current_C
+            fig.add_vline(x=np.log10(xv) if col == 1 else xv, line=dict(color="black", dash="dash"), row=1, col=col)
+    fig.update_xaxes(type="log", title_text="λ", row=1, col=1)
+    fig.update_xaxes(title_text="C", row=1, col=2)
+    fig.update_yaxes(title_text="density (% non-zero)", secondary_y=False)
+    fig.update_yaxes(title_text="test accuracy (%)", secondary_y=True)
+    if not conv.all():
+        fig.add_annotation(text=f"open markers: {int((~conv).sum())} C value(s) not converged", xref="paper",
+                           yref="paper", x=0, y=-0.25, showarrow=False)
+    fig.update_layout(height=380, legend=dict(orientation="h", y=1.12, x=1, xanchor="right"))
+    return fig
+
+
+def layers_curve(
+    hooks: Sequence[str],
+    test_accuracy: np.ndarray,
+    density: np.ndarray | None = None,
+    *,
+    chance: float | None = None,
+    train_accuracy: np.ndarray | None = None,
+    C: float | None = None,
+) -> go.Figure:
+    """Accuracy (and L1 density) per layer/hook at one C; chance level dashed; NaN = not computed yet."""
+    fig = make_subplots(specs=[[{"secondary_y": density is not None}]])
+    x = list(hooks)
+    fig.add_trace(go.Scatter(x=x, y=100 * np.asarray(test_accuracy), mode="lines+markers", name="test accuracy (%)"))
+    if train_accuracy is not None:
+        fig.add_trace(go.Scatter(x=x, y=100 * np.asarray(train_accuracy), mode="lines", name="train accuracy (%)",
+                                 line=dict(dash="dot")))
+    if density is not None:
+        fig.add_trace(go.Bar(x=x, y=density, name="density (%)", opacity=0.35), secondary_y=True)
+        fig.update_yaxes(title_text="density (% non-zero)", secondary_y=True)
+    if chance is not None:
+        fig.add_hline(y=100 * chance, line=dict(dash="dash", color="grey"), annotation_text="chance")
+    fig.update_yaxes(title_text="accuracy (%)", secondary_y=False)
+    fig.update_layout(title="Probe accuracy across layers" + (f" at C = {C:.4g}" if C else ""), height=380,
+                      xaxis_title="hook")
+    return fig
+
+
+def selection_frequency_bars(freq: np.ndarray, *, top: int = 30, feature_name: str = "neuron") -> go.Figure:
+    """Share of folds/seeds in which each of the most often selected features is non-zero."""
+    freq = np.asarray(freq)
+    idx = np.argsort(-freq, kind="stable")[:top]
+    idx = idx[freq[idx] > 0]
+    fig = go.Figure(go.Bar(x=[str(i) for i in idx], y=freq[idx], marker_color=_NZ))
+    fig.update_layout(title="Selection frequency across folds", xaxis_title=feature_name,
+                      yaxis=dict(title="share of folds with a non-zero coefficient", range=[0, 1.05]), height=340)
+    return fig
