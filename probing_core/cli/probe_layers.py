@@ -1,0 +1,92 @@
+"""``probe layers``: categorical probe accuracy at every hook (and position); ``--preset tree-edges``."""
+from __future__ import annotations
+
+import argparse
+
+from probing_core import layer_probes as lp
+from probing_core.activations import build_cache, open_entry
+from probing_core.cli._common import (
+    add_dataset_args,
+    add_json_arg,
+    add_model_args,
+    add_store_args,
+    open_dataset,
+    open_model,
+    open_store,
+    print_json,
+    print_table,
+    tqdm_progress,
+)
+from probing_core.cli.cache import resolve_hooks
+from probing_core.errors import InputError
+
+
+def _run(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    model = open_model(args, quiet=args.json)
+    if args.preset == "tree-edges":
+        if model.spec.kind != "tree":
+            raise InputError("--preset tree-edges needs the tree-search model: add --model tree.")
+        update, close = tqdm_progress("tree edge probes")
+        try:
+            res = lp.run_tree_edge_preset(model, store, n_samples=args.n_samples, seed=args.seed, C=args.C,
+                                          test_fraction=args.test_fraction, progress=update)
+        finally:
+            close()
+        params = {"preset": "tree-edges", "n_samples": args.n_samples, "seed": args.seed, "C": args.C}
+    else:
+        dataset = open_dataset(args)
+        hooks = resolve_hooks(model, args.hooks or ["embed", "resid_post"])
+        update, close = tqdm_progress("cache build")
+        try:
+            entry, _ = build_cache(model, dataset, hooks, store=store, max_len=min(args.max_len, model.n_ctx),
+                                   max_tokens=args.max_tokens, progress=update)
+        finally:
+            close()
+        acts = open_entry(store, entry.key)
+        labels = [lp.parse_label(t, top_k=args.top_k_classes) for t in args.label]
+        pos = lp.parse_positions(args.positions, split=args.split_positions)
+        res = lp.probe_layers(acts, hooks, labels, pos, C=args.C, test_fraction=args.test_fraction, seed=args.seed,
+                              max_samples=args.max_samples)
+        params = {"labels": args.label, "positions": args.positions, "entry": entry.key, "C": args.C}
+    if args.json:
+        print_json({"model": model.describe(), "params": params, "result": res.to_json()})
+        return 0
+    rows = res.table()
+    print(f"label: {res.label} · positions: {res.position} · C = {res.C:g}")
+    print_table(rows, list(rows[0].keys()))
+    print("chance (majority class): " + ", ".join(f"{c} {v:.3f}" for c, v in zip(res.columns, res.chance)))
+    if res.control_column:
+        print(f"control task on {res.control_column!r}: 'control' column; selectivity = accuracy − control")
+    for note in res.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def register_probe(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("layers", help="categorical probe accuracy at every hook (token identity, dataset column, tree edges)")
+    add_model_args(p)
+    add_dataset_args(p)
+    add_store_args(p)
+    p.add_argument("--label", action="append", default=None,
+                   help="token-offset:N (token N positions away; 0 = current, -2 = two back) or column:NAME; repeat for more columns (default token-offset:0)")
+    p.add_argument("--positions", default="all", help="all, at:0,1,-1 (fixed positions; -1 = last), every:K, or tokens:STR1,STR2 (default all)")
+    p.add_argument("--split-positions", action="store_true", help="with at:…, one column per position")
+    p.add_argument("--hooks", nargs="+", default=None, help="hook families or names (default: embed resid_post)")
+    p.add_argument("--top-k-classes", type=int, default=20, help="keep the K most frequent classes (default 20)")
+    p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength (default 1)")
+    p.add_argument("--test-fraction", type=float, default=0.3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-samples", type=int, default=lp.DEFAULT_MAX_SAMPLES, help="seeded subsample per column above this")
+    p.add_argument("--max-len", type=int, default=128, help="tokens per row when building the cache")
+    p.add_argument("--max-tokens", type=int, default=20_000, help="token cap when building the cache")
+    p.add_argument("--preset", choices=["tree-edges"], default=None, help="tree-edges: the tree notebook's edge-probe table (--model tree)")
+    p.add_argument("--n-samples", type=int, default=400, help="trees for --preset tree-edges (default 400)")
+    add_json_arg(p)
+    p.set_defaults(func=_run_default)
+
+
+def _run_default(args: argparse.Namespace) -> int:
+    if not args.label:
+        args.label = ["token-offset:0"]
+    return _run(args)

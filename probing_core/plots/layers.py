@@ -1,0 +1,63 @@
+"""Figures for layer probes (probing_core.layer_probes): accuracy heatmap and accuracy-vs-layer lines."""
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+
+from probing_core.layer_probes import LayerAccuracyResult
+
+__all__ = ["accuracy_heatmap", "accuracy_lines", "short_hook"]
+
+_PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+
+
+def short_hook(hook: str) -> str:
+    """``blocks.3.hook_resid_post`` → ``3 resid_post``; ``hook_embed`` → ``embed``."""
+    parts = hook.split(".")
+    if parts[0] == "blocks" and len(parts) >= 3:
+        return f"{parts[1]} {parts[-1].removeprefix('hook_')}"
+    return hook.removeprefix("hook_")
+
+
+def accuracy_heatmap(result: LayerAccuracyResult, *, title: str | None = None) -> go.Figure:
+    """Hooks (rows, model order top-down) × columns, test accuracy in each cell; chance in the column titles.
+
+    Returns:
+        A plotly Figure.
+    """
+    z = np.asarray(result.test_accuracy, dtype=float)
+    x = [f"{c}<br><sub>chance {ch:.2f}</sub>" for c, ch in zip(result.columns, result.chance)]
+    y = [short_hook(h) for h in result.hooks]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=x, y=y, zmin=0.0, zmax=1.0, colorscale="Viridis", colorbar=dict(title="test acc."),
+        text=np.vectorize(lambda v: f"{v:.3f}")(z), texttemplate="%{text}", hovertemplate="%{y} · %{x}<br>accuracy %{z:.4f}<extra></extra>",
+    ))
+    fig.update_yaxes(autorange="reversed", title="hook")
+    fig.update_layout(title=title or f"Probe test accuracy — {result.label}", height=max(300, 60 + 28 * len(y)),
+                      margin=dict(l=10, r=10, t=60, b=10))
+    return fig
+
+
+def accuracy_lines(result: LayerAccuracyResult, *, title: str | None = None, show_train: bool = False) -> go.Figure:
+    """Test accuracy per hook for every column, with each column's chance level (dotted) and the
+    control-task accuracy (dashed grey) of the control column.
+
+    Returns:
+        A plotly Figure.
+    """
+    x = [short_hook(h) for h in result.hooks]
+    fig = go.Figure()
+    for j, col in enumerate(result.columns):
+        color = _PALETTE[j % len(_PALETTE)]
+        fig.add_scatter(x=x, y=result.test_accuracy[:, j], name=col, mode="lines+markers", line=dict(color=color))
+        if show_train:
+            fig.add_scatter(x=x, y=result.train_accuracy[:, j], name=f"{col} (train)", mode="lines",
+                            line=dict(color=color, dash="dot", width=1))
+        fig.add_scatter(x=x, y=np.full(len(x), result.chance[j]), name=f"chance ({col})", mode="lines",
+                        line=dict(color=color, dash="dot", width=1), opacity=0.6, showlegend=len(result.columns) <= 3)
+    if result.control_column is not None and np.isfinite(result.control_accuracy).any():
+        fig.add_scatter(x=x, y=result.control_accuracy, name=f"control task ({result.control_column})", mode="lines+markers",
+                        line=dict(color="#7f7f7f", dash="dash"))
+    fig.update_layout(title=title or "Probe accuracy across layers", xaxis_title="hook", yaxis_title="test accuracy",
+                      yaxis_range=[0, 1.02], legend=dict(orientation="h", y=-0.25), margin=dict(l=10, r=10, t=50, b=10))
+    return fig

@@ -1,0 +1,81 @@
+"""AppTest for the Layer probes page (tiny native model, an entry built through the core first)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from probing_core.activations import build_cache
+from probing_core.datasets import DatasetSpec, load_dataset
+from probing_core.models import ModelSpec, load_model, tiny_native_config
+from probing_core.store import ActivationStore
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = "tiny native model"
+
+
+@pytest.fixture(scope="module")
+def entry_key() -> str:
+    model = load_model(ModelSpec.native(tiny_native_config()))
+    store = ActivationStore(Path(os.environ["PROBING_CACHE_DIR"]) / "activations")
+    entry, _ = build_cache(model, load_dataset(DatasetSpec("pydoc")), model.hook_names(["embed", "resid_post"]),
+                           store=store, max_len=64, max_tokens=1500)
+    return entry.key
+
+
+@pytest.fixture()
+def at(entry_key: str) -> AppTest:
+    app = AppTest.from_file(str(REPO / "app.py"), default_timeout=180)
+    app.session_state["model_choice"] = TINY
+    app.session_state["home_entry_key"] = entry_key
+    app.run()
+    app.switch_page("pages/layers.py").run()
+    assert not app.exception, app.exception
+    return app
+
+
+def test_default_table_and_downloads(at: AppTest):
+    assert at.title[0].value.endswith("Layer probes")
+    assert not at.error
+    df = at.dataframe[0].value
+    assert list(df["hook"]) == ["hook_embed", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    assert "current token" in df.columns and "selectivity" in df.columns
+    assert df["current token"].iloc[0] == pytest.approx(1.0)  # embeddings name the token
+    labels = [b.label for b in at.get("download_button")]
+    assert any("CSV" in lab for lab in labels) and any("manifest" in lab for lab in labels)
+
+
+def test_offset_and_fixed_positions(at: AppTest):
+    at.slider(key="layers_offset").set_value(-2).run()
+    at.radio(key="layers_rule").set_value("Fixed positions").run()
+    at.text_input(key="layers_positions").set_value("1,3,4").run()
+    assert not at.exception and not at.error
+    df = at.dataframe[0].value
+    assert {"token at -2 @ pos 3", "token at -2 @ pos 4"} <= set(df.columns) and "token at -2 @ pos 1" not in df.columns
+    assert any("left out" in c.value for c in at.caption)
+
+
+def test_bad_positions_show_error(at: AppTest):
+    at.radio(key="layers_rule").set_value("Fixed positions").run()
+    at.text_input(key="layers_positions").set_value("5000").run()
+    assert not at.exception
+    assert at.error and "selects no tokens" in at.error[0].value
+    at.text_input(key="layers_positions").set_value("two").run()
+    assert not at.exception and at.error and "integers" in at.error[0].value
+
+
+@pytest.mark.skipif(not __import__("probing_core.tree_task").tree_task.checkpoint_available(),
+                    reason="tree-search checkpoint not trained yet")
+def test_tree_edge_preset():
+    app = AppTest.from_file(str(REPO / "app.py"), default_timeout=300)
+    app.session_state["model_choice"] = "tree-search model (shipped checkpoint)"
+    app.run()
+    app.switch_page("pages/layers.py").run()
+    app.number_input(key="layers_tree_n").set_value(100).run()
+    app.button(key="layers_tree_run").click().run()
+    assert not app.exception and not app.error
+    df = app.dataframe[0].value
+    assert df["hook"].iloc[0] == "hook_embed" and df["hook"].iloc[-1].endswith("hook_resid_post")
+    assert df["node 1 @ 2nd token (→dst)"].iloc[0] == pytest.approx(1.0)  # the arrow token names the target
