@@ -1,0 +1,147 @@
+"""Regression probes: R² across layers, embedding regression over the vocabulary, probe transfer."""
+import json
+
+import pandas as pd
+import streamlit as st
+
+import glue
+from probing_core import regression as reg
+from probing_core.labels import LABELS, LabelSpec
+from probing_core.plots import regression as plots
+from probing_core.ridge import DEFAULT_ALPHAS
+
+st.title("📈 Regression probes")
+glue.explain(
+    "A **ridge regression probe** predicts a number about each token (its length, its position, …) from the "
+    "activations at one hook. **R²** says how much of the label's variance the probe explains on tokens it never "
+    "saw (1 = perfectly, 0 = no better than guessing the mean; below 0 = worse). The grey line is the same probe "
+    "fit on shuffled labels: what noise alone reaches. **α** is the regularization strength — drag it to see how "
+    "the curve changes. *Embedding regression* reads properties straight from the embedding matrix; *probe "
+    "transfer* checks whether that one embedding probe still works further up the residual stream."
+)
+model = glue.selected_model()
+acts = glue.entry_picker(model, page="reg", hooks_like="resid")
+Q = "query-params"
+ALPHAS = [float(a) for a in DEFAULT_ALPHAS]
+GRID = {f"{a:.3g}".replace("e+0", "e").replace("e+", "e"): a for a in ALPHAS}  # URL-safe labels ("1e6", no "+")
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def _decomp_slot(key: str, hooks: tuple, rule: str, cv: int, seed: int) -> list:
+    """Label-independent decompositions for these rows/split, reused when only the label changes."""
+    return []
+
+
+@st.cache_resource(max_entries=3, show_spinner="Fitting ridge probes on every hook (all α at once)…")
+def _fit(key: str, hooks: tuple, label: LabelSpec, rule: str, cv: int, seed: int) -> reg.RegressionRun:
+    slot = _decomp_slot(key, hooks, rule, cv, seed)
+    run = reg.run_regression(glue.get_entry(key), list(hooks), label, rule, alphas=ALPHAS, cv=cv, seed=seed,
+                             decompositions=slot)
+    if all(d is not run.decompositions for d in slot):
+        slot[:] = [run.decompositions, *slot][:3]  # bounded; identical content for every session
+    return run
+
+
+@st.cache_data(max_entries=4, show_spinner="Regressing token properties from W_E over the vocabulary…")
+def _embed(_model, model_key: str, len_thr: int, num_thr: int) -> reg.EmbeddingRegressionResult:
+    return reg.embedding_regression(_model, length_threshold=len_thr, numeric_threshold=num_thr)
+
+
+@st.cache_data(max_entries=8, show_spinner="Fitting the embedding probe and scoring it on every hook…")
+def _transfer(_model, key: str, label: LabelSpec, rule: str, alpha: float, source: str) -> reg.TransferRun:
+    return reg.probe_transfer(_model, glue.get_entry(key), label, rule, alpha=alpha, source=source)
+
+
+# ---- label and tokens (shared by the layer curve and the transfer) ----------------------------
+names = [n for n in LABELS if n != "column" or acts.columns()]
+c1, c2, c3 = st.columns([2, 2, 3])
+name = c1.selectbox("Label", names, index=names.index("length"), format_func=lambda n: LABELS[n].title, key="reg_label",
+                    bind=Q, help="; ".join(f"{i.title}: {i.description}" for i in LABELS.values()))
+kind = c2.radio("Tokens", ["all", "last", "match"], horizontal=True, key="reg_positions", bind=Q,
+                format_func={"all": "every token", "last": "last of each row", "match": "matching…"}.get)
+rule = kind
+if kind == "match":
+    rule = "match:" + c3.text_input("Tokens to probe (comma-separated; mind leading spaces)", " the, a", key="reg_match", bind=Q)
+params = {}
+for p, default in LABELS[name].params.items():
+    k = f"reg_{name}_{p}"
+    if p == "drop_missing" or isinstance(default, bool):
+        params[p] = c3.checkbox(p.replace("_", " "), bool(default), key=k, bind=Q)
+    elif isinstance(default, str):
+        params[p] = c3.text_input(p.replace("_", " "), default, key=k, bind=Q) or None
+    else:
+        params[p] = c3.number_input(p.replace("_", " ") + " (empty = none)", min_value=0, value=default, step=1, key=k, bind=Q)
+if name == "column":
+    params["column"] = c3.selectbox("column", list(acts.columns()), key="reg_column", bind=Q)
+label = LabelSpec.make(name, **{p: (int(v) if isinstance(v, float) else v) for p, v in params.items()})
+
+t1, t2, t3 = st.tabs(["R² across layers", "Embedding regression", "Probe transfer"], key="reg_tab", bind=Q, on_change="rerun")
+
+if t1.open:
+    with t1:
+        fams = reg.families_present(model, acts.hooks)
+        default = [f for f in ("embed", "resid_pre", "resid_mid", "resid_post") if f in fams] or list(fams)[:1]
+        a, b, c = st.columns([3, 1, 1])
+        picked = a.multiselect("Hooks", list(fams), default=default, key="reg_families", bind=Q)
+        cv = b.selectbox("CV folds", [0, 2, 3, 5, 10], index=2, key="reg_cv", bind=Q, help="choose α by k-fold CV (0 = by the test split)")
+        seed = c.number_input("Split seed", 0, 10_000, 0, key="reg_seed", bind=Q)
+        hooks = tuple(h for f in picked for h in fams[f])
+        with glue.user_errors():
+            run = _fit(acts.key, hooks, label, rule, int(cv), int(seed))
+        r = run.result
+        choice = st.select_slider("α (ridge strength)", ["best per hook", *GRID], value="best per hook", key="reg_alpha", bind=Q)
+        ai = None if choice not in GRID else int(r.alphas.searchsorted(GRID[choice]))
+        table = pd.DataFrame(run.table(ai))
+        score = "r2_cv_mean" if r.n_folds else "r2_test"
+        top = table.loc[table[score].idxmax()]
+        m1, m2, m3, m4 = st.columns(4)
+        m1.metric(f"Best {'CV' if r.n_folds else 'test'} R²", f"{top[score]:.4f}")
+        m2.metric("At hook", top["hook"])
+        m3.metric("Test R² there", f"{top['r2_test']:.4f}")
+        m4.metric("Samples (train / test)", f"{r.n_train:,} / {r.n_test:,}")
+        st.caption(run.description)
+        st.plotly_chart(plots.r2_curve(r, ai, title=f"R² of {LABELS[name].title.lower()} across hooks"), key="reg_curve")
+        st.dataframe(table, hide_index=True, width="stretch")
+        hook = st.selectbox("R² against α for hook", list(r.hooks), key="reg_hook", bind=Q)
+        st.plotly_chart(plots.r2_vs_alpha(r, hook), key="reg_vs_alpha")
+        alpha = None if ai is None else float(r.alphas[ai])
+        base = glue.manifest_base(model, acts)
+        manifest = {**run.manifest, **base, "versions": {**run.manifest["versions"], **base["versions"]},
+                    "page": "regression", "alpha_shown": alpha or "best per hook"}
+        d1, d2, d3 = st.columns(3)
+        d1.download_button("⬇ R² curves (CSV)", pd.DataFrame(reg.curve_rows(run)).to_csv(index=False), "r2-curves.csv", "text/csv", key="reg_dl_csv")
+        d2.download_button("⬇ Probe weights (.npy per hook, zip)", reg.weights_zip(run, alpha), "probe-weights.zip", "application/zip", key="reg_dl_zip")
+        d3.download_button("⬇ Run manifest (JSON)", json.dumps(manifest, indent=1, default=str), "regression-manifest.json", "application/json", key="reg_dl_manifest")
+
+if t2.open:
+    with t2:
+        a, b = st.columns(2)
+        len_thr = a.number_input("Length outlier threshold (characters)", 1, 200, 15, key="reg_len_thr", bind=Q)
+        num_thr = b.number_input("Numeric outlier threshold (value)", 1, 10**9, 1000, key="reg_num_thr", bind=Q)
+        with glue.user_errors():
+            emb = _embed(model, model.key, int(len_thr), int(num_thr))
+        st.caption(f"W_E: {emb.d_vocab:,} tokens × {emb.d_model} dims; ridge α chosen on a 20% held-out split; "
+                   "`r2_ols_train` is plain least squares in-sample (the reference notebook's number).")
+        st.dataframe(pd.DataFrame(emb.table()), hide_index=True, width="stretch")
+        for i, t in enumerate(emb.tasks):
+            if t.note:
+                st.warning(f"**{t.name}**: {t.note}")
+                continue
+            left, right = st.columns(2)
+            left.plotly_chart(plots.predicted_vs_true(t.y_true, t.y_pred, title=f"{t.name}: held-out tokens", x_label=t.name), key=f"reg_box_{i}")
+            right.plotly_chart(plots.label_histogram(t.values, title=t.description, x_label=t.name), key=f"reg_hist_{i}")
+
+if t3.open:
+    with t3:
+        a, b = st.columns(2)
+        source = a.radio("Fit the probe on", ["W_E", "hook_embed"], horizontal=True, key="reg_source", bind=Q,
+                         format_func={"W_E": "the embedding matrix (whole vocabulary)", "hook_embed": "hook_embed (this corpus)"}.get)
+        t_alpha = GRID[b.select_slider("α of the embedding probe", list(GRID), value=list(GRID)[8], key="reg_t_alpha", bind=Q)]
+        with glue.user_errors():
+            tr = _transfer(model, acts.key, label, rule, float(t_alpha), source)
+        st.metric(f"In-sample R² on {source} ({tr.n_fit:,} rows)", f"{tr.source_r2:.4f}")
+        st.caption(f"Scored on {tr.transfer.n_samples:,} tokens: {tr.description}. Negative R² = worse than predicting the mean.")
+        st.plotly_chart(plots.transfer_curve(tr.transfer, source=source), key="reg_transfer")
+        st.plotly_chart(plots.abs_r2_log(tr.transfer.hooks, tr.transfer.r2), key="reg_transfer_log")
+        st.dataframe(pd.DataFrame(tr.rows()), hide_index=True, width="stretch")
+        st.download_button("⬇ Transfer curve (CSV)", pd.DataFrame(tr.rows()).to_csv(index=False), "probe-transfer.csv", "text/csv", key="reg_dl_transfer")

@@ -1,0 +1,636 @@
+"""Regression probes end to end: cached activations + label + position rule → ridge path per hook.
+
+This is the orchestration behind the "Regression probes" page and ``probe regression`` CLI:
+
+* :func:`regression_data` selects token rows (position rule, BOS excluded, label mask) and reads
+  each hook's rows from the store lazily (one hook in memory at a time).
+* :func:`run_regression` fits the whole ridge path on every hook (:func:`probing_core.ridge.fit_ridge_path`)
+  and returns a :class:`RegressionRun` with a JSON manifest. Its ``decompositions`` can be passed
+  back to fit another label on the same rows without a new eigendecomposition (the caller keeps
+  them; this module holds no state).
+* :func:`embedding_regression` regresses token properties from the embedding matrix ``W_E`` over
+  the whole vocabulary (the reference notebook's first experiment).
+* :func:`probe_transfer` fits one probe on ``W_E`` (or ``hook_embed``) and scores it unchanged on
+  every residual-stream hook of a cache entry (the notebook's "continuing up the model").
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from probing_core.activations import CachedActivations
+from probing_core.errors import HookError, LabelError, ProbeError, ProbingError
+from probing_core.labels import LABELS, LabelSpec, compute_labels
+from probing_core.models import LoadedModel
+from probing_core.ridge import (
+    DEFAULT_ALPHAS,
+    RidgeDecomposition,
+    RidgePathResult,
+    TransferResult,
+    fit_ridge_path,
+    make_split,
+    score_transfer,
+)
+
+__all__ = [
+    "PositionRule",
+    "SelectionInfo",
+    "HookRows",
+    "ReusableDecompositions",
+    "RegressionRun",
+    "EMBEDDING_TASKS",
+    "EmbeddingTask",
+    "EmbeddingRegressionResult",
+    "TransferRun",
+    "regression_data",
+    "run_regression",
+    "embedding_regression",
+    "probe_transfer",
+    "transfer_hooks",
+    "curve_rows",
+    "weights_zip",
+    "families_present",
+]
+
+_RESID = re.compile(r"^(hook_embed|blocks\.(\d+)\.hook_resid_(pre|mid|post))$")
+_STAGE = {"pre": 0, "mid": 1, "post": 2}
+
+
+# --------------------------------------------------------------------------------------------
+# Position rules and row selection
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PositionRule:
+    """Which token rows to probe. ``kind``: "all" (every token but BOS), "last" (last token of
+    each row) or "match" (tokens whose text is one of ``tokens``; " the" also matches "Ġthe")."""
+
+    kind: str = "all"
+    tokens: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> "PositionRule":
+        """From "all", "last" or "match:TOK,TOK" (the CLI and URL form).
+
+        Raises:
+            ProbeError: unknown rule or an empty token list.
+        """
+        t = (text or "all").strip()
+        if t in ("all", "last"):
+            return cls(t)
+        if t.startswith("match:"):
+            toks = tuple(s for s in t[len("match:"):].split(",") if s != "")
+            if not toks:
+                raise ProbeError("give the tokens to match, e.g. match: the, an (comma-separated; a leading space is kept).")
+            return cls("match", toks)
+        raise ProbeError(f"unknown position rule {text!r}; use all, last or match:TOK,TOK.")
+
+    def __str__(self) -> str:
+        return self.kind if self.kind != "match" else "match:" + ",".join(self.tokens)
+
+
+def _candidate_rows(acts: CachedActivations, rule: PositionRule) -> np.ndarray:
+    keep = ~acts.bos_mask()
+    if rule.kind == "last":
+        keep &= acts.next_ids < 0
+    elif rule.kind == "match":
+        want = set(rule.tokens)
+        marker = acts.space_marker or ""
+        if marker and marker != " ":
+            want |= {marker + t[1:] for t in rule.tokens if t.startswith(" ")}
+        ids = np.unique(acts.token_ids)
+        raw, text = acts.raw_strings(ids), acts.text_strings(ids)
+        hit = np.array([r in want or t in want for r, t in zip(raw, text)], dtype=bool)
+        keep &= np.isin(acts.token_ids, ids[hit])
+    elif rule.kind != "all":
+        raise ProbeError(f"unknown position rule {rule.kind!r}; use all, last or match.")
+    rows = np.flatnonzero(keep)
+    if rows.size == 0:
+        what = {"match": f"tokens equal to {list(rule.tokens)}", "last": "last tokens"}.get(rule.kind, "tokens")
+        raise ProbeError(f"the position rule selects no rows ({what} do not occur in this cache entry); "
+                         "pick another rule or tokens that occur in the corpus.")
+    return rows
+
+
+def _column_values(acts: CachedActivations, spec: LabelSpec, rows: np.ndarray) -> list[Any] | None:
+    if spec.name != "column":
+        return None
+    cols = acts.columns()
+    if not cols:
+        raise LabelError("this cache entry has no label columns; upload a .csv/.jsonl with a label column and cache it.")
+    name = spec.get("column") or (next(iter(cols)) if len(cols) == 1 else None)
+    if name not in cols:
+        raise LabelError(f"pick the column to regress with column=NAME; this entry has: {', '.join(cols)}.")
+    per_doc = cols[name]
+    vals = [per_doc[d] for d in acts.doc_index[acts.seq[rows]]]
+    # The store keeps columns as text; numbers go back to floats so they are regressed, not coded.
+    present = [v for v in vals if v is not None and str(v).strip() != ""]
+    try:
+        [float(v) for v in present]
+    except ValueError:
+        return vals
+    return [float(v) if v is not None and str(v).strip() != "" else None for v in vals]
+
+
+@dataclass(frozen=True)
+class SelectionInfo:
+    """What :func:`regression_data` selected.
+
+    Attributes:
+        rows: ``(n,)`` indices into the entry's token table.
+        label: the label spec; description: one line (label + counts).
+        n_candidates: rows allowed by the position rule (before the label mask).
+        position_rule: the rule as text; categories: names of categorical codes (column labels).
+    """
+
+    rows: np.ndarray
+    label: LabelSpec
+    description: str
+    n_candidates: int
+    position_rule: str
+    categories: tuple[str, ...] = ()
+
+    @property
+    def n_selected(self) -> int:
+        return int(self.rows.size)
+
+    @property
+    def rows_digest(self) -> str:
+        return hashlib.blake2b(np.ascontiguousarray(self.rows, dtype=np.int64).tobytes(), digest_size=8).hexdigest()
+
+
+class HookRows(Mapping[str, np.ndarray]):
+    """Hook → float32 ``(n, width)`` activations of the selected rows, read from the store on access.
+
+    Only one hook is held in memory (the last one read), so 90 hooks of a large entry never sit in
+    RAM together. Each read is checked for NaN/inf.
+    """
+
+    def __init__(self, acts: CachedActivations, hooks: Sequence[str], rows: np.ndarray) -> None:
+        self._acts, self._hooks, self._rows = acts, tuple(hooks), rows
+        self._last: tuple[str, np.ndarray] | None = None
+
+    def __getitem__(self, hook: str) -> np.ndarray:
+        if hook not in self._hooks:
+            raise KeyError(hook)
+        if self._last is not None and self._last[0] == hook:
+            return self._last[1]
+        X = np.asarray(self._acts.hook(hook)[self._rows], dtype=np.float32)
+        if not np.isfinite(X).all():
+            raise ProbeError(_nonfinite_message(hook, int(X.size - np.isfinite(X).sum())))
+        self._last = (hook, X)
+        return X
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._hooks)
+
+    def __len__(self) -> int:
+        return len(self._hooks)
+
+
+def _nonfinite_message(hook: str, count: int) -> str:
+    return (f"hook {hook!r}: {count:,} activation values are NaN or inf (float16 overflow?). Rebuild the cache "
+            "entry with float32 storage (Home → Storage dtype, or `cache build --store-dtype float32`).")
+
+
+def _check_hooks(acts: CachedActivations, hooks: Sequence[str]) -> tuple[str, ...]:
+    hooks = tuple(dict.fromkeys(hooks))
+    if not hooks:
+        raise ProbeError("no hooks selected; pick at least one hook to probe.")
+    missing = [h for h in hooks if h not in acts.hooks]
+    if missing:
+        raise HookError(f"hook(s) {missing} are not in cache entry {acts.key}; it holds {len(acts.hooks)} hooks "
+                        f"({', '.join(acts.hooks[:4])}…). Build an entry with them on Home.")
+    widths = {h: int(acts.meta["widths"][h]) for h in hooks}
+    if len(set(widths.values())) > 1:
+        groups: dict[int, list[str]] = {}
+        for h, w in widths.items():
+            groups.setdefault(w, []).append(h)
+        desc = "; ".join(f"width {w}: {', '.join(hs[:3])}{'…' if len(hs) > 3 else ''}" for w, hs in groups.items())
+        raise ProbeError(f"the selected hooks have different widths ({desc}); probe hooks of one kind together "
+                         "(e.g. the residual stream, or the MLP neurons).")
+    bad = {h: n for h, n in acts.meta.get("nonfinite", {}).items() if h in hooks and n}
+    if bad:
+        h, n = next(iter(bad.items()))
+        raise ProbeError(_nonfinite_message(h, int(n)))
+    return hooks
+
+
+def regression_data(
+    acts: CachedActivations,
+    hooks: Sequence[str],
+    label_spec: LabelSpec,
+    position_rule: PositionRule | str = "all",
+) -> tuple[HookRows, np.ndarray, SelectionInfo]:
+    """Activations and label of the selected tokens.
+
+    Args:
+        acts: an opened cache entry.
+        hooks: hook names of one width, all present in the entry.
+        label_spec: see :data:`probing_core.labels.LABELS`.
+        position_rule: :class:`PositionRule` or its text form ("all", "last", "match:TOK,TOK").
+
+    Returns:
+        (X_by_hook: hook → float32 ``(n, width)`` (read lazily), y: ``(n,)`` float64, info).
+
+    Raises:
+        HookError: hook not in the entry. ProbeError: mixed widths, NaN/inf activations, no rows.
+        LabelError: constant label, label defined for no selected token, bad parameters.
+    """
+    rule = PositionRule.parse(position_rule) if isinstance(position_rule, str) else position_rule
+    hooks = _check_hooks(acts, hooks)
+    rows = _candidate_rows(acts, rule)
+    ids = acts.token_ids[rows]
+    nxt = acts.next_ids[rows]
+    need = LABELS[label_spec.name].needs if label_spec.name in LABELS else ()
+    next_strings = None
+    if "next_token_strings" in need:
+        strs = acts.raw_strings(np.where(nxt >= 0, nxt, 0))
+        next_strings = [s if n >= 0 else None for s, n in zip(strs, nxt)]
+    lab = compute_labels(
+        label_spec, acts.raw_strings(ids), positions=acts.pos[rows], next_token_strings=next_strings,
+        column_values=_column_values(acts, label_spec, rows), space_marker=acts.space_marker or None,
+    )
+    keep = rows[lab.mask]
+    info = SelectionInfo(rows=keep, label=label_spec, description=f"{lab.description} ({rule})",
+                         n_candidates=int(rows.size), position_rule=str(rule), categories=lab.categories)
+    return HookRows(acts, hooks, keep), lab.values[lab.mask], info
+
+
+# --------------------------------------------------------------------------------------------
+# Fresh probe per hook
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class ReusableDecompositions:
+    """Label-independent ridge decompositions for one row selection and split (pass to
+    :func:`run_regression` to fit another label without a new eigendecomposition)."""
+
+    rows_digest: str
+    split: tuple[float, int, int]  # (test_fraction, cv, seed)
+    by_hook: Mapping[str, RidgeDecomposition] = field(repr=False)
+
+
+@dataclass(frozen=True, eq=False)
+class RegressionRun:
+    """One label probed on several hooks.
+
+    Attributes:
+        result: the :class:`RidgePathResult` (R² ``(hook, alpha)``, best α, baseline, coefficients).
+        info: the row selection; label: the spec; description: one line.
+        y_mean, y_std: label statistics over the selected rows.
+        manifest: JSON-able run description (model, dataset fingerprint, label, α grid, split, versions).
+        decompositions: reusable for another label on the same rows (see :class:`ReusableDecompositions`).
+    """
+
+    result: RidgePathResult
+    info: SelectionInfo
+    label: LabelSpec
+    description: str
+    y_mean: float
+    y_std: float
+    manifest: dict[str, Any]
+    decompositions: ReusableDecompositions = field(repr=False)
+
+    def table(self, alpha_index: int | None = None) -> list[dict[str, Any]]:
+        """One row per hook at one α of the grid (None = each hook's best α)."""
+        r = self.result
+        out = []
+        for i, h in enumerate(r.hooks):
+            j = int(r.best_index[i]) if alpha_index is None else int(alpha_index)
+            out.append({
+                "hook": h, "alpha": float(r.alphas[j]), "best_alpha": float(r.best_alpha[i]),
+                "r2_train": float(r.r2_train[i, j]), "r2_test": float(r.r2_test[i, j]),
+                "r2_cv_mean": float(r.r2_cv_mean[i, j]), "r2_cv_std": float(r.r2_cv_std[i, j]),
+                "baseline_r2": float(r.baseline_r2[i]),
+            })
+        return out
+
+    def weights(self, alpha: float | None = None) -> dict[str, np.ndarray]:
+        """Hook → float32 ``(width + 1,)``: coefficients then the intercept (None = each hook's best α)."""
+        r = self.result
+        return {h: np.append(r.coef(h, alpha), r.intercept(h, alpha)).astype(np.float32) for h in r.hooks}
+
+
+def run_regression(
+    acts: CachedActivations,
+    hooks: Sequence[str],
+    label_spec: LabelSpec,
+    position_rule: PositionRule | str = "all",
+    *,
+    alphas: Sequence[float] | np.ndarray = DEFAULT_ALPHAS,
+    cv: int = 5,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    decompositions: ReusableDecompositions | Sequence[ReusableDecompositions] | None = None,
+    model_description: Mapping[str, Any] | None = None,
+) -> RegressionRun:
+    """Fit the ridge path of ``label_spec`` on every hook (fresh probe per hook).
+
+    Args:
+        acts, hooks, label_spec, position_rule: see :func:`regression_data`.
+        alphas: α grid (> 0). cv: CV folds (0/1 = none). test_fraction: held-out share. seed: split seed.
+        decompositions: from earlier runs (one or several); one built for exactly these rows and split is reused.
+        model_description: ``LoadedModel.describe()`` for the manifest (default: the entry's model fields).
+
+    Returns:
+        RegressionRun.
+
+    Raises:
+        ProbeError, LabelError, HookError: see :func:`regression_data` and ``fit_ridge_path``.
+    """
+    X, y, info = regression_data(acts, hooks, label_spec, position_rule)
+    split = (float(test_fraction), int(cv), int(seed))
+    cands = [decompositions] if isinstance(decompositions, ReusableDecompositions) else list(decompositions or [])
+    reuse = next((d.by_hook for d in cands if d.rows_digest == info.rows_digest and d.split == split), None)
+    result = fit_ridge_path(X, y, alphas=alphas, test_fraction=test_fraction, cv=cv, seed=seed, decompositions=reuse)
+    decs = ReusableDecompositions(info.rows_digest, split, result.decompositions)
+    manifest = _manifest(acts, info, result, model_description)
+    return RegressionRun(result=result, info=info, label=label_spec, description=info.description,
+                         y_mean=float(y.mean()), y_std=float(y.std()), manifest=manifest, decompositions=decs)
+
+
+def _versions() -> dict[str, str]:
+    import sklearn
+    import torch
+
+    import probing_core
+
+    return {"probing_core": probing_core.__version__, "numpy": np.__version__, "torch": torch.__version__,
+            "scikit-learn": sklearn.__version__}
+
+
+def _manifest(acts: CachedActivations, info: SelectionInfo, r: RidgePathResult, model: Mapping[str, Any] | None) -> dict[str, Any]:
+    meta = acts.meta
+    return {
+        "analysis": "ridge regression probe per hook",
+        "model": dict(model) if model else {"key": meta.get("model_key"), "label": meta.get("model_label")},
+        "cache_entry": {k: meta.get(k) for k in ("key", "dataset_label", "dataset_fingerprint", "n_tokens", "max_len", "max_tokens", "dtype")} | {"key": acts.key},
+        "label": info.label.to_dict(),
+        "label_description": info.description,
+        "position_rule": info.position_rule,
+        "n_samples": info.n_selected,
+        "hooks": list(r.hooks),
+        "alphas": r.alphas.tolist(),
+        "split": {"seed": r.seed, "test_fraction": r.test_fraction, "cv_folds": r.n_folds, "n_train": r.n_train, "n_test": r.n_test},
+        "best_alpha": dict(zip(r.hooks, r.best_alpha.tolist())),
+        "versions": _versions(),
+    }
+
+
+def weights_zip(run: RegressionRun, alpha: float | None = None) -> bytes:
+    """A zip with one ``<hook>.npy`` per hook (float32 ``(width + 1,)``: coefficients, then the
+    intercept) written with ``allow_pickle=False``, plus ``README.txt``."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for h, w in run.weights(alpha).items():
+            b = io.BytesIO()
+            np.save(b, w, allow_pickle=False)
+            z.writestr(f"{h}.npy", b.getvalue())
+        z.writestr("README.txt", f"Ridge probe weights for {run.description}; alpha = "
+                   f"{'best per hook' if alpha is None else alpha}. Each file: coefficients (d) then the intercept; "
+                   "prediction = x @ w[:-1] + w[-1]. Load with numpy.load(path) (no pickle).\n")
+    return buf.getvalue()
+
+
+def families_present(model: LoadedModel, hooks: Sequence[str]) -> dict[str, list[str]]:
+    """Hook family → the entry's hooks of that family, in model order (families with none omitted)."""
+    from probing_core.models import HOOK_FAMILIES
+
+    have = set(hooks)
+    out = {f: [h for h in model.hook_names([f]) if h in have] for f in HOOK_FAMILIES}
+    return {f: hs for f, hs in out.items() if hs}
+
+
+def curve_rows(run: RegressionRun) -> list[dict[str, Any]]:
+    """Long-format rows (hook, α, train/test/CV R², baseline) of the whole path, for CSV export."""
+    r = run.result
+    return [
+        {"hook": h, "alpha": float(a), "r2_train": float(r.r2_train[i, j]), "r2_test": float(r.r2_test[i, j]),
+         "r2_cv_mean": float(r.r2_cv_mean[i, j]), "r2_cv_std": float(r.r2_cv_std[i, j]),
+         "best_alpha": float(r.best_alpha[i]), "baseline_r2": float(r.baseline_r2[i])}
+        for i, h in enumerate(r.hooks) for j, a in enumerate(r.alphas)
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding regression over the vocabulary
+# --------------------------------------------------------------------------------------------
+#: Task name → (label, uses the length threshold, uses the numeric threshold).
+EMBEDDING_TASKS: dict[str, tuple[str, bool, bool]] = {
+    "length": ("length", False, False),
+    "length_no_space": ("length_no_space", False, False),
+    "length (no outliers)": ("length", True, False),
+    "length_no_space (no outliers)": ("length_no_space", True, False),
+    "numeric_value": ("numeric_value", False, True),
+}
+
+
+@dataclass(frozen=True, eq=False)
+class EmbeddingTask:
+    """One vocabulary regression task. ``note`` is set (and the arrays empty) when it could not run.
+
+    Attributes:
+        name, description; n_tokens: vocabulary rows used; best_alpha; r2_train / r2_test at the best α;
+        r2_ols_train: plain least squares, in-sample on the training rows (the reference notebook's
+            number is OLS in-sample on every row; with test_fraction=0 they coincide);
+        baseline_r2: shuffled-label test R²; values: ``(n_tokens,)`` label values (histogram);
+        y_true, y_pred: ``(n_test,)`` held-out true values and predictions (box plots).
+    """
+
+    name: str
+    description: str
+    n_tokens: int = 0
+    best_alpha: float = float("nan")
+    r2_train: float = float("nan")
+    r2_test: float = float("nan")
+    r2_ols_train: float = float("nan")
+    baseline_r2: float = float("nan")
+    values: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+    y_true: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+    y_pred: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+    note: str | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class EmbeddingRegressionResult:
+    """Attributes: tasks (in the order asked); d_vocab, d_model; thresholds used; alphas."""
+
+    tasks: tuple[EmbeddingTask, ...]
+    d_vocab: int
+    d_model: int
+    length_threshold: int
+    numeric_threshold: int
+    alphas: np.ndarray
+
+    def table(self) -> list[dict[str, Any]]:
+        return [{"task": t.name, "tokens": t.n_tokens, "best_alpha": t.best_alpha, "r2_train": t.r2_train,
+                 "r2_test": t.r2_test, "r2_ols_train": t.r2_ols_train, "baseline_r2": t.baseline_r2,
+                 "note": t.note or ""} for t in self.tasks]
+
+
+def _vocab(model: LoadedModel) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """``W_E`` as float32 ``(d_vocab, d_model)``, raw token strings, rows with a real token string."""
+    W = model.bridge.W_E.detach().to("cpu").float().numpy()
+    strs = model.tokenizer.token_strings(list(range(W.shape[0])))
+    ok = np.array([isinstance(s, str) and s != "" for s in strs], dtype=bool)
+    return W, [s if isinstance(s, str) else "" for s in strs], ok
+
+
+def embedding_regression(
+    model: LoadedModel,
+    tasks: Sequence[str] = tuple(EMBEDDING_TASKS),
+    *,
+    length_threshold: int = 15,
+    numeric_threshold: int = 1000,
+    alphas: Sequence[float] | np.ndarray = DEFAULT_ALPHAS,
+    test_fraction: float = 0.2,
+    cv: int = 0,
+    seed: int = 0,
+) -> EmbeddingRegressionResult:
+    """Regress token properties from the rows of ``W_E`` over the whole vocabulary.
+
+    Args:
+        model: the loaded model (``model.bridge.W_E`` ``(d_vocab, d_model)``; no forward pass).
+        tasks: names from :data:`EMBEDDING_TASKS`.
+        length_threshold: tokens longer than this (full length) are outliers in the "no outliers" tasks.
+        numeric_threshold: number tokens above this value are outliers.
+        alphas, test_fraction, cv, seed: ridge settings (α chosen on CV, else on the test split).
+
+    Returns:
+        EmbeddingRegressionResult; a task that cannot run (e.g. SmolLM2 has 13 all-digit tokens)
+        carries a ``note`` instead of numbers.
+
+    Raises:
+        LabelError: an unknown task name.
+    """
+    unknown = [t for t in tasks if t not in EMBEDDING_TASKS]
+    if unknown:
+        raise LabelError(f"unknown embedding task(s) {unknown}; choose from {list(EMBEDDING_TASKS)}.")
+    W, strs, ok = _vocab(model)
+    marker = getattr(model.tokenizer, "space_marker", "") or None
+    out: list[EmbeddingTask] = []
+    reuse: dict[str, Mapping[str, RidgeDecomposition]] = {}  # rows digest → decompositions (local to this call)
+    for name in tasks:
+        label, use_len, use_num = EMBEDDING_TASKS[name]
+        params: dict[str, Any] = {}
+        if use_len:
+            params["max_length"] = int(length_threshold)
+        if use_num:
+            params["max_value"] = int(numeric_threshold)
+        spec = LabelSpec.make(label, **params)
+        try:
+            lab = compute_labels(spec, strs, space_marker=marker)
+            mask = lab.mask & ok
+            y = lab.values[mask]
+            if y.size and float(np.ptp(y)) == 0.0:
+                raise LabelError(f"{name}: every vocabulary token has the same value ({y[0]:g}); nothing to regress "
+                                 "(a byte-level vocabulary has length-1 tokens only).")
+            rows = np.flatnonzero(mask)
+            digest = hashlib.blake2b(rows.astype(np.int64).tobytes(), digest_size=8).hexdigest()
+            X = {"W_E": W[rows]}
+            r = fit_ridge_path(X, y, alphas=alphas, test_fraction=test_fraction, cv=cv, seed=seed,
+                               decompositions=reuse.get(digest))
+            reuse[digest] = r.decompositions
+            test = make_split(y.size, test_fraction=test_fraction, cv=cv, seed=seed).block == 0
+            j = int(r.best_index[0])
+            pred = r.predict("W_E", X["W_E"][test])
+            out.append(EmbeddingTask(
+                name=name, description=lab.description, n_tokens=int(y.size), best_alpha=float(r.best_alpha[0]),
+                r2_train=float(r.r2_train[0, j]), r2_test=float(r.r2_test[0, j]),
+                r2_ols_train=float(r.r2_train_ols[0]), baseline_r2=float(r.baseline_r2[0]),
+                values=y, y_true=y[test], y_pred=pred,
+            ))
+        except ProbingError as e:
+            out.append(EmbeddingTask(name=name, description=str(spec.to_dict()), note=str(e)))
+    return EmbeddingRegressionResult(tasks=tuple(out), d_vocab=int(W.shape[0]), d_model=int(W.shape[1]),
+                                     length_threshold=int(length_threshold), numeric_threshold=int(numeric_threshold),
+                                     alphas=np.asarray(alphas, dtype=np.float64))
+
+
+# --------------------------------------------------------------------------------------------
+# Transfer: one probe fit on the embeddings, scored on every hook
+# --------------------------------------------------------------------------------------------
+def transfer_hooks(hooks: Sequence[str]) -> list[str]:
+    """``hook_embed`` and every ``resid_pre/mid/post`` among ``hooks``, in model order."""
+    found = [(h, _RESID.match(h)) for h in hooks]
+    keyed = [((-1, 0) if m.group(2) is None else (int(m.group(2)), _STAGE[m.group(3)]), h) for h, m in found if m]
+    return [h for _, h in sorted(keyed)]
+
+
+@dataclass(frozen=True, eq=False)
+class TransferRun:
+    """Attributes:
+    transfer: R² of the fixed probe on every hook (``TransferResult``; ``abs_r2`` for the log plot).
+    source: "W_E" (vocabulary) or "hook_embed" (corpus); alpha: ridge strength of the source fit.
+    source_r2: in-sample R² of the probe on the rows it was fit on; n_fit: those rows.
+    description: label on the corpus; coef ``(d_model,)``, intercept: the probe.
+    """
+
+    transfer: TransferResult
+    source: str
+    alpha: float
+    source_r2: float
+    n_fit: int
+    description: str
+    coef: np.ndarray = field(repr=False)
+    intercept: float = 0.0
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [{"hook": h, "r2": float(v), "abs_r2": float(abs(v))} for h, v in zip(self.transfer.hooks, self.transfer.r2)]
+
+
+def probe_transfer(
+    model: LoadedModel,
+    acts: CachedActivations,
+    label_spec: LabelSpec,
+    position_rule: PositionRule | str = "all",
+    *,
+    alpha: float = 1.0,
+    source: str = "W_E",
+    hooks: Sequence[str] | None = None,
+) -> TransferRun:
+    """Fit one ridge probe on the embeddings and score it unchanged on every residual hook.
+
+    Args:
+        model: the model the entry was built with (for ``W_E`` and the vocabulary).
+        acts: cache entry over a corpus.
+        label_spec, position_rule: the label (computed on the vocabulary for the fit when
+            ``source == "W_E"``, and on the corpus tokens for scoring).
+        alpha: ridge strength of the source fit (> 0); fit on every usable row (no split), as in the notebook.
+        source: "W_E" (every vocabulary row) or "hook_embed" (the entry's corpus rows).
+        hooks: hooks to score (default: ``hook_embed`` and every resid hook present).
+
+    Returns:
+        TransferRun.
+
+    Raises:
+        ProbeError: entry from another model, no resid hooks, widths ≠ d_model, bad α.
+        LabelError: label undefined/constant on the vocabulary or the corpus.
+    """
+    if acts.meta.get("model_key") not in (None, model.key):
+        raise ProbeError(f"cache entry {acts.key} was built with another model; pick an entry of {model.spec.label()}.")
+    targets = list(hooks) if hooks is not None else transfer_hooks(acts.hooks)
+    if not targets:
+        raise ProbeError("this cache entry holds no hook_embed or resid hooks; build one with embed + resid_* on Home.")
+    if source == "W_E":
+        W, strs, ok = _vocab(model)
+        lab = compute_labels(label_spec, strs, space_marker=getattr(model.tokenizer, "space_marker", "") or None)
+        rows = np.flatnonzero(lab.mask & ok)
+        Xs, ys = W[rows], lab.values[rows]
+    elif source == "hook_embed":
+        Xmap, ys, _ = regression_data(acts, ["hook_embed"], label_spec, position_rule)
+        Xs = Xmap["hook_embed"]
+    else:
+        raise ProbeError(f"unknown transfer source {source!r}; use 'W_E' or 'hook_embed'.")
+    fit = fit_ridge_path({source: Xs}, ys, alphas=[float(alpha)], test_fraction=0.0, cv=0, baseline=False)
+    coef, b = fit.coef(source, float(alpha)), fit.intercept(source, float(alpha))
+    X, y, info = regression_data(acts, targets, label_spec, position_rule)
+    tr = score_transfer(coef, b, X, y)
+    return TransferRun(transfer=tr, source=source, alpha=float(alpha), source_r2=float(fit.r2_train[0, 0]),
+                       n_fit=int(ys.size), description=info.description, coef=coef, intercept=float(b))
