@@ -26,6 +26,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from probing_core.threads import single_threaded
 from probing_core.errors import ProbeError
 
 __all__ = [
@@ -370,11 +371,12 @@ def _as_f32(X: np.ndarray, hook: str) -> np.ndarray:
 
 
 def _eigh(mats: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """fp64 eigendecompositions (ascending)."""
+    """fp64 eigendecompositions (ascending), single-threaded (see probing_core.threads)."""
     out = []
-    for M in mats:
-        w, V = np.linalg.eigh(M)
-        out.append((w, V))
+    with single_threaded():
+        for M in mats:
+            w, V = np.linalg.eigh(M)
+            out.append((w, V))
     return out
 
 
@@ -598,6 +600,7 @@ def _select(cv_mean: np.ndarray, test: np.ndarray, train: np.ndarray) -> np.ndar
     return np.zeros(cv_mean.shape[0], dtype=np.intp)
 
 
+@single_threaded()
 def fit_ridge_path(
     X_by_hook: Mapping[str, np.ndarray],
     y: np.ndarray,
