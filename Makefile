@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 PORT    ?= 8501
 STAMP   := $(VENV)/.installed-$(shell cat requirements.txt scripts/install.sh | cksum | cut -d' ' -f1)
 
-.PHONY: run test setup bench clean-cache
+.PHONY: run demo test setup bench clean-cache
 
 setup: $(STAMP)
 
@@ -19,11 +19,16 @@ run: setup
 	@echo "Starting the probing dashboard at http://localhost:$(PORT) (embedded offline model; first start converts it, ~30 s)"
 	$(PY) -m streamlit run app.py --server.port $(PORT)
 
+# Demo mode: capped inputs, the embedded model, a plain-language explanation on every page.
+demo: setup
+	@echo "Starting the probing dashboard in demo mode at http://localhost:$(PORT)"
+	PROBING_DEMO=1 $(PY) -m streamlit run app.py --server.port $(PORT)
+
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
-	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	for b in benchmarks/bench_*.py; do echo "== $$b"; PYTHONPATH=. $(PY) $$b || exit 1; done
 
 clean-cache:
 	rm -rf cache .test-cache

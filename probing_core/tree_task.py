@@ -589,15 +589,18 @@ def _logits_fn(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     return run
 
 
-def greedy_paths(model: Any, samples: Sequence[TreeSample], batch_size: int = 256) -> list[list[int]]:
+def greedy_paths(
+    model: Any, samples: Sequence[TreeSample], batch_size: int = 256, frame_nodes: int | None = None
+) -> list[list[int]]:
     """Greedy-decode each sample's path (root excluded) until the model writes ``→goal``.
 
     Decoding stops at the first ``→goal``, at a non-arrow token (kept as ``-1``), or after
-    ``n_nodes - 1`` tokens.
+    ``n_nodes - 1`` tokens. Each step feeds only the prefix (the model is causal).
 
     Args:
         model: a plain ``NativeModel``, a ``TransformerBridge`` or a ``LoadedModel``.
-        samples: same ``n_nodes`` each.
+        samples: same ``n_nodes`` each, unless ``frame_nodes`` is given.
+        frame_nodes: left-pad smaller trees into this frame (as the size curriculum trained them).
 
     Returns:
         One list of predicted node labels per sample.
@@ -606,21 +609,21 @@ def greedy_paths(model: Any, samples: Sequence[TreeSample], batch_size: int = 25
         return []
     fn = _logits_fn(model)
     tok = _TOKENIZER
-    n = samples[0].n_nodes
+    n = frame_nodes or samples[0].n_nodes
     P = prompt_length(n)
     L = sequence_length(n) - 1
     out: list[list[int]] = []
     for start in range(0, len(samples), batch_size):
         chunk = list(samples[start : start + batch_size])
-        toks, _ = batch_tensors(chunk)
+        toks, _ = batch_tensors(chunk, frame_nodes=frame_nodes)
         toks = toks[:, :L].clone()
         toks[:, P:] = tok.pad_id
         goals = torch.tensor([tok.arrow_id(s.goal) for s in chunk])
         done = torch.zeros(len(chunk), dtype=torch.bool)
         preds = [[] for _ in chunk]  # type: list[list[int]]
-        for step in range(n - 1):
-            # Causal model: padding after the read position cannot change its logits.
-            logits = fn(toks)[:, P - 1 + step]
+        for step in range(max(c.n_nodes for c in chunk) - 1):
+            # Causal model: nothing after the read position matters, so feed only the prefix.
+            logits = fn(toks[:, : P + step])[:, -1]
             nxt = logits.argmax(-1)
             for b in range(len(chunk)):
                 if done[b]:
@@ -631,7 +634,7 @@ def greedy_paths(model: Any, samples: Sequence[TreeSample], batch_size: int = 25
                     done[b] = True
                     continue
                 preds[b].append(node)
-                if int(nxt[b]) == int(goals[b]):
+                if int(nxt[b]) == int(goals[b]) or len(preds[b]) >= chunk[b].n_nodes - 1:
                     done[b] = True
             if P + step < L:
                 # Finished rows get the token too; they are never read again.
@@ -679,12 +682,15 @@ class TreeEvalResult:
         }
 
 
-def evaluate(model: Any, samples: Sequence[TreeSample], batch_size: int = 256) -> TreeEvalResult:
+def evaluate(
+    model: Any, samples: Sequence[TreeSample], batch_size: int = 256, frame_nodes: int | None = None
+) -> TreeEvalResult:
     """Exact-path accuracy of greedy decoding, overall and by path depth.
 
     Args:
         model: plain ``NativeModel``, ``TransformerBridge`` or ``LoadedModel``.
         samples: held-out samples.
+        frame_nodes: see :func:`greedy_paths`.
 
     Returns:
         A :class:`TreeEvalResult`.
@@ -692,7 +698,7 @@ def evaluate(model: Any, samples: Sequence[TreeSample], batch_size: int = 256) -
     if not samples:
         raise InputError("no samples to evaluate; generate some with make_dataset(n, seed).")
     t0 = time.perf_counter()
-    preds = greedy_paths(model, samples, batch_size=batch_size)
+    preds = greedy_paths(model, samples, batch_size=batch_size, frame_nodes=frame_nodes)
     correct = np.array([p == list(s.path[1:]) for p, s in zip(preds, samples)], dtype=bool)
     depth_arr = np.array([s.depth for s in samples])
     depths = np.unique(depth_arr)

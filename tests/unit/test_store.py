@@ -120,7 +120,7 @@ def test_two_processes_build_same_key_once(tmp_path):
 
 
 def test_killed_extraction_leaves_no_entry_and_next_run_completes(tmp_path):
-    args = _cli(tmp_path, "--max-tokens", "150000", "--hooks", "embed", "resid_pre", "resid_mid", "resid_post", "mlp_post", "--json")
+    args = _cli(tmp_path, "--max-tokens", "60000", "--hooks", "embed", "resid_pre", "resid_mid", "resid_post", "mlp_post", "--json")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     entries_dir = tmp_path / "activations" / "entries"
@@ -137,7 +137,7 @@ def test_killed_extraction_leaves_no_entry_and_next_run_completes(tmp_path):
     done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout)
-    assert out["built"] and out["n_tokens"] == 150000
+    assert out["built"] and out["n_tokens"] == 60000
     assert [e.key for e in store.entries()] == [out["key"]]
 
 

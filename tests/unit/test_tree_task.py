@@ -213,3 +213,21 @@ def test_plot_tree_draws_paths() -> None:
     assert "true path" in names and "predicted path" in names
     assert "wrong" in fig.layout.title.text
     assert "correct" in plot_tree(s, predicted_path=list(s.path)).layout.title.text
+
+
+def test_size_curriculum_left_pads_small_trees_into_the_full_frame() -> None:
+    cfg = tt.TreeTrainConfig(min_nodes=4, batch_size=32)
+    batch = tt.train_batch(cfg, np.random.default_rng(0), frac=0.05)
+    assert min(s.n_nodes for s in batch) >= 4 and max(s.n_nodes for s in batch) < 16
+    assert max(max(s.path) for s in batch) >= 6  # labels come from the whole 0…15 pool
+    toks, mask = tt.batch_tensors(batch, frame_nodes=16)
+    P = tt.prompt_length(16)
+    tok = tt.TreeTokenizer()
+    for b, s in enumerate(batch):
+        row = toks[b].tolist()
+        assert row[P - 4] == tok.bar_id and row[P - 1] == tok.node_id(s.root)
+        assert row[: P - len(s.prompt_ids)] == [tok.pad_id] * (P - len(s.prompt_ids))
+        assert row[P : P + s.depth] == list(s.target_ids)
+        assert mask[b].nonzero().ravel().tolist() == list(range(P - 1, P - 1 + s.depth))
+    full = tt.train_batch(cfg, np.random.default_rng(0), frac=0.9)
+    assert all(s.n_nodes == 16 for s in full)

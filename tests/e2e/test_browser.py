@@ -1,0 +1,175 @@
+"""The app in a real (headless) Chromium, offline: every page renders, the main flow works.
+
+Order matters only for speed: the Home build comes first so later pages have an entry to show.
+Screenshots go to test-output/screenshots/ (git-ignored).
+"""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from probing_core.store import ActivationStore
+from tests.e2e.conftest import (
+    REPO,
+    app_pages,
+    assert_no_exception,
+    goto,
+    nav_to,
+    screenshot,
+    wait_idle,
+)
+
+EMBEDDED_LABEL = "SmolLM2-135M-Instruct"
+#: Small on purpose: the embedded model runs on 2 shared CPU cores here.
+FLOW_TOKENS = 300
+SHARED_TOKENS = 257  # a setting no other test uses, so the two-context build starts from nothing
+TITLES = dict(app_pages())
+#: The success/info message Home shows after Build (keys render as code, without backticks).
+DONE = re.compile(r"Built [0-9a-f]{8,}|Already cached as [0-9a-f]{8,}")
+
+
+def _page_title(file: str) -> str:
+    return TITLES[file]
+
+
+def _require_page(file: str) -> None:
+    if not (REPO / file).exists():
+        pytest.skip(f"page not present: {file}")
+
+
+def _build_on_home(page, max_tokens: int) -> str:
+    """Set the token cap, keep the default hooks (embed + resid_post), click Build; return the message."""
+    box = page.locator(".st-key-home_max_tokens input")
+    box.fill(str(max_tokens))
+    box.press("Enter")
+    wait_idle(page)
+    page.locator(".st-key-home_build button").click()
+    wait_idle(page)
+    alert = page.locator("[data-testid='stAlert']", has_text=DONE)
+    alert.first.wait_for()
+    return alert.first.inner_text()
+
+
+def _plotly_data(page, key: str) -> str:
+    """The chart's traces as JSON (what plotly drew), read from the plotly graph div."""
+    chart = page.locator(f".st-key-{key} .js-plotly-plot")
+    if chart.count() == 0:
+        chart = page.locator("[data-testid='stPlotlyChart'] .js-plotly-plot")
+    chart.first.wait_for()
+    return chart.first.evaluate("gd => JSON.stringify((gd.data || []).map(t => [t.name, t.x, t.y]))")
+
+
+def test_health_endpoint_and_the_images_health_check(server):
+    """The Dockerfile's HEALTHCHECK command, run against this server, reports healthy."""
+    health = [ln for ln in (REPO / "Dockerfile").read_text().splitlines() if "CMD [\"python\", \"-c\"" in ln]
+    assert health, "no exec-form python health check in the Dockerfile"
+    argv = json.loads(health[0].split("CMD", 1)[1].strip())
+    assert argv[:2] == ["python", "-c"]
+    res = subprocess.run([sys.executable, "-c", argv[2]], env={"STREAMLIT_SERVER_PORT": str(server["port"])},
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+
+
+def test_home_build_then_regression_curve_and_alpha_slider(server, page):
+    base = server["url"]
+    goto(page, base, "pages/home.py")
+    assert_no_exception(page, "Home")
+    assert EMBEDDED_LABEL in page.locator("[data-testid='stMain']").inner_text(), "the embedded model is the default"
+    msg = _build_on_home(page, FLOW_TOKENS)
+    assert f"{FLOW_TOKENS:,} tokens" in msg, msg
+    screenshot(page, "home-built")
+
+    _require_page("pages/regression.py")
+    nav_to(page, _page_title("pages/regression.py"))
+    assert_no_exception(page, "Regression")
+    before = _plotly_data(page, "reg_curve")
+    assert before.count("[") > 3, "the R² curve has traces"
+    screenshot(page, "regression-best-alpha")
+
+    slider = page.locator(".st-key-reg_alpha input[type='range']")
+    slider.focus()
+    slider.press("End")  # the largest α: a heavily regularized probe, a visibly lower curve
+    wait_idle(page)
+    assert_no_exception(page, "Regression after moving α")
+    after = _plotly_data(page, "reg_curve")
+    assert after != before, "moving the α slider did not change the R² curve"
+    screenshot(page, "regression-largest-alpha")
+
+
+def test_attention_page_draws_circuitsvis_in_its_iframe(server, page):
+    _require_page("pages/attention.py")
+    goto(page, server["url"], "pages/attention.py")
+    assert_no_exception(page, "Attention")
+    frame_el = page.locator("[data-testid='stMain'] iframe").first
+    frame_el.wait_for()
+    frame = frame_el.element_handle().content_frame()
+    assert frame is not None
+    # The inlined CircuitsVis bundle renders a React tree (canvas/svg charts, head selectors) into the page.
+    frame.wait_for_function(
+        "() => document.body && document.body.querySelectorAll('*').length > 20 && "
+        "(document.querySelector('canvas, svg') !== null || document.body.innerText.length > 50)",
+        timeout=120_000,
+    )
+    assert frame.locator("script[src^='http']").count() == 0, "CircuitsVis must not load JavaScript from a CDN"
+    screenshot(page, "attention")
+
+
+@pytest.mark.parametrize("page_file", [p for p, _ in app_pages()])
+def test_every_page_renders_without_an_exception(server, page, page_file):
+    # One session: Home's small entry becomes every page's preferred cache entry (a fresh session
+    # would default to whatever entry is newest in the shared test cache, possibly a large one).
+    goto(page, server["url"], "pages/home.py")
+    _build_on_home(page, FLOW_TOKENS)
+    if page_file != "pages/home.py":
+        nav_to(page, _page_title(page_file))
+    assert_no_exception(page, page_file)
+    assert page.locator("[data-testid='stMain'] h1").count() >= 1
+    screenshot(page, f"page-{Path(page_file).stem}")
+
+
+def test_two_sessions_building_the_same_entry_extract_once(server, new_context):
+    """Two browsers click Build on the same settings at once: one extraction, both see the entry."""
+    store = ActivationStore(server["cache_dir"] / "activations")
+
+    def matching():
+        return [e for e in store.entries()
+                if e.meta.get("max_tokens") == SHARED_TOKENS and e.meta.get("model_label", "").startswith(EMBEDDED_LABEL)]
+
+    for e in matching():
+        store.delete(e.key)
+
+    pages = [new_context().new_page() for _ in range(2)]
+    for p in pages:
+        goto(p, server["url"], "pages/home.py")
+        box = p.locator(".st-key-home_max_tokens input")
+        box.fill(str(SHARED_TOKENS))
+        box.press("Enter")
+        wait_idle(p)
+    for p in pages:  # click both before waiting for either
+        p.locator(".st-key-home_build button").click()
+    msgs = []
+    for p in pages:
+        wait_idle(p)
+        alert = p.locator("[data-testid='stAlert']", has_text=DONE)
+        alert.first.wait_for()
+        msgs.append(alert.first.inner_text())
+        assert_no_exception(p, "Home (concurrent build)")
+    for i, p in enumerate(pages):
+        screenshot(p, f"home-concurrent-{i}")
+
+    entries = matching()
+    assert len(entries) == 1, f"expected one entry for the shared settings, found {[e.key for e in entries]}"
+    key = entries[0].key
+    assert all(key in m for m in msgs), msgs
+    assert sum(m.strip().startswith("Built ") for m in msgs) == 1, msgs
+
+
+def test_no_request_left_the_machine(outside_requests):
+    """Runs last: nothing any page did needed a host other than the app's own server."""
+    assert outside_requests == [], f"requests to outside hosts (blocked): {sorted(set(outside_requests))[:10]}"
