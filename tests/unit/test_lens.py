@@ -14,20 +14,13 @@ from probing_core.models import ModelSpec, load_model, tiny_native_config
 
 
 @pytest.fixture(scope="module")
-def tiny(request):
-    try:
-        return request.getfixturevalue("tiny_model")
-    except pytest.FixtureLookupError:
-        return load_model(ModelSpec.native(tiny_native_config()))
+def tiny(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
-def emb(request):
-    try:
-        return request.getfixturevalue("embedded_model")
-    except pytest.FixtureLookupError:
-        root = Path(os.environ.get("PROBING_CACHE_DIR", "/tmp/probing-cache"))
-        return load_model(ModelSpec("embedded"), cache_root=root)
+def emb(embedded_model):
+    return embedded_model
 
 
 def _plain_logits(model, text: str) -> torch.Tensor:
