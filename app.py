@@ -1,13 +1,10 @@
 """Router: page config, the shared sidebar (model and dataset), navigation."""
-from pathlib import Path
-
 import streamlit as st
 
 import glue
 
 st.set_page_config(page_title="Probing dashboard", page_icon="🔬", layout="wide")
 
-_HERE = Path(__file__).parent
 _PAGES = [
     ("pages/home.py", "Home", "🏠"),
     ("pages/regression.py", "Regression probes", "📈"),
@@ -18,11 +15,7 @@ _PAGES = [
     ("pages/tree.py", "Tree search", "🌳"),
 ]
 
-pages = [
-    st.Page(path, title=title, icon=icon, default=(i == 0))
-    for i, (path, title, icon) in enumerate(_PAGES)
-    if (_HERE / path).exists()
-]
+pages = [st.Page(path, title=title, icon=icon, default=(i == 0)) for i, (path, title, icon) in enumerate(_PAGES)]
 glue.sidebar()
 nav = st.navigation(pages)
 nav.run()
