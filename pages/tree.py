@@ -27,7 +27,7 @@ if not tree_task.checkpoint_available():
     st.stop()
 with glue.user_errors():
     model = glue.get_model(ModelSpec("tree"))
-    trained_n = int(tree_task.read_checkpoint_config().get("task", {}).get("n_nodes", tree_task.DEFAULT_N_NODES))
+    trained_n = tree_task.trained_n_nodes()
 
 
 @st.cache_data(max_entries=64, show_spinner=False)

@@ -589,7 +589,7 @@ def tree_edge_samples(n_samples: int = 400, seed: int = 0, n_nodes: int | None =
 
     if n_samples < 10:
         raise InputError(f"n_samples={n_samples}: use at least 10 trees (a few hundred give stable accuracies).")
-    return tree_task.make_dataset(n_samples, seed, n_nodes or tree_task.DEFAULT_N_NODES)
+    return tree_task.make_dataset(n_samples, seed, n_nodes or tree_task.trained_n_nodes())
 
 
 def build_tree_cache(

@@ -646,8 +646,30 @@ def greedy_paths(
 
 
 def predict_path(model: Any, sample: TreeSample) -> list[int]:
-    """Greedy path for one sample, root included (e.g. ``[12, 15, 4, 3]``)."""
+    """Greedy path for one sample, root included (e.g. ``[12, 15, 4, 3]``).
+
+    Raises:
+        InputError: the tree is too large for the model's context.
+    """
+    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    if n_ctx is not None and sequence_length(sample.n_nodes) > int(n_ctx):
+        raise InputError(
+            f"a tree of {sample.n_nodes} nodes needs {sequence_length(sample.n_nodes)} tokens; this model's "
+            f"context is {n_ctx} (at most {max_nodes_for_context(int(n_ctx))} nodes)."
+        )
     return [sample.root] + greedy_paths(model, [sample])[0]
+
+
+def max_nodes_for_context(n_ctx: int) -> int:
+    """The largest tree whose prompt and longest path fit in ``n_ctx`` tokens."""
+    return max(n for n in range(2, MAX_NODES + 1) if sequence_length(n) <= n_ctx or n == 2)
+
+
+def trained_n_nodes(folder: Path | None = None) -> int:
+    """Tree size the shipped checkpoint was trained on (DEFAULT_N_NODES when there is none)."""
+    if not checkpoint_available(folder):
+        return DEFAULT_N_NODES
+    return int(read_checkpoint_config(folder).get("task", {}).get("n_nodes", DEFAULT_N_NODES))
 
 
 @dataclass(frozen=True)

@@ -151,7 +151,7 @@ def random_tree_model() -> LoadedModel:
 
 
 def test_tree_preset_on_random_model(random_tree_model, store):
-    samples = tree_edge_samples(60, seed=1)
+    samples = tree_edge_samples(60, seed=1, n_nodes=16)
     entry = build_tree_cache(random_tree_model, samples, store, seed=1)
     acts = open_entry(store, entry.key)
     assert acts.n_tokens == 60 * tree_task.prompt_length(16) and not acts.meta.get("has_bos")
@@ -163,7 +163,7 @@ def test_tree_preset_on_random_model(random_tree_model, store):
     assert emb["node 0 @ 2nd token (→dst)"] < 0.3 and emb["node 1 @ 3rd token (,)"] < 0.3  # chance ≈ 1/16
     assert np.all(res.chance < 0.2)
     with pytest.raises(InputError, match="tree prompts"):
-        probe_tree_edges(acts, tree_edge_samples(61, seed=1))
+        probe_tree_edges(acts, tree_edge_samples(61, seed=1, n_nodes=16))
 
 
 @pytest.mark.skipif(not tree_task.checkpoint_available(), reason="tree-search checkpoint not trained yet")

@@ -137,7 +137,7 @@ def shipped() -> tuple[torch.nn.Module, dict]:
 def test_shipped_checkpoint_reaches_reported_accuracy(shipped: tuple[torch.nn.Module, dict]) -> None:
     model, conf = shipped
     reported = conf["eval"]["natural"]["accuracy"]
-    res = tt.evaluate(model, tt.make_dataset(200, seed=4242))
+    res = tt.evaluate(model, tt.make_dataset(200, seed=4242, n_nodes=conf["task"]["n_nodes"]))
     assert res.accuracy >= reported - 0.05, res.to_json()
 
 
@@ -145,8 +145,9 @@ def test_shipped_checkpoint_reaches_reported_accuracy(shipped: tuple[torch.nn.Mo
 def test_bridge_matches_plain_model_and_survives_compatibility_mode(shipped: tuple[torch.nn.Module, dict]) -> None:
     from probing_core.models import ModelSpec, load_model
 
-    model, _ = shipped
-    samples = tt.make_dataset(64, seed=99)
+    model, conf = shipped
+    n_nodes = conf["task"]["n_nodes"]
+    samples = tt.make_dataset(64, seed=99, n_nodes=n_nodes)
     x = tt.prompt_tensor(samples)
     bridge, tok = tt.load_tree_bridge("cpu", torch.float32)
     assert isinstance(tok, tt.TreeTokenizer)
@@ -161,7 +162,7 @@ def test_bridge_matches_plain_model_and_survives_compatibility_mode(shipped: tup
     assert tt.greedy_paths(loaded, samples) == tt.greedy_paths(model, samples)
     assert loaded.encode(samples[0].text, prepend_bos=True) == list(samples[0].prompt_ids + samples[0].target_ids)
     _, acts = loaded.run_with_cache(x, ["hook_embed", f"blocks.{loaded.n_layers - 1}.hook_resid_post"])
-    assert acts["hook_embed"].shape == (64, tt.prompt_length(16), loaded.d_model)
+    assert acts["hook_embed"].shape == (64, tt.prompt_length(n_nodes), loaded.d_model)
 
 
 def test_missing_checkpoint_says_how_to_fix(tmp_path: Path) -> None:
