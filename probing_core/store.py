@@ -114,6 +114,10 @@ class ActivationStore:
         self._index = diskcache.Cache(str(self.root / "index"), disk=diskcache.JSONDisk)
         self._clean_dead_temps()
 
+    def close(self) -> None:
+        """Close the index database (e.g. before unmounting the folder)."""
+        self._index.close()
+
     # ---- locking ------------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, key: str) -> Iterator[None]:

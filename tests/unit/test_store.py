@@ -190,5 +190,6 @@ def test_disk_full_gives_store_error_and_no_entry(tiny_model, pydoc_dataset, tmp
         with pytest.raises(StoreError, match="full"):
             build_cache(tiny_model, pydoc_dataset, tiny_model.hook_names(["resid_post", "mlp_post"]), store=store, max_len=64, max_tokens=5000)
         assert store.entries() == [] and not list((mnt / "entries").glob(".tmp-*"))
+        store.close()
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
