@@ -457,7 +457,7 @@ def _bridge_from_hf_folder(folder: str, dtype: torch.dtype, device: str, model_n
 
     hf_model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=dtype)
     hf_model.to(device)
-    hf_model.eval()
+    hf_model.train(False)
     tok = AutoTokenizer.from_pretrained(folder)
     arch = (hf_model.config.architectures or [type(hf_model).__name__])[0]
     bridge = build_bridge_from_module(hf_model, arch, hf_config=hf_model.config, tokenizer=tok, model_name=model_name)
@@ -528,7 +528,7 @@ def load_model(
         raise ModelError(f"unknown model kind {spec.kind!r}; choose embedded, hf, local, native or tree.")
 
     bridge.enable_compatibility_mode()
-    bridge.eval()
+    bridge.train(False)
     fp = weight_fingerprint(bridge)
     key = hashlib.blake2b(f"{ident}|{spec.dtype}|{fp}".encode(), digest_size=8).hexdigest()
     secs = time.perf_counter() - t0

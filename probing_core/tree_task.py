@@ -509,7 +509,7 @@ def load_native_model(folder: Path | None = None, device: str = "cpu") -> torch.
     cfg = read_checkpoint_config(folder)
     model = build_native_model(cfg["bridge_config"])
     model.load_state_dict(_load_plain_state(folder), strict=True)
-    return model.to(device).eval()
+    return model.to(device).train(False)
 
 
 _BRIDGE_KEY_RULES: tuple[tuple[str, str], ...] = (
@@ -567,7 +567,7 @@ def load_tree_bridge(
             f"unknown {sorted(unknown)[:3]}); retrain with `python -m probing_core train-tree`."
         )
     bridge.load_state_dict(mapped, strict=True)
-    bridge.eval()
+    bridge.train(False)
     return bridge, TreeTokenizer(int(cfg.get("task", {}).get("max_nodes", MAX_NODES)))
 
 
@@ -1017,13 +1017,13 @@ def train_tree_model(
                     bar.set_postfix(loss=f"{np.mean(losses[-10:]):.4f}", tok_acc=f"{float(acc):.3f}",
                                     max_depth=_max_depth_at(cfg, frac), lr=f"{_lr_at(cfg, step, frac):.1e}")
             if on_checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
-                model.eval()
+                model.train(False)
                 on_checkpoint(model, step + 1, losses)
                 model.train()
     finally:
         if bar is not None:
             bar.close()
-    model.eval()
+    model.train(False)
     return TreeTrainResult(model=model, config=cfg, losses=losses, steps_done=len(losses), seconds=time.perf_counter() - t0)
 
 

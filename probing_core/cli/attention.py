@@ -15,28 +15,28 @@ def _run(args: argparse.Namespace) -> int:
     res = attention.attention_patterns(model, args.prompt, layer=args.layer, max_len=args.max_len)
     scores = attention.head_scores(res.pattern[None], res.tokens, selected_token=args.token)
     rows = [{k: v for k, v in r.items() if k != "layer"} for r in scores.rows()]
-    html_path = None
+    out_html = None
     if args.html:
-        html_path = Path(args.html)
+        out_html = Path(args.html)
         try:
-            html_path.write_text(attention.circuitsvis_html(
+            out_html.write_text(attention.circuitsvis_html(
                 res.tokens, res.pattern, title=f"{model.spec.label()} · layer {args.layer}"), encoding="utf-8")
         except OSError as e:
-            raise InputError(f"cannot write {html_path}: {e.strerror}; pick another --html path.") from e
+            raise InputError(f"cannot write {out_html}: {e.strerror}; pick another --html path.") from e
     if args.json and res.notice:
         print(f"note: {res.notice}", file=sys.stderr)
     if args.json:
         print_json({"model": model.describe(), "layer": args.layer, "tokens": res.tokens, "truncated": res.truncated,
                     "notice": res.notice, "head_scores": rows, "pattern": res.pattern if args.pattern else None,
-                    "html": str(html_path) if html_path else None})
+                    "html": str(out_html) if out_html else None})
         return 0
     print(f"tokens ({len(res.tokens)}): {res.tokens}")
     if res.notice:
         print(f"note: {res.notice}")
     print(f"\nlayer {args.layer} head scores (averaged over query positions ≥ 1):")
     print_table(rows, list(rows[0]))
-    if html_path:
-        print(f"\nwrote {html_path} ({html_path.stat().st_size / 1e6:.1f} MB; opens offline, JavaScript inlined)")
+    if out_html:
+        print(f"\nwrote {out_html} ({out_html.stat().st_size / 1e6:.1f} MB; opens offline, JavaScript inlined)")
     return 0
 
 
