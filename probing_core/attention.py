@@ -3,8 +3,8 @@
 Patterns come from ``blocks.{layer}.attn.hook_pattern`` ([batch, head, query, key], each row a
 softmax over keys, zero above the diagonal for causal models). Head scores are pure numpy over
 pattern arrays so they can be checked on hand-built patterns. CircuitsVis HTML is always built
-from the package's inlined bundle (``RenderedHTML.local_src``) — ``str()``, ``show_code()`` and
-``_repr_html_()`` load JavaScript from a CDN or ping outside hosts, which fails offline.
+from the package's inlined bundle (``RenderedHTML.local_src``) — the object's string form, its
+``show_code`` method and ``_repr_html_`` load JavaScript from a CDN or ping outside hosts, which fails offline.
 """
 from __future__ import annotations
 
@@ -267,7 +267,7 @@ def circuitsvis_html(
         rendered = cv.attention.attention_patterns(tokens=toks, attention=pat)
     else:
         raise InputError(f"unknown CircuitsVis view {kind!r}; choose 'heads' or 'patterns'.")
-    body = _escape_props(rendered.local_src)  # never str()/show_code()/_repr_html_(): those use a CDN
+    body = _escape_props(rendered.local_src)  # only the inlined bundle: the other renderings use a CDN
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         f"<title>{html.escape(title)}</title>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
