@@ -70,6 +70,13 @@ def run(n: int, d: int, n_hooks: int, sk_hooks: int, gcv: bool) -> None:
     print(f"ours, warm label change, no baseline: {t_label1 * 1e3:5.1f} ms")
     t_alpha, _ = _time(lambda: res.evaluate([1234.5]), repeat=3)
     print(f"ours, warm α change (1 new α):     {t_alpha * 1e3:8.1f} ms  (no pass over the data)")
+    t_grid, _ = _time(lambda: res.r2_test[:, 7].copy(), repeat=3)
+    print(f"ours, α slider on the grid:        {t_grid * 1e3:8.3f} ms  (the stored path)")
+    # What any exact refit after a label change must at least do: read every activation once.
+    t_read, _ = _time(lambda: [float(Xh.sum(dtype=np.float32)) for Xh in X.values()], repeat=3)
+    gb = n_hooks * n * d * 4 / 1e9
+    print(f"memory floor: one plain read of the {gb:.2f} GB (X.sum per hook, 1 thread): {t_read * 1e3:.0f} ms "
+          f"({gb / t_read:.1f} GB/s); warm label change / floor = {t_label / t_read:.1f}")
 
     # scikit-learn: RidgeCV with the same 5 folds of the same training rows.
     sp = make_split(n, test_fraction=0.2, cv=5, seed=0)

@@ -21,10 +21,14 @@ training rows (every block but 0).
 from __future__ import annotations
 
 import math
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+import torch
 
 from probing_core.threads import single_threaded
 from probing_core.errors import ProbeError
@@ -173,6 +177,7 @@ class _Model:
     eigvals: np.ndarray  # (r,) eigenvalues of the centred training Gram above the cutoff
     eigvecs: np.ndarray  # (d_model, r) orthonormal
     score_proj: np.ndarray | None  # dual form: (n_score, r) = (X_q - mean) @ eigvecs
+    score_gram: np.ndarray | None = None  # primal form: (r, r) = Vᵀ Σ_q (x - mean)(x - mean)ᵀ V
 
 
 @dataclass(frozen=True, eq=False)
@@ -183,6 +188,9 @@ class _LabelStats:
     xy: np.ndarray  # (n_blocks, L, d_model): Σ (x - x_mean) y per block
     y1: np.ndarray  # (n_blocks, L): Σ y
     y2: np.ndarray  # (n_blocks, L): Σ y²
+    # model index → (z, tz): the label's projections on that model's eigenvectors, filled on first
+    # use so a later α costs no pass over the eigenvectors (see RidgeDecomposition._proj).
+    proj: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -207,7 +215,7 @@ class RidgeDecomposition:
     """Label-independent part of the ridge path for one hook; reuse it for any label on the same rows.
 
     Build with :func:`decompose_ridge`. Memory: about ``2 (k+1) d_model² × 8`` bytes in the
-    primal form (eigenvectors of each model + a Gram matrix per block).
+    primal form (eigenvectors of each model + the scored block's Gram in that model's eigenbasis).
 
     Attributes:
         hook: hook name (for messages).
@@ -217,7 +225,6 @@ class RidgeDecomposition:
         x_mean: ``(d_model,)`` float64 mean of all rows.
         block_count: ``(n_blocks,)`` rows per block.
         block_sum: ``(n_blocks, d_model)`` Σ (x - x_mean) per block.
-        block_gram: ``(n_blocks, d_model, d_model)`` Σ (x - x_mean)(x - x_mean)ᵀ per block (primal only).
         models: model 0 = all training rows (scored on the test block), then one per CV fold.
     """
 
@@ -228,7 +235,6 @@ class RidgeDecomposition:
     x_mean: np.ndarray
     block_count: np.ndarray
     block_sum: np.ndarray
-    block_gram: np.ndarray | None
     models: tuple[_Model, ...]
     rcond: float
     gram_dtype: str = "float32"
@@ -249,24 +255,14 @@ class RidgeDecomposition:
             raise ProbeError(f"labels have {Y.shape[0]} rows but the activations have {self.split.n_samples}.")
         if not np.all(np.isfinite(Y)):
             raise ProbeError("labels contain NaN or inf; mask those tokens out (LabelResult.mask) before fitting.")
-        n_blocks = self.split.n_blocks
-        L = Y.shape[1]
-        shift = Y.mean(axis=0)
-        Yc = Y - shift
-        # One gemm for all blocks: column (block, label) holds y on that block's rows, 0 elsewhere.
-        # fp32 by default (memory-bound pass); fp64 when the decomposition was built in fp64.
-        dt = np.float64 if self.gram_dtype == "float64" else np.float32
-        Yblk = np.zeros((Y.shape[0], n_blocks * L), dtype=dt)
-        block = self.split.block.astype(np.intp)
-        cols = block[:, None] * L + np.arange(L)[None, :]
-        np.put_along_axis(Yblk, cols, Yc.astype(dt), axis=1)
-        raw = (Yblk.T @ X.astype(dt, copy=False)).astype(np.float64).reshape(n_blocks, L, self.n_features)
-        y1 = np.zeros((n_blocks, L))
-        y2 = np.zeros((n_blocks, L))
-        np.add.at(y1, block, Yc)
-        np.add.at(y2, block, Yc * Yc)
-        xy = raw - y1[:, :, None] * self.x_mean[None, None, :]
-        return _LabelStats(shift=shift, xy=xy, y1=y1, y2=y2)
+        return self._stats_from_design(X, _block_design(self.split, Y, self.gram_dtype))
+
+    def _stats_from_design(self, X: np.ndarray, design: "_BlockDesign") -> _LabelStats:
+        dt = design.Yblk.dtype
+        n_blocks, L = design.y1.shape
+        raw = _xty(X.astype(dt, copy=False), design.Yblk).astype(np.float64).reshape(n_blocks, L, self.n_features)
+        xy = raw - design.y1[:, :, None] * self.x_mean[None, None, :]
+        return _LabelStats(shift=design.shift, xy=xy, y1=design.y1, y2=design.y2)
 
     # ---- path ------------------------------------------------------------------------------
     def path(self, X: np.ndarray, Y: np.ndarray, alphas: Sequence[float] | np.ndarray = DEFAULT_ALPHAS) -> RidgePath:
@@ -277,36 +273,56 @@ class RidgeDecomposition:
         """R² for any α (≥ 0; 0 = minimum-norm least squares) without touching the data."""
         alphas = np.asarray(alphas, dtype=np.float64)
         L = stats.y1.shape[1]
-        train = _r2_train(self.models[0], stats, alphas)
+        train = _r2_train(self.models[0], self._proj(0, stats)[0], stats, alphas)
         if self.models[0].score_block is not None:
-            test = self._r2_block(self.models[0], stats, alphas)
+            test = self._r2_block(0, stats, alphas)
         else:
             test = np.full((L, alphas.size), np.nan)
-        folds = [self._r2_block(m, stats, alphas) for m in self.models[1:]]
+        folds = [self._r2_block(i, stats, alphas) for i in range(1, len(self.models))]
         cv = np.stack(folds, axis=1) if folds else np.zeros((L, 0, alphas.size))
         return RidgePath(alphas=alphas, r2_train=train, r2_test=test, r2_cv=cv)
 
-    def _r2_block(self, m: _Model, st: _LabelStats, alphas: np.ndarray) -> np.ndarray:
+    def _proj(self, i: int, st: _LabelStats) -> tuple[np.ndarray, np.ndarray | None]:
+        """``z = Vᵀ Σ (x-μ)(y-ȳ)`` of model ``i`` and ``tz = Vᵀ Σ_q (x-μ)(y-ȳ)`` of its scored block
+        (both ``(L, r)``), from one product with the eigenvectors; cached in ``st``."""
+        hit = st.proj.get(i)
+        if hit is not None:
+            return hit
+        m = self.models[i]
+        T = list(m.train_blocks)
+        ybar = st.y1[T].sum(0) / m.n  # (L,)
+        b = st.xy[T].sum(0) - m.n * ybar[:, None] * m.mean[None, :]  # Σ (x-μ)(y-ȳ), (L, d)
+        q = m.score_block
+        if q is None:
+            out = (b @ m.eigvecs, None)
+        else:
+            nq = float(self.block_count[q])
+            Sq = self.block_sum[q]
+            t = st.xy[q] - ybar[:, None] * Sq[None, :] - st.y1[q][:, None] * m.mean[None, :] + nq * ybar[:, None] * m.mean[None, :]
+            P = np.concatenate([b, t]) @ m.eigvecs
+            L = b.shape[0]
+            out = (P[:L], P[L:])
+        st.proj[i] = out
+        return out
+
+    def _r2_block(self, i: int, st: _LabelStats, alphas: np.ndarray) -> np.ndarray:
+        m = self.models[i]
         q = m.score_block
         assert q is not None
         T = list(m.train_blocks)
         ybar = st.y1[T].sum(0) / m.n  # (L,)
-        C = _coef_eig(m, st, alphas)  # (L, A, r)
+        z, tz = self._proj(i, st)
+        C = z[:, None, :] / (m.eigvals[None, None, :] + alphas[None, :, None])  # (L, A, r)
         nq = float(self.block_count[q])
-        Sq = self.block_sum[q]
-        t = st.xy[q] - ybar[:, None] * Sq[None, :] - st.y1[q][:, None] * m.mean[None, :] + nq * ybar[:, None] * m.mean[None, :]
-        tz = t @ m.eigvecs  # (L, r)
         cross = np.einsum("lar,lr->la", C, tz)
+        L, A, r = C.shape
+        C2 = C.reshape(L * A, r)
         if m.score_proj is not None:
-            Q = C @ m.score_proj.T  # (L, A, nq)
-            quad = np.einsum("lan,lan->la", Q, Q)
+            Q = C2 @ m.score_proj.T  # (L·A, nq)
+            quad = np.einsum("kn,kn->k", Q, Q).reshape(L, A)
         else:
-            assert self.block_gram is not None
-            W = C @ m.eigvecs.T  # (L, A, d)
-            GW = W @ self.block_gram[q]  # symmetric
-            mw = W @ m.mean  # (L, A)
-            sw = W @ Sq
-            quad = np.einsum("lad,lad->la", W, GW) - 2.0 * sw * mw + nq * mw * mw
+            assert m.score_gram is not None
+            quad = np.einsum("kr,kr->k", C2 @ m.score_gram, C2).reshape(L, A)
         yy = st.y2[q] - 2.0 * ybar * st.y1[q] + nq * ybar * ybar  # Σ (y - ȳ_train)²
         rss = yy[:, None] - 2.0 * cross + quad
         tss = st.y2[q] - st.y1[q] ** 2 / nq
@@ -317,31 +333,44 @@ class RidgeDecomposition:
         """Coefficients ``(d_model,)`` and intercept (raw activation coordinates) of the model fit on
         all training rows at ``alpha`` (0.0 = minimum-norm least squares)."""
         m = self.models[0]
-        c = _coef_eig(m, stats, np.asarray([float(alpha)]))[label, 0]
+        c = self._proj(0, stats)[0][label] / (m.eigvals + float(alpha))
         w = m.eigvecs @ c
         ybar = stats.y1[list(m.train_blocks), label].sum() / m.n + stats.shift[label]
         b = float(ybar - (self.x_mean + m.mean) @ w)
         return w, b
 
 
-def _coef_eig(m: _Model, st: _LabelStats, alphas: np.ndarray) -> np.ndarray:
-    """Coefficients in the eigenbasis, ``(L, A, r)``."""
-    z = _z(m, st)
-    return z[:, None, :] / (m.eigvals[None, None, :] + alphas[None, :, None])
+@dataclass(frozen=True, eq=False)
+class _BlockDesign:
+    """Label columns spread over the split's blocks (shared by every hook of one fit)."""
+
+    Yblk: np.ndarray  # (n, n_blocks·L): column (block, label) = centred y on that block's rows, else 0
+    shift: np.ndarray  # (L,)
+    y1: np.ndarray  # (n_blocks, L) Σ y per block (after the shift)
+    y2: np.ndarray  # (n_blocks, L) Σ y² per block
 
 
-def _z(m: _Model, st: _LabelStats) -> np.ndarray:
-    T = list(m.train_blocks)
-    ybar = st.y1[T].sum(0) / m.n
-    b = st.xy[T].sum(0) - m.n * ybar[:, None] * m.mean[None, :]  # Σ (x-μ)(y-ȳ), (L, d)
-    return b @ m.eigvecs  # (L, r)
+def _block_design(split: RidgeSplit, Y: np.ndarray, gram_dtype: str) -> _BlockDesign:
+    n_blocks = split.n_blocks
+    L = Y.shape[1]
+    shift = Y.mean(axis=0)
+    Yc = Y - shift
+    block = split.block.astype(np.intp)
+    # One product for all blocks. fp32 by default (a memory-bound pass), fp64 for an fp64 decomposition.
+    dt = np.float64 if gram_dtype == "float64" else np.float32
+    Yblk = np.zeros((Y.shape[0], n_blocks * L), dtype=dt)
+    cols = block[:, None] * L + np.arange(L)[None, :]
+    np.put_along_axis(Yblk, cols, Yc.astype(dt), axis=1)
+    y1 = np.stack([np.bincount(block, weights=Yc[:, j], minlength=n_blocks) for j in range(L)], axis=1)
+    y2 = np.stack([np.bincount(block, weights=Yc[:, j] * Yc[:, j], minlength=n_blocks) for j in range(L)], axis=1)
+    return _BlockDesign(Yblk=Yblk, shift=shift, y1=y1, y2=y2)
 
 
-def _r2_train(m: _Model, st: _LabelStats, alphas: np.ndarray) -> np.ndarray:
+def _r2_train(m: _Model, z: np.ndarray, st: _LabelStats, alphas: np.ndarray) -> np.ndarray:
     T = list(m.train_blocks)
     ybar = st.y1[T].sum(0) / m.n
     yy = st.y2[T].sum(0) - m.n * ybar * ybar
-    z2 = _z(m, st) ** 2  # (L, r)
+    z2 = z**2  # (L, r)
     inv = 1.0 / (m.eigvals[None, :] + alphas[:, None])  # (A, r)
     rss = yy[:, None] - 2.0 * (z2 @ inv.T) + z2 @ (m.eigvals[None, :] * inv * inv).T
     return _r2_from(rss, yy[:, None], st.y2[T].sum(0)[:, None])
@@ -357,6 +386,19 @@ def _r2_from(rss: np.ndarray, tss: np.ndarray, sumsq: np.ndarray | float = 0.0) 
     const = tss_b <= 1e-13 * np.broadcast_to(np.asarray(sumsq, dtype=np.float64), rss.shape) + 1e-300
     # scikit-learn's convention for a constant target block: 1 if predicted exactly, else 0.
     return np.where(const, np.where(rss <= 1e-12, 1.0, 0.0), r2)
+
+
+def _xty(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    """``Yᵀ X`` for a tall ``X`` ``(n, d)`` and a thin ``Y`` ``(n, k)`` of the same dtype, ``(k, d)``.
+
+    torch's kernel for this memory-bound shape ran at 1.7–2× NumPy's (OpenBLAS) speed on fp32 here.
+    """
+    if X.flags.c_contiguous and Y.flags.c_contiguous:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only memmaps: torch only reads them
+            Xt, Yt = torch.from_numpy(X), torch.from_numpy(Y)
+        return (Yt.T @ Xt).numpy()
+    return Y.T @ X
 
 
 def _as_f32(X: np.ndarray, hook: str) -> np.ndarray:
@@ -468,7 +510,15 @@ def decompose_ridge(
             ns.append(nm)
         for (T, q), mu, nm, (w, V) in zip(specs, means, ns, _eigh(mats)):
             w, V = _truncate(w, V, rc)
-            models.append(_Model(T, q, nm, mu, w, V, None))
+            H = None
+            if q is not None:
+                # Gram of the scored block about this model's mean, in its eigenbasis: the held-out
+                # Σ (ŷ - ȳ)² of any coefficients c is then cᵀ H c (r² per α, no d² products).
+                Sq = block_sum[q]
+                Gq = block_gram[q] - np.outer(mu, Sq) - np.outer(Sq, mu) + counts[q] * np.outer(mu, mu)
+                H = V.T @ (Gq @ V)
+                H = (H + H.T) * 0.5
+            models.append(_Model(T, q, nm, mu, w, V, None, H))
     else:
         for T, q in specs:
             R = np.concatenate([rows[j] for j in T])
@@ -492,7 +542,6 @@ def decompose_ridge(
         x_mean=x_mean,
         block_count=counts,
         block_sum=block_sum,
-        block_gram=block_gram,
         models=tuple(models),
         rcond=rc,
         gram_dtype=gdt.name,
@@ -573,7 +622,9 @@ class RidgePathResult:
             of shape ``(hook, alpha)``.
         """
         a = check_alphas(alphas)
-        paths = [self.decompositions[h].path_from_stats(self._stats[h], a) for h in self.hooks]
+        with single_threaded():
+            work = max(d.n_features for d in self.decompositions.values()) ** 2 * len(self.decompositions[self.hooks[0]].models)
+            paths = _map_hooks(lambda h, st: self.decompositions[h].path_from_stats(st, a), self.hooks, self._stats, work=work)
         cv = np.stack([p.r2_cv[0] for p in paths])
         mean, std = _cv_mean_std(cv, a.size)
         return {
@@ -598,6 +649,42 @@ def _select(cv_mean: np.ndarray, test: np.ndarray, train: np.ndarray) -> np.ndar
         if not np.all(np.isnan(crit)):
             return np.argmax(np.nan_to_num(crit, nan=-np.inf), axis=-1)
     return np.zeros(cv_mean.shape[0], dtype=np.intp)
+
+
+_PARALLEL_WORK = 2e5  # values touched per hook above which hooks go to worker threads
+
+
+def _workers() -> int:
+    """Hooks fitted at once: one per core (each single-threaded), at most 4; PROBING_THREADS overrides."""
+    env = os.environ.get("PROBING_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+def _map_hooks(fn, hooks: Sequence[str], X_by_hook: Mapping[str, Any], *, work: float = math.inf) -> list:
+    """``[fn(h, X_by_hook[h]) for h in hooks]`` with one hook per worker thread.
+
+    ``X_by_hook`` is read on this thread (a store-backed mapping need not be thread-safe) and
+    at most ``workers + 1`` of its values are held at once. ``work`` (values touched per hook)
+    below ``_PARALLEL_WORK`` runs serially. NumPy, LAPACK and torch release the GIL in
+    the heavy calls, so the workers use the cores while each runs single-threaded.
+    """
+    workers = min(_workers(), len(hooks))
+    if workers <= 1 or work < _PARALLEL_WORK:  # small fits: thread start-up would cost more than it saves
+        return [fn(h, X_by_hook[h]) for h in hooks]
+    futures = []
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ridge") as pool:
+        try:
+            for i, h in enumerate(hooks):
+                if i > workers:
+                    futures[i - workers - 1].result()  # bounds memory; re-raises a worker's error here
+                futures.append(pool.submit(fn, h, X_by_hook[h]))
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
 
 
 @single_threaded()
@@ -640,9 +727,6 @@ def fit_ridge_path(
     a = check_alphas(alphas)
     y = np.asarray(y, dtype=np.float64).ravel()
     n = y.shape[0]
-    for h, X in X_by_hook.items():
-        if np.shape(X)[0] != n:
-            raise ProbeError(f"hook {h!r} has {np.shape(X)[0]} rows but the label has {n}; select the same tokens for both.")
     if not np.all(np.isfinite(y)):
         raise ProbeError("the label contains NaN or inf; mask those tokens out before fitting.")
     if n and float(np.ptp(y)) == 0.0:
@@ -655,17 +739,27 @@ def fit_ridge_path(
     hooks = tuple(X_by_hook)
     decs: dict[str, RidgeDecomposition] = {}
     stats: dict[str, _LabelStats] = {}
-    tr, te, cvs, base, tr0, te0 = [], [], [], [], [], []
-    for h in hooks:
+    designs: dict[str, _BlockDesign] = {}
+
+    def one(h: str, X: np.ndarray) -> tuple[RidgeDecomposition, _LabelStats, RidgePath]:
+        if np.shape(X)[0] != n:  # checked here: reading every hook up front would cost a pass
+            raise ProbeError(f"hook {h!r} has {np.shape(X)[0]} rows but the label has {n}; select the same tokens for both.")
         dec = None
         if decompositions is not None and h in decompositions:
             cand = decompositions[h]
-            if cand.split.same_as(split) and cand.n_features == np.shape(X_by_hook[h])[1]:
+            if cand.split.same_as(split) and cand.n_features == np.shape(X)[1]:
                 dec = cand
         if dec is None:
-            dec = decompose_ridge(X_by_hook[h], split, hook=h, gram_dtype=gram_dtype)
-        st = dec.label_stats(X_by_hook[h], Y)
-        p = dec.path_from_stats(st, ols)
+            dec = decompose_ridge(X, split, hook=h, gram_dtype=gram_dtype)
+        if dec.gram_dtype not in designs:  # the same for every hook: build it once
+            designs.setdefault(dec.gram_dtype, _block_design(split, Y, dec.gram_dtype))
+        st = dec._stats_from_design(_as_f32(X, h), designs[dec.gram_dtype])
+        return dec, st, dec.path_from_stats(st, ols)
+
+    tr, te, cvs, tr0, te0 = [], [], [], [], []
+    first = X_by_hook[hooks[0]]  # a store-backed mapping keeps it for the first task
+    work = n * (int(np.shape(first)[1]) if np.ndim(first) == 2 else 1)
+    for h, (dec, st, p) in zip(hooks, _map_hooks(one, hooks, X_by_hook, work=work)):
         decs[h], stats[h] = dec, st
         tr.append(p.r2_train[:, 1:])
         te.append(p.r2_test[:, 1:])
