@@ -341,11 +341,14 @@ def run_regression(
     Raises:
         ProbeError, LabelError, HookError: see :func:`regression_data` and ``fit_ridge_path``.
     """
-    X, y, info = regression_data(acts, hooks, label_spec, position_rule)
+    _, y, info = regression_data(acts, hooks, label_spec, position_rule)
     split = (float(test_fraction), int(cv), int(seed))
     cands = [decompositions] if isinstance(decompositions, ReusableDecompositions) else list(decompositions or [])
     reuse = next((d.by_hook for d in cands if d.rows_digest == info.rows_digest and d.split == split), None)
-    result = fit_ridge_path(X, y, alphas=alphas, test_fraction=test_fraction, cv=cv, seed=seed, decompositions=reuse)
+    # The stored arrays themselves (memmaps): a label change then reads each hook once, in place.
+    full = {h: acts.hook(h) for h in dict.fromkeys(hooks)}
+    result = fit_ridge_path(full, y, alphas=alphas, test_fraction=test_fraction, cv=cv, seed=seed,
+                            decompositions=reuse, rows=info.rows)
     decs = ReusableDecompositions(info.rows_digest, split, result.decompositions)
     manifest = _manifest(acts, info, result, model_description)
     return RegressionRun(result=result, info=info, label=label_spec, description=info.description,

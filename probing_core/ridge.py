@@ -353,7 +353,9 @@ class _BlockDesign:
     y2: np.ndarray  # (n_blocks, L) Σ y² per block
 
 
-def _block_design(split: RidgeSplit, Y: np.ndarray, gram_dtype: str) -> _BlockDesign:
+def _block_design(split: RidgeSplit, Y: np.ndarray, gram_dtype: str,
+                  rows: np.ndarray | None = None, n_full: int = 0) -> _BlockDesign:
+    """``rows``: the samples are rows ``rows`` of arrays with ``n_full`` rows (the others get 0)."""
     n_blocks = split.n_blocks
     L = Y.shape[1]
     shift = Y.mean(axis=0)
@@ -364,6 +366,10 @@ def _block_design(split: RidgeSplit, Y: np.ndarray, gram_dtype: str) -> _BlockDe
     Yblk = np.zeros((Y.shape[0], n_blocks * L), dtype=dt)
     cols = block[:, None] * L + np.arange(L)[None, :]
     np.put_along_axis(Yblk, cols, Yc.astype(dt), axis=1)
+    if rows is not None:
+        full = np.zeros((n_full, Yblk.shape[1]), dtype=dt)
+        full[rows] = Yblk
+        Yblk = full
     y1 = np.stack([np.bincount(block, weights=Yc[:, j], minlength=n_blocks) for j in range(L)], axis=1)
     y2 = np.stack([np.bincount(block, weights=Yc[:, j] * Yc[:, j], minlength=n_blocks) for j in range(L)], axis=1)
     return _BlockDesign(Yblk=Yblk, shift=shift, y1=y1, y2=y2)
@@ -706,6 +712,7 @@ def fit_ridge_path(
     baseline: bool = True,
     gram_dtype: str = "float32",
     decompositions: Mapping[str, RidgeDecomposition] | None = None,
+    rows: np.ndarray | None = None,
 ) -> RidgePathResult:
     """Fit ridge probes for every α and every hook at once.
 
@@ -721,6 +728,9 @@ def fit_ridge_path(
         gram_dtype: "float32" (default) or "float64" Gram products.
         decompositions: cached decompositions from an earlier result on the same rows/split;
             hooks found there are not decomposed again (a new label then costs one pass).
+        rows: when given, the samples are rows ``rows`` of each ``X_by_hook`` array (e.g. a store
+            memmap of every token): a new label then reads each hook in place, without copying
+            the selected rows out first.
 
     Returns:
         RidgePathResult.
@@ -734,6 +744,10 @@ def fit_ridge_path(
     a = check_alphas(alphas)
     y = np.asarray(y, dtype=np.float64).ravel()
     n = y.shape[0]
+    if rows is not None:
+        rows = np.asarray(rows, dtype=np.intp).ravel()
+        if rows.shape[0] != n:
+            raise ProbeError(f"{rows.shape[0]} selected rows but the label has {n} values; select the same tokens for both.")
     if not np.all(np.isfinite(y)):
         raise ProbeError("the label contains NaN or inf; mask those tokens out before fitting.")
     if n and float(np.ptp(y)) == 0.0:
@@ -746,21 +760,27 @@ def fit_ridge_path(
     hooks = tuple(X_by_hook)
     decs: dict[str, RidgeDecomposition] = {}
     stats: dict[str, _LabelStats] = {}
-    designs: dict[str, _BlockDesign] = {}
+    designs: dict[tuple[str, int], _BlockDesign] = {}
 
     def one(h: str, X: np.ndarray) -> tuple[RidgeDecomposition, _LabelStats, RidgePath]:
-        if np.shape(X)[0] != n:  # checked here: reading every hook up front would cost a pass
-            raise ProbeError(f"hook {h!r} has {np.shape(X)[0]} rows but the label has {n}; select the same tokens for both.")
+        n_x = np.shape(X)[0]
+        if (n_x != n) if rows is None else (n_x <= int(rows.max(initial=-1))):
+            # checked here: reading every hook up front would cost a pass
+            raise ProbeError(f"hook {h!r} has {n_x} rows but the label has {n}; select the same tokens for both.")
         dec = None
         if decompositions is not None and h in decompositions:
             cand = decompositions[h]
             if cand.split.same_as(split) and cand.n_features == np.shape(X)[1]:
                 dec = cand
         if dec is None:
-            dec = decompose_ridge(X, split, hook=h, gram_dtype=gram_dtype)
-        if dec.gram_dtype not in designs:  # the same for every hook: build it once
-            designs.setdefault(dec.gram_dtype, _block_design(split, Y, dec.gram_dtype))
-        st = dec._stats_from_design(_as_f32(X, h), designs[dec.gram_dtype])
+            dec = decompose_ridge(X if rows is None else np.take(X, rows, axis=0), split, hook=h, gram_dtype=gram_dtype)
+        dkey = (dec.gram_dtype, n_x)
+        if dkey not in designs:  # the same for every hook: build it once
+            designs.setdefault(dkey, _block_design(split, Y, dec.gram_dtype, rows, n_x))
+        st = dec._stats_from_design(_as_f32(X, h), designs[dkey])
+        if not (np.all(np.isfinite(st.xy))):
+            raise ProbeError(f"hook {h!r}: activations contain NaN or inf (float16 overflow?); store them as float32 "
+                             "and rebuild the cache entry.")
         return dec, st, dec.path_from_stats(st, ols)
 
     tr, te, cvs, tr0, te0 = [], [], [], [], []

@@ -112,6 +112,7 @@ def test_nan_activations_and_numeric_columns(tiny_model, store):
     acts = open_entry(store, entry.key)
     X, y, info = regression_data(acts, ["hook_embed"], LabelSpec.make("column", column="score"), "last")
     assert info.categories == () and np.allclose(y, acts.doc_index[acts.seq[info.rows]] * 0.5)
+    before = run_regression(acts, ["blocks.0.hook_resid_post"], POSITION, "all", cv=3)
     arr = np.load(entry.path / next(p.name for p in entry.path.iterdir() if "resid_post" in p.name), mmap_mode="r+")
     arr[3, 5] = np.nan
     arr.flush()
@@ -119,6 +120,13 @@ def test_nan_activations_and_numeric_columns(tiny_model, store):
     X, _, _ = regression_data(acts, ["blocks.0.hook_resid_post"], POSITION)
     with pytest.raises(ProbeError, match=r"blocks\.0\.hook_resid_post.*float32"):
         X["blocks.0.hook_resid_post"]
+    # The fit reads the stored arrays in place: a NaN is caught there too, also on a label change
+    # that reuses the decompositions built before the value went bad.
+    with pytest.raises(ProbeError, match=r"blocks\.0\.hook_resid_post.*float32"):
+        run_regression(acts, ["blocks.0.hook_resid_post"], POSITION, "all", cv=3)
+    with pytest.raises(ProbeError, match=r"blocks\.0\.hook_resid_post.*float32"):
+        run_regression(acts, ["blocks.0.hook_resid_post"], LabelSpec.make("capitalised"), "all", cv=3,
+                       decompositions=before.decompositions)
 
 
 def test_embedding_regression_notes_instead_of_crashing(tiny_model):

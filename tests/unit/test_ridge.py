@@ -260,3 +260,22 @@ def test_hooks_fitted_in_parallel_equal_one_at_a_time(monkeypatch):
     bad["blocks.5.hook_resid_post"][9, 1] = np.nan
     with pytest.raises(ProbeError, match=r"blocks\.5\.hook_resid_post"):
         fit_ridge_path(bad, y, alphas=ALPHAS, seed=3)
+
+
+def test_rows_of_a_larger_array_equal_a_fit_on_the_copied_rows():
+    """``rows=`` reads the selected rows in place (the page passes store memmaps): same result."""
+    X, y = _data(n=900, d=20, seed=12)
+    rows = np.sort(np.random.default_rng(0).choice(900, size=700, replace=False))
+    full = {"a": X, "b": X * np.float32(2.0) + np.float32(1.0)}
+    copied = fit_ridge_path({h: A[rows] for h, A in full.items()}, y[rows], alphas=ALPHAS, seed=4)
+    in_place = fit_ridge_path(full, y[rows], alphas=ALPHAS, seed=4, rows=rows)
+    for name in ("r2_train", "r2_test", "r2_cv", "baseline_r2", "best_alpha"):
+        np.testing.assert_allclose(getattr(in_place, name), getattr(copied, name), atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(in_place.coef("b"), copied.coef("b"), rtol=COEF_RTOL, atol=1e-8)
+    # A new label on the same rows reuses the decompositions and still reads in place.
+    y2 = X[:, 3].astype(np.float64) ** 2
+    again = fit_ridge_path(full, y2[rows], alphas=ALPHAS, seed=4, rows=rows, decompositions=in_place.decompositions)
+    fresh = fit_ridge_path({h: A[rows] for h, A in full.items()}, y2[rows], alphas=ALPHAS, seed=4)
+    np.testing.assert_allclose(again.r2_test, fresh.r2_test, atol=1e-6)
+    with pytest.raises(ProbeError, match="selected rows"):
+        fit_ridge_path(full, y[rows][:-1], alphas=ALPHAS, rows=rows)
