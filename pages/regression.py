@@ -1,5 +1,6 @@
 """Regression probes: R² across layers, embedding regression over the vocabulary, probe transfer."""
 import json
+import threading
 
 import pandas as pd
 import streamlit as st
@@ -32,13 +33,34 @@ def _decomp_slot(key: str, hooks: tuple, rule: str, cv: int, seed: int) -> list:
     return []
 
 
-@st.cache_resource(max_entries=3, show_spinner="Fitting ridge probes on every hook (all α at once)…")
+@st.cache_resource(show_spinner=False)
+def _runs() -> tuple[threading.Lock, dict]:
+    """Fitted runs shared by every session (insertion-ordered; the oldest is dropped past 3)."""
+    return threading.Lock(), {}
+
+
 def _fit(key: str, hooks: tuple, label: LabelSpec, rule: str, cv: int, seed: int) -> reg.RegressionRun:
+    """A cached run, or a fresh fit with a progress bar per hook (not inside st.cache_*: its bar is live)."""
+    lock, runs = _runs()
+    k = (key, hooks, label, rule, cv, seed)
+    with lock:
+        run = runs.get(k)
+    if run is not None:
+        return run
     slot = _decomp_slot(key, hooks, rule, cv, seed)
-    run = reg.run_regression(glue.get_entry(key), list(hooks), label, rule, alphas=ALPHAS, cv=cv, seed=seed,
-                             decompositions=slot)
+    verb = "Refitting for the new label" if slot else "Fitting ridge probes on every hook (all α at once)"
+    update, done = glue.progress_bar(verb)
+    try:
+        run = reg.run_regression(glue.get_entry(key), list(hooks), label, rule, alphas=ALPHAS, cv=cv, seed=seed,
+                                 decompositions=slot, progress=update)
+    finally:
+        done()
     if all(d is not run.decompositions for d in slot):
         slot[:] = [run.decompositions, *slot][:3]  # bounded; identical content for every session
+    with lock:
+        runs[k] = run
+        while len(runs) > 3:
+            runs.pop(next(iter(runs)))
     return run
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -326,6 +326,7 @@ def run_regression(
     seed: int = 0,
     decompositions: ReusableDecompositions | Sequence[ReusableDecompositions] | None = None,
     model_description: Mapping[str, Any] | None = None,
+    progress: Callable[[float, str], None] | None = None,
 ) -> RegressionRun:
     """Fit the ridge path of ``label_spec`` on every hook (fresh probe per hook).
 
@@ -334,6 +335,7 @@ def run_regression(
         alphas: α grid (> 0). cv: CV folds (0/1 = none). test_fraction: held-out share. seed: split seed.
         decompositions: from earlier runs (one or several); one built for exactly these rows and split is reused.
         model_description: ``LoadedModel.describe()`` for the manifest (default: the entry's model fields).
+        progress: ``progress(fraction, message)`` after each hook (on the calling thread).
 
     Returns:
         RegressionRun.
@@ -348,7 +350,7 @@ def run_regression(
     # The stored arrays themselves (memmaps): a label change then reads each hook once, in place.
     full = {h: acts.hook(h) for h in dict.fromkeys(hooks)}
     result = fit_ridge_path(full, y, alphas=alphas, test_fraction=test_fraction, cv=cv, seed=seed,
-                            decompositions=reuse, rows=info.rows)
+                            decompositions=reuse, rows=info.rows, progress=progress)
     decs = ReusableDecompositions(info.rows_digest, split, result.decompositions)
     manifest = _manifest(acts, info, result, model_description)
     return RegressionRun(result=result, info=info, label=label_spec, description=info.description,

@@ -25,7 +25,7 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -675,7 +675,8 @@ def _workers() -> int:
     return max(1, min(os.cpu_count() or 1, 4))
 
 
-def _map_hooks(fn, hooks: Sequence[str], X_by_hook: Mapping[str, Any], *, work: float = math.inf) -> list:
+def _map_hooks(fn, hooks: Sequence[str], X_by_hook: Mapping[str, Any], *, work: float = math.inf,
+               progress: Callable[[float, str], None] | None = None) -> list:
     """``[fn(h, X_by_hook[h]) for h in hooks]`` with one hook per worker thread.
 
     ``X_by_hook`` is read on this thread (a store-backed mapping need not be thread-safe) and
@@ -683,17 +684,33 @@ def _map_hooks(fn, hooks: Sequence[str], X_by_hook: Mapping[str, Any], *, work: 
     below ``_PARALLEL_WORK`` runs serially. NumPy, LAPACK and torch release the GIL in
     the heavy calls, so the workers use the cores while each runs single-threaded.
     """
-    workers = min(_workers(), len(hooks))
+    total = len(hooks)
+
+    def tick(i: int) -> None:  # on this thread: a UI callback (Streamlit) must not run on a worker
+        if progress is not None:
+            progress((i + 1) / total, f"{hooks[i]} ({i + 1}/{total})")
+
+    workers = min(_workers(), total)
     if workers <= 1 or work < _PARALLEL_WORK:  # small fits: thread start-up would cost more than it saves
-        return [fn(h, X_by_hook[h]) for h in hooks]
+        out = []
+        for i, h in enumerate(hooks):
+            out.append(fn(h, X_by_hook[h]))
+            tick(i)
+        return out
     futures = []
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ridge") as pool:
         try:
             for i, h in enumerate(hooks):
                 if i > workers:
                     futures[i - workers - 1].result()  # bounds memory; re-raises a worker's error here
+                    tick(i - workers - 1)
                 futures.append(pool.submit(fn, h, X_by_hook[h]))
-            return [f.result() for f in futures]
+            out = []
+            for i, f in enumerate(futures):
+                out.append(f.result())
+                if i >= total - workers - 1:
+                    tick(i)
+            return out
         except BaseException:
             for f in futures:
                 f.cancel()
@@ -713,6 +730,7 @@ def fit_ridge_path(
     gram_dtype: str = "float32",
     decompositions: Mapping[str, RidgeDecomposition] | None = None,
     rows: np.ndarray | None = None,
+    progress: Callable[[float, str], None] | None = None,
 ) -> RidgePathResult:
     """Fit ridge probes for every α and every hook at once.
 
@@ -731,6 +749,7 @@ def fit_ridge_path(
         rows: when given, the samples are rows ``rows`` of each ``X_by_hook`` array (e.g. a store
             memmap of every token): a new label then reads each hook in place, without copying
             the selected rows out first.
+        progress: called as ``progress(fraction, message)`` after each hook, on the calling thread.
 
     Returns:
         RidgePathResult.
@@ -786,7 +805,7 @@ def fit_ridge_path(
     tr, te, cvs, tr0, te0 = [], [], [], [], []
     first = X_by_hook[hooks[0]]  # a store-backed mapping keeps it for the first task
     work = n * (int(np.shape(first)[1]) if np.ndim(first) == 2 else 1)
-    for h, (dec, st, p) in zip(hooks, _map_hooks(one, hooks, X_by_hook, work=work)):
+    for h, (dec, st, p) in zip(hooks, _map_hooks(one, hooks, X_by_hook, work=work, progress=progress)):
         decs[h], stats[h] = dec, st
         tr.append(p.r2_train[:, 1:])
         te.append(p.r2_test[:, 1:])
