@@ -931,7 +931,8 @@ def _stack_train(arrays: Sequence[np.ndarray], tr: np.ndarray, standardize: bool
         if standardize:
             mu[i] = Xtr[i].mean(dim=0)
             Xtr[i].sub_(mu[i])
-            s = torch.linalg.vector_norm(Xtr[i], dim=0).div_(math.sqrt(tr.size))
+            # Column norms as a product with ones: 4-5 ms for 7000 × 576 here, vector_norm(dim=0) 24 ms.
+            s = torch.mm(torch.ones(1, tr.size), Xtr[i].square())[0].div_(tr.size).sqrt_()
             sd[i] = torch.where(s < 1e-12, torch.ones_like(s), s)
             Xtr[i].div_(sd[i])
     return Xtr, mu, sd
