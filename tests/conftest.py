@@ -51,3 +51,18 @@ def tiny_entry(tiny_model, pydoc_dataset, tmp_path_factory):
         tiny_model, pydoc_dataset, tiny_model.hook_names(TINY_HOOK_FAMILIES), store=store, max_len=64, max_tokens=3000
     )
     return store, entry
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module (use with ``pytest.mark.usefixtures``).
+
+    The test machines are shared 2-core boxes; torch's two OpenMP threads then spin against
+    other processes and small ops get 10-100x slower. One thread is faster and deterministic.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

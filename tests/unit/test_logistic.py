@@ -40,16 +40,7 @@ def planted_binary(n: int = 600, d: int = 300, k: int = 6, noise: float = 0.7, s
     return X, y, idx
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # The test machines are shared 2-core boxes; torch's two OpenMP threads then spin against
-    # other processes and small ops get 10-100x slower. One thread is faster and deterministic.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
