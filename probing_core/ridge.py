@@ -21,16 +21,14 @@ training rows (every block but 0).
 from __future__ import annotations
 
 import math
-import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from probing_core.threads import single_threaded
+from probing_core.threads import map_hooks, single_threaded
 from probing_core.errors import ProbeError
 
 __all__ = [
@@ -637,7 +635,8 @@ class RidgePathResult:
         a = check_alphas(alphas)
         with single_threaded():
             work = max(d.n_features for d in self.decompositions.values()) ** 2 * len(self.decompositions[self.hooks[0]].models)
-            paths = _map_hooks(lambda h, st: self.decompositions[h].path_from_stats(st, a), self.hooks, self._stats, work=work)
+            paths = map_hooks(lambda h, st: self.decompositions[h].path_from_stats(st, a), self.hooks, self._stats,
+                              parallel=work >= _PARALLEL_WORK)
         cv = np.stack([p.r2_cv[0] for p in paths])
         mean, std = _cv_mean_std(cv, a.size)
         return {
@@ -665,56 +664,6 @@ def _select(cv_mean: np.ndarray, test: np.ndarray, train: np.ndarray) -> np.ndar
 
 
 _PARALLEL_WORK = 2e5  # values touched per hook above which hooks go to worker threads
-
-
-def _workers() -> int:
-    """Hooks fitted at once: one per core (each single-threaded), at most 4; PROBING_THREADS overrides."""
-    env = os.environ.get("PROBING_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    return max(1, min(os.cpu_count() or 1, 4))
-
-
-def _map_hooks(fn, hooks: Sequence[str], X_by_hook: Mapping[str, Any], *, work: float = math.inf,
-               progress: Callable[[float, str], None] | None = None) -> list:
-    """``[fn(h, X_by_hook[h]) for h in hooks]`` with one hook per worker thread.
-
-    ``X_by_hook`` is read on this thread (a store-backed mapping need not be thread-safe) and
-    at most ``workers + 1`` of its values are held at once. ``work`` (values touched per hook)
-    below ``_PARALLEL_WORK`` runs serially. NumPy, LAPACK and torch release the GIL in
-    the heavy calls, so the workers use the cores while each runs single-threaded.
-    """
-    total = len(hooks)
-
-    def tick(i: int) -> None:  # on this thread: a UI callback (Streamlit) must not run on a worker
-        if progress is not None:
-            progress((i + 1) / total, f"{hooks[i]} ({i + 1}/{total})")
-
-    workers = min(_workers(), total)
-    if workers <= 1 or work < _PARALLEL_WORK:  # small fits: thread start-up would cost more than it saves
-        out = []
-        for i, h in enumerate(hooks):
-            out.append(fn(h, X_by_hook[h]))
-            tick(i)
-        return out
-    futures = []
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ridge") as pool:
-        try:
-            for i, h in enumerate(hooks):
-                if i > workers:
-                    futures[i - workers - 1].result()  # bounds memory; re-raises a worker's error here
-                    tick(i - workers - 1)
-                futures.append(pool.submit(fn, h, X_by_hook[h]))
-            out = []
-            for i, f in enumerate(futures):
-                out.append(f.result())
-                if i >= total - workers - 1:
-                    tick(i)
-            return out
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
 
 
 @single_threaded()
@@ -805,7 +754,8 @@ def fit_ridge_path(
     tr, te, cvs, tr0, te0 = [], [], [], [], []
     first = X_by_hook[hooks[0]]  # a store-backed mapping keeps it for the first task
     work = n * (int(np.shape(first)[1]) if np.ndim(first) == 2 else 1)
-    for h, (dec, st, p) in zip(hooks, _map_hooks(one, hooks, X_by_hook, work=work, progress=progress)):
+    for h, (dec, st, p) in zip(hooks, map_hooks(one, hooks, X_by_hook, parallel=work >= _PARALLEL_WORK,
+                                                             progress=progress)):
         decs[h], stats[h] = dec, st
         tr.append(p.r2_train[:, 1:])
         te.append(p.r2_test[:, 1:])

@@ -1,4 +1,4 @@
-"""Thread-pool control for small dense linear algebra.
+"""Thread control: single-threaded BLAS/torch blocks and one hook per worker thread.
 
 A multithreaded LAPACK ``eigh`` of a 576×576 matrix took 0.35–1.1 s on this 2-core machine when
 other work was running (its BLAS threads spin while waiting for busy cores), and 0.06–0.07 s on
@@ -7,7 +7,9 @@ one thread. Decompositions of d×d Gram matrices (d ≤ a few thousand) are run 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from threadpoolctl import threadpool_limits
@@ -28,3 +30,55 @@ def single_threaded() -> Iterator[None]:
             yield
         finally:
             torch.set_num_threads(before)
+
+
+def workers() -> int:
+    """Hooks fitted at once: one per core (each single-threaded), at most 4; PROBING_THREADS overrides."""
+    env = os.environ.get("PROBING_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+def map_hooks(fn: Callable[[str, Any], Any], hooks: Sequence[str], X_by_hook: Mapping[str, Any], *,
+              parallel: bool = True, progress: Callable[[float, str], None] | None = None) -> list:
+    """``[fn(h, X_by_hook[h]) for h in hooks]`` with one hook per worker thread (see :func:`workers`).
+
+    ``X_by_hook`` is read on this thread (a store-backed mapping need not be thread-safe) and at
+    most ``workers + 1`` of its values are held at once. ``parallel=False`` (small fits, where
+    thread start-up costs more than it saves) runs serially. NumPy, LAPACK and torch release the
+    GIL in the heavy calls, so the workers use the cores; callers run them single-threaded
+    (:func:`single_threaded`). ``progress(fraction, message)`` is called on this thread once per
+    hook, in order (a UI callback must not run on a worker).
+    """
+    total = len(hooks)
+
+    def tick(i: int) -> None:
+        if progress is not None:
+            progress((i + 1) / total, f"{hooks[i]} ({i + 1}/{total})")
+
+    n_workers = min(workers(), total)
+    if n_workers <= 1 or not parallel:
+        out = []
+        for i, h in enumerate(hooks):
+            out.append(fn(h, X_by_hook[h]))
+            tick(i)
+        return out
+    futures = []
+    with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="probe") as pool:
+        try:
+            for i, h in enumerate(hooks):
+                if i > n_workers:
+                    futures[i - n_workers - 1].result()  # bounds memory; re-raises a worker's error here
+                    tick(i - n_workers - 1)
+                futures.append(pool.submit(fn, h, X_by_hook[h]))
+            out = []
+            for i, f in enumerate(futures):
+                out.append(f.result())
+                if i >= total - n_workers - 1:
+                    tick(i)
+            return out
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
