@@ -117,6 +117,12 @@ def validate_xy(X: np.ndarray, y: np.ndarray, *, min_per_class: int = 2) -> tupl
             f"features contain NaN or inf in {rows.size} sample(s) (first: {rows[:5].tolist()}); "
             "re-extract the activations in float32, or drop those samples."
         )
+    codes, classes = _check_labels(y, min_per_class)
+    return Xf, codes, classes
+
+
+def _check_labels(y: np.ndarray, min_per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(codes 0..K-1, classes)`` of labels ``y``; the label checks of :func:`validate_xy`."""
     classes, codes, counts = np.unique(y, return_inverse=True, return_counts=True)
     if classes.size < 2:
         raise LabelError(
@@ -133,7 +139,7 @@ def validate_xy(X: np.ndarray, y: np.ndarray, *, min_per_class: int = 2) -> tupl
             "(one per fold / one in train and one in test). Collect more samples, merge rare classes, "
             "or use fewer folds."
         )
-    return Xf, codes.astype(np.int64), classes
+    return codes.astype(np.int64), classes
 
 
 # --------------------------------------------------------------------------- splits & reports
@@ -978,7 +984,7 @@ class _HookData:
     """
 
     def __init__(self, a_: np.ndarray, rows: torch.Tensor, standardize: bool, low: bool, bufs: dict):
-        self.src = torch.from_numpy(np.ascontiguousarray(a_))
+        self.src = a_ if a_.flags.c_contiguous else np.ascontiguousarray(a_)
         self.rows, self.bufs = rows, bufs
         n, d = rows.numel(), self.src.shape[1]
         self.n, self.d = n, d
@@ -1002,12 +1008,12 @@ class _HookData:
     def _blocks(self, rows: torch.Tensor, standardized: bool = True):
         """``(start, block)``: fp32 rows ``rows[start:start+c]`` of the source, standardized or raw."""
         for s0 in range(0, rows.numel(), _CHUNK):
-            idx = rows[s0:s0 + _CHUNK]
-            b = self.blk[: idx.numel()]
-            if self.src.dtype == torch.float32:
-                torch.index_select(self.src, 0, idx, out=b)
+            idx = rows[s0:s0 + _CHUNK].numpy()
+            b = self.blk[: idx.size]
+            if self.src.dtype == np.float32:  # NumPy's gather reads a memmap in place
+                np.take(self.src, idx, axis=0, out=b.numpy())
             else:
-                b.copy_(torch.index_select(self.src, 0, idx))
+                b.copy_(torch.from_numpy(np.take(self.src, idx, axis=0)))
             if standardized:
                 b.sub_(self.mu).div_(self.sd)
             yield s0, b
@@ -1037,14 +1043,20 @@ class _HookData:
             self.low = False
             self._store(torch.float32, stats=False)
 
-    def fwd(self, W: torch.Tensor) -> torch.Tensor:
-        """``X W`` ``(n, m)`` fp32 for standardized X and ``W (d, m)``."""
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.X.dtype
+
+    def fwd(self, W: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """``X W + bias`` ``(n, m)`` fp32 for standardized X, ``W (d, m)``, ``bias (m,)``."""
         Ws = W * self.inv_sd
-        return torch.mm(self.X, Ws.to(self.X.dtype)).float().sub_(torch.mm(self.delta.T, Ws))
+        row = torch.addmm(bias.unsqueeze(0), self.delta.T, Ws, alpha=-1.0)
+        return torch.mm(self.X, Ws.to(self.X.dtype)).float().add_(row)
 
     def grad(self, R: torch.Tensor, rsum: torch.Tensor) -> torch.Tensor:
-        """``X^T R`` ``(d, m)`` fp32 for standardized X, ``R (n, m)`` and its column sums ``rsum (m,)``."""
-        G = torch.mm(self.XT, R.to(self.XT.dtype)).float()
+        """``X^T R`` ``(d, m)`` fp32 for standardized X, ``R (n, m)`` (in :attr:`dtype`) and its
+        column sums ``rsum (m,)``."""
+        G = torch.mm(self.XT, R.to(self.dtype)).float()
         return G.addmm_(self.delta, rsum.unsqueeze(0), alpha=-1.0).mul_(self.inv_sd)
 
     def predict_rows(self, rows: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -1131,32 +1143,38 @@ def _lbfgs_hook(
     gradient passes ``tol``. The stopping test is always on exact figures.
     """
     n, d = data.n, data.d
+    m = T.shape[1]
     binary = target is None
     inv = 1.0 / (C * n)
+    t_sum = T.sum(dim=0)
+    r_bufs: dict = {}
 
     def probs(Z: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(Z) if binary else torch.softmax(Z, dim=1)
 
     W, b = W0.clone(), b0.clone()
 
-    def finish(Z: torch.Tensor, R: torch.Tensor, G: torch.Tensor, gb: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    def gradient(prob: torch.Tensor, G: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(gW, gb, inf-norm)`` at probabilities ``prob``; ``G = X^T (prob - T)`` if already known."""
+        rsum = prob.sum(dim=0).sub_(t_sum)
+        if G is None:  # the residual goes straight into the GEMM's dtype: one pass
+            R = r_bufs.get(data.dtype)
+            if R is None:
+                R = r_bufs[data.dtype] = torch.empty(n, m, dtype=data.dtype)
+            G = data.grad(torch.sub(prob, T, out=R), rsum)
         gW = G.div_(n).add_(W, alpha=inv)
-        gb = gb.div(n)
-        return Z, R, gW, gb, max(float(gW.abs().max()), float(gb.abs().max()))
-
-    def approx(Z: torch.Tensor, R: torch.Tensor):
-        rsum = R.sum(dim=0)
-        return finish(Z, R, data.grad(R, rsum), rsum)
+        gb = rsum.div_(n)
+        return gW, gb, max(float(gW.abs().max()), float(gb.abs().max()))
 
     def state():
         if data.low:  # exact figures from the fp32 rows
             Z = torch.empty(T.shape)
             G = data.exact_grad(Z, T, probs, W, b)
-            R = probs(Z).sub_(T)
-            return finish(Z, R, G, R.sum(dim=0))
-        Z = data.fwd(W).add_(b)
-        return approx(Z, probs(Z).sub_(T))
+            prob = probs(Z)
+            return (Z, prob, *gradient(prob, G))
+        Z = data.fwd(W, b)
+        prob = probs(Z)
+        return (Z, prob, *gradient(prob))
 
     def to_v(gW: torch.Tensor, gb: torch.Tensor) -> torch.Tensor:
         gV = torch.mm(P.T, gW) if P is not None else gW
@@ -1170,14 +1188,15 @@ def _lbfgs_hook(
         return out
 
     if exact_first:  # a warm start may already be within tol on the exact figures
-        Z, R, gW, gb, gnorm = go_exact()
+        Z, prob, gW, gb, gnorm = go_exact()
         exact = True
     else:
-        Z = data.fwd(W).add_(b)
-        Z, R, gW, gb, gnorm = approx(Z, probs(Z).sub_(T))
+        Z = data.fwd(W, b)
+        prob = probs(Z)
+        gW, gb, gnorm = gradient(prob)
         exact = not data.low  # are (Z, gW, gb) from fp32 data?
     if not exact and gnorm <= tol:
-        Z, R, gW, gb, gnorm = go_exact()
+        Z, prob, gW, gb, gnorm = go_exact()
         exact = True
     g = to_v(gW, gb)
     hist: list[tuple[torch.Tensor, torch.Tensor, float]] = []
@@ -1196,12 +1215,14 @@ def _lbfgs_hook(
         D = q.neg_()
         DW = torch.mm(P, D[:d]) if P is not None else D[:d]
         Db = bscale * D[d]
-        XD = data.fwd(DW).add_(Db)
+        XD = data.fwd(DW, Db)
         wdw, dwdw = _dot(W, DW), _dot(DW, DW)
-        d0 = inv * wdw + _dot(R, XD) / n
+        # (P - T) . XD, with T . XD (the true classes' entries) fixed along the line
+        txd = _dot(T, XD) if binary else float(XD.gather(1, target).sum())
+        d0 = inv * wdw + (_dot(prob, XD) - txd) / n
         if not d0 < 0:  # rounding made the direction uphill
             if data.low:  # bf16 data cannot go further: exact figures, then fp32 data
-                Z, R, gW, gb, gnorm = go_exact()
+                Z, prob, gW, gb, gnorm = go_exact()
                 exact = True
                 g = to_v(gW, gb)
                 hist.clear()
@@ -1212,17 +1233,16 @@ def _lbfgs_hook(
             hist.clear()
             gamma = 1.0
             continue
-        txd = _dot(T, XD) if binary else float(XD.gather(1, target).sum())
         alpha, lo, hi = 1.0, 0.0, math.inf
         for ls in range(max_ls):
             Za = torch.add(Z, XD, alpha=alpha)
-            p = probs(Za)
-            pxd = p * XD
-            phi1 = inv * (wdw + alpha * dwdw) + (float(pxd.sum()) - txd) / n
+            pa = probs(Za)
+            phi1 = inv * (wdw + alpha * dwdw) + (_dot(pa, XD) - txd) / n
             if abs(phi1) <= c2 * abs(d0) or ls == max_ls - 1:
                 break
+            pxd = pa * XD
             if binary:
-                curv = _dot((1 - p) * pxd, XD)
+                curv = _dot((1 - pa) * pxd, XD)
             else:
                 curv = _dot(pxd, XD) - float(pxd.sum(dim=1).square().sum())
             phi2 = inv * dwdw + curv / n
@@ -1237,12 +1257,13 @@ def _lbfgs_hook(
         W.add_(DW, alpha=alpha)
         b.add_(Db, alpha=alpha)
         was_low = data.low
-        Z, R, gW, gb, gnorm = approx(Za, p.sub_(T))
+        Z, prob = Za, pa
+        gW, gb, gnorm = gradient(prob)
         n_iter += 1
         n_low += int(was_low)
         exact = not was_low
         if was_low and gnorm <= tol:
-            Z, R, gW, gb, gnorm = go_exact()
+            Z, prob, gW, gb, gnorm = go_exact()
             exact = True
         gn = to_v(gW, gb)
         if was_low == data.low:  # no curvature pair across data of two precisions
@@ -1255,7 +1276,7 @@ def _lbfgs_hook(
                     hist.pop(0)
         g = gn
     if not exact:  # stopped by max_iter on bf16 data: report exact figures
-        Z, R, gW, gb, gnorm = state()
+        Z, prob, gW, gb, gnorm = state()
     return _HookSolve(W=W, b=b, Z=Z, grad_norm=gnorm, n_iter=n_iter, n_low=n_low)
 
 
@@ -1278,6 +1299,7 @@ def fit_multiclass_all_hooks(
     precision: str = "auto",
     curvature: float | None = None,
     progress: Callable[[float, str], None] | None = None,
+    rows: np.ndarray | None = None,
 ) -> LayerProbeResult:
     """L2 logistic probe (multinomial, or logistic for two classes) on every hook.
 
@@ -1318,12 +1340,16 @@ def fit_multiclass_all_hooks(
         curvature: the softmax curvature ``s`` of the preconditioner (default ``1/m`` for m > 2
             classes, 1/4 for two).
         progress: ``progress(fraction, message)`` once per hook, on the calling thread.
+        rows: sample ``i`` is row ``rows[i]`` of every array (e.g. store memmaps, read in place
+            and never copied whole); ``y`` then has one entry per row. ``train_idx`` /
+            ``test_idx`` index samples (positions in ``rows``).
 
     Returns:
         :class:`LayerProbeResult` (``n_iter``: the most iterations any hook took).
 
     Raises:
-        ProbeError, LabelError: see :func:`validate_xy`; hooks of different shapes; unknown precision.
+        ProbeError, LabelError: see :func:`validate_xy` (NaN or inf in a hook's features is
+            reported with the hook's name); hooks of different shapes; unknown precision.
     """
     import time
 
@@ -1343,13 +1369,26 @@ def fit_multiclass_all_hooks(
     shapes = {tuple(np.shape(a_)) for a_ in arrays.values()}
     if len(shapes) != 1:
         raise ProbeError(f"all hooks need the same (samples, features) shape; got {sorted(shapes)}.")
-    _, codes, classes = validate_xy(arrays[hooks[0]], y, min_per_class=2)
+    shape = shapes.pop()
+    if len(shape) != 2 or 0 in shape:
+        raise ProbeError(f"features must be 2-D (samples × features) and non-empty; got shape {shape}.")
+    y = np.asarray(y)
+    n_rows = shape[0] if rows is None else len(rows)
+    if y.ndim != 1 or y.shape[0] != n_rows:
+        raise ProbeError(f"labels must be 1-D with one entry per sample; got {y.shape} for {n_rows} samples.")
+    if rows is not None:
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= shape[0]):
+            raise ProbeError(f"rows must index the {shape[0]} stored rows; got {rows.min()}..{rows.max()}.")
+    codes, classes = _check_labels(y, min_per_class=2)
     tr, te = stratified_split(codes, test_fraction=test_fraction, seed=seed)
     tr, te = np.sort(tr), np.sort(te)  # ascending gathers; the order does not change the optimum
-    H, (n, d) = len(hooks), shapes.pop()
+    H, (n, d) = len(hooks), (n_rows, shape[1])
+    src_tr = tr if rows is None else rows[tr]  # rows of the arrays
+    src_te = te if rows is None else rows[te]
     binary = classes.size == 2
     m = 1 if binary else classes.size
-    tr_t, te_t = torch.as_tensor(tr), torch.as_tensor(te)
+    tr_t, te_t = torch.as_tensor(src_tr), torch.as_tensor(src_te)
     ctr, cte = torch.as_tensor(codes[tr]), torch.as_tensor(codes[te])
     T = (ctr == 1).float().view(-1, 1) if binary else torch.nn.functional.one_hot(ctr, m).float()
     target = None if binary else ctr.view(-1, 1)
@@ -1368,8 +1407,17 @@ def fit_multiclass_all_hooks(
         return (Z[:, 0] > 0).long() if binary else Z.argmax(dim=1)
 
     def one(h: str, a_: np.ndarray) -> tuple:
-        i = index[h]
         bufs = scratch.setdefault(threading.get_ident(), {})
+        # Confident softmax outputs underflow to subnormals, 10x slower to compute with on x86;
+        # flush them to zero on this thread while it fits (no figure here is that small).
+        torch.set_flush_denormal(True)
+        try:
+            return fit_one(h, a_, bufs)
+        finally:
+            torch.set_flush_denormal(False)
+
+    def fit_one(h: str, a_: np.ndarray, bufs: dict) -> tuple:
+        i = index[h]
         with torch.no_grad():
             try:
                 data = _HookData(a_, tr_t, standardize, mixed, bufs)

@@ -1,0 +1,97 @@
+"""The all-hooks multiclass probe's machinery: precisions, worker threads, rows read in place,
+folded standardization, non-finite input and progress — each checked against scikit-learn or
+against a plain fit on copied rows.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from probing_core import logistic
+from probing_core.errors import ProbeError
+from probing_core.logistic import fit_multiclass_all_hooks
+
+
+def _hooks(n: int = 1200, d: int = 20, K: int = 4, H: int = 3, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, K, n)
+    hooks = {}
+    for h in range(H):
+        M = rng.standard_normal((K, d)) * (0.3 + 0.3 * h)
+        hooks[f"h{h}"] = (rng.standard_normal((n, d)) + M[y]).astype(np.float32)
+    return hooks, y
+
+
+def _sklearn_acc(X: np.ndarray, y: np.ndarray, tr: np.ndarray, te: np.ndarray, C: float = 1.0) -> float:
+    mu, sd = X[tr].astype(np.float64).mean(0), X[tr].astype(np.float64).std(0)
+    sd[sd < 1e-6 * np.abs(mu) + 1e-12] = 1.0
+    sk = LogisticRegression(C=C, max_iter=5000, tol=1e-9).fit((X[tr] - mu) / sd, y[tr])
+    return sk.score((X[te] - mu) / sd, y[te])
+
+
+@pytest.mark.parametrize("precision", ["mixed", "fp32"])
+def test_precisions_reach_sklearns_optimum(precision):
+    # bf16 data passes ("mixed") end on the exact fp32 stopping test, so both precisions agree
+    # with scikit-learn's optimum; offsets of 1000 and a constant column test the folded
+    # standardization (stored rows are x - shift, scaled inside the products).
+    hooks, y = _hooks()
+    hooks["h1"][:, 3] += 1000.0
+    hooks["h2"][:, 5] = 7.0
+    r = fit_multiclass_all_hooks(hooks, y, C=1.0, precision=precision, tol=1e-6)
+    assert r.converged.all() and r.grad_norm.max() <= 1e-6, r.grad_norm
+    for i, X in enumerate(hooks.values()):
+        assert abs(_sklearn_acc(X, y, r.train_idx, r.test_idx) - r.test_accuracy[i]) <= 1 / r.test_idx.size + 1e-12
+    assert r.coefs.shape == (3, 4, 20)
+    np.testing.assert_allclose(r.coefs[2][:, 5], 0.0, atol=1e-6)  # a constant column gets no weight
+
+
+def test_workers_give_the_serial_result_and_report_progress(monkeypatch):
+    hooks, y = _hooks(H=4)
+    monkeypatch.setattr(logistic, "_PARALLEL_WORK", 0)  # this small fit would otherwise run serially
+    seen = []
+    monkeypatch.setenv("PROBING_THREADS", "1")
+    one = fit_multiclass_all_hooks(hooks, y, precision="fp32")
+    monkeypatch.setenv("PROBING_THREADS", "2")
+    two = fit_multiclass_all_hooks(hooks, y, precision="fp32", progress=lambda f, msg: seen.append((f, msg)))
+    # Same solves; only GEMM summation order may differ between threads (buffer alignment).
+    np.testing.assert_allclose(one.coefs, two.coefs, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(one.test_accuracy, two.test_accuracy)
+    assert [f for f, _ in seen] == [0.25, 0.5, 0.75, 1.0]
+    assert [m.split(" ")[0] for _, m in seen] == list(hooks)
+
+
+def test_rows_read_in_place_equal_a_fit_on_copied_rows(tmp_path):
+    hooks, y = _hooks(n=1500)
+    rows = np.sort(np.random.default_rng(1).choice(1500, 900, replace=False))
+    mm = {}
+    for h, X in hooks.items():  # store-like read-only memmaps
+        np.save(tmp_path / f"{h}.npy", X)
+        mm[h] = np.load(tmp_path / f"{h}.npy", mmap_mode="r")
+    in_place = fit_multiclass_all_hooks(mm, y[rows], rows=rows, precision="fp32")
+    copied = fit_multiclass_all_hooks({h: X[rows] for h, X in hooks.items()}, y[rows], precision="fp32")
+    np.testing.assert_allclose(in_place.coefs, copied.coefs, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(in_place.test_accuracy, copied.test_accuracy)
+    with pytest.raises(ProbeError, match="rows must index"):
+        fit_multiclass_all_hooks(mm, y[:3], rows=np.array([0, 1, 5000]))
+    with pytest.raises(ProbeError, match="one entry per sample"):
+        fit_multiclass_all_hooks(mm, y, rows=rows)
+
+
+@pytest.mark.parametrize("where", ["train", "test"])
+def test_non_finite_features_name_the_hook(where):
+    hooks, y = _hooks()
+    r = fit_multiclass_all_hooks(hooks, y, precision="fp32")
+    row = (r.train_idx if where == "train" else r.test_idx)[7]
+    hooks["h2"][row, 4] = np.nan
+    with pytest.raises(ProbeError, match="'h2'.*NaN or inf"):
+        fit_multiclass_all_hooks(hooks, y, precision="fp32")
+
+
+def test_warm_start_at_the_optimum_costs_no_iteration():
+    hooks, y = _hooks()
+    for precision in ("mixed", "fp32"):
+        r = fit_multiclass_all_hooks(hooks, y, precision=precision)
+        again = fit_multiclass_all_hooks(hooks, y, precision=precision, warm_start=r)
+        assert again.n_iter == 0 and again.converged.all()
+        np.testing.assert_array_equal(again.coefs, r.coefs)
