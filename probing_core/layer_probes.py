@@ -374,8 +374,12 @@ def _check_hooks(acts: CachedActivations, hooks: Sequence[str]) -> list[str]:
 
 
 def _fit_by_width(acts: CachedActivations, hooks: list[str], rows: np.ndarray, y: np.ndarray, *, C: float,
-                  test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Fit all hooks (one fit per feature width). Returns train, test, converged [H], chance."""
+                  test_fraction: float, seed: int, progress: Progress | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Fit all hooks (one fit per feature width). Returns train, test, converged [H], chance.
+
+    ``progress(fraction, message)`` once per fitted hook (fraction of ``hooks``).
+    """
     widths = acts.meta.get("widths", {})
     tr = np.zeros(len(hooks))
     te = np.zeros(len(hooks))
@@ -383,14 +387,21 @@ def _fit_by_width(acts: CachedActivations, hooks: list[str], rows: np.ndarray, y
     chance = float("nan")
     order = np.argsort(rows, kind="stable")  # memmap gathers in ascending order read sequentially
     rows_s, y_s = rows[order], y[order]
+    done = 0
     for w in sorted({widths.get(h, 0) for h in hooks}):
         idx = [i for i, h in enumerate(hooks) if widths.get(h, 0) == w]
+        tick = None
+        if progress is not None:
+            def tick(f: float, msg: str, before: int = done, size: int = len(idx)) -> None:
+                progress((before + f * size) / len(hooks), msg)
         # The stored memmaps are read in place, a hook at a time (no stacked copy). No
         # eigen-preconditioner: on SmolLM2's activations it cost more iterations, not fewer.
         X = {hooks[i]: acts.hook(hooks[i]) for i in idx}
-        res = logistic.fit_multiclass_all_hooks(X, y_s, C=C, test_fraction=test_fraction, seed=seed, rows=rows_s)
+        res = logistic.fit_multiclass_all_hooks(X, y_s, C=C, test_fraction=test_fraction, seed=seed, rows=rows_s,
+                                                progress=tick)
         tr[idx], te[idx], conv[idx] = res.train_accuracy, res.test_accuracy, res.converged
         chance = res.chance
+        done += len(idx)
     return tr, te, conv, chance
 
 
@@ -475,7 +486,13 @@ def probe_tasks(
             idx = np.sort(rng.choice(idx, size=max_samples, replace=False))
             notes_out.append(f"{task.name}: a seeded subsample of {max_samples:,} of {int(keep.sum()):,} samples was probed.")
         rows, y, types = np.asarray(task.rows)[idx], labels[idx], np.asarray(task.token_types)[idx]
-        tr, te, cv, ch = _fit_by_width(acts, hooks, rows, y, C=C, test_fraction=test_fraction, seed=seed)
+        slots = K + (1 if control else 0)
+        tick = None
+        if progress:
+            def tick(f: float, msg: str, k: int = k, name: str = task.name) -> None:
+                progress((k + f) / slots, f"{name}: {msg}")
+        tr, te, cv, ch = _fit_by_width(acts, hooks, rows, y, C=C, test_fraction=test_fraction, seed=seed,
+                                       progress=tick)
         train[:, k], test[:, k], conv[:, k], chance[k] = tr, te, cv, ch
         n_samples[k] = idx.size
         classes.append(sorted(set(y.tolist())))
@@ -489,7 +506,12 @@ def probe_tasks(
         if cnt.size >= 2 and cnt.min() >= 2:
             if progress:
                 progress(K / (K + 1), "fitting the control task")
-            _, control_acc, _, _ = _fit_by_width(acts, hooks, rows, yc, C=C, test_fraction=test_fraction, seed=seed)
+            tick = None
+            if progress:
+                def tick(f: float, msg: str) -> None:
+                    progress((K + f) / (K + 1), f"control task: {msg}")
+            _, control_acc, _, _ = _fit_by_width(acts, hooks, rows, yc, C=C, test_fraction=test_fraction, seed=seed,
+                                                 progress=tick)
             control_col = tasks[0].name
             selectivity = test[:, 0] - control_acc
         else:

@@ -71,8 +71,14 @@ def test_agrees_with_sklearn_on_one_hook(acts):
 
 
 def test_split_positions_and_control(acts):
+    seen = []
     res = probe_layers(acts, HOOKS, [LayerLabelSpec("token", 0, top_k=5), LayerLabelSpec("token", 1, top_k=5)],
-                       PositionSpec("positions", (1, 2), split=True))
+                       PositionSpec("positions", (1, 2), split=True), progress=lambda f, msg: seen.append((f, msg)))
+    # A live bar: once per hook of every column's fit and of the control fit, rising to 1.
+    fracs = [f for f, _ in seen]
+    assert fracs == sorted(fracs) and fracs[-1] == 1.0
+    per_hook = [m for _, m in seen if "(3/3)" in m]
+    assert len(per_hook) == 5 and per_hook[-1].startswith("control task")
     assert res.columns == ["current token @ pos 1", "current token @ pos 2", "token at +1 @ pos 1", "token at +1 @ pos 2"]
     assert res.test_accuracy.shape == (3, 4) and res.chance.shape == (4,)
     assert res.control_column == res.columns[0]
