@@ -13,7 +13,9 @@ Rows per case (all timed in one process, so the ratios share whatever load the m
   fp32         precision="fp32" (no bf16 anywhere)
   C move       warm start from the default fit at C=1.3 (the Layers page's C slider)
 Accuracy: the largest gap to scikit-learn's per-hook test accuracy, and to the optimum's (a fit at
-tol 1e-7): at tol 1e-4 both solvers stop short of the optimum, by different amounts.
+tol 1e-7): at tol 1e-4 both solvers stop short of the optimum, by different amounts. Where
+scikit-learn's default stops more than 0.5 points from it, the loop is also timed at tol 1e-5 (and
+1e-6 if needed): the time scikit-learn needs for the accuracy ours reaches at tol 1e-4.
 sklearn: LogisticRegression(C=1, lbfgs, tol=1e-4) per hook on the same standardized split, with
 NumPy's BLAS on its default threads (all cores). With --sk-hooks k it runs on k evenly spaced
 hooks and the time is extrapolated linearly to all hooks (the output says so); accuracy gaps are
@@ -48,7 +50,7 @@ def planted(n: int, d: int, H: int, K: int = 16, seed: int = 0):
     return hooks, y
 
 
-def sklearn_loop(hooks: dict, y: np.ndarray, tr: np.ndarray, te: np.ndarray, which: list[int]):
+def sklearn_loop(hooks: dict, y: np.ndarray, tr: np.ndarray, te: np.ndarray, which: list[int], tol: float = 1e-4):
     from sklearn.linear_model import LogisticRegression
 
     Xs = list(hooks.values())
@@ -58,7 +60,7 @@ def sklearn_loop(hooks: dict, y: np.ndarray, tr: np.ndarray, te: np.ndarray, whi
         X = Xs[i]
         mu, sd = X[tr].mean(0), X[tr].std(0)
         sd[sd == 0] = 1.0
-        m = LogisticRegression(C=1.0, max_iter=1000).fit((X[tr] - mu) / sd, y[tr])
+        m = LogisticRegression(C=1.0, max_iter=1000, tol=tol).fit((X[tr] - mu) / sd, y[tr])
         acc.append(m.score((X[te] - mu) / sd, y[te]))
         its.append(int(m.n_iter_[0]))
     return time.perf_counter() - t, np.array(acc), its
@@ -109,6 +111,16 @@ def main() -> None:
                   f"converged {int(res.converged.sum())}/{H}  max |test acc gap| vs sklearn "
                   f"{100 * np.abs(sk_acc - acc).max():.2f} points, vs optimum {100 * np.abs(opt - acc).max():.2f}")
 
+        if np.abs(sk_acc - opt).max() > 0.005:
+            # Equal accuracy: scikit-learn at a tighter tol, until it is within 0.5 points of the optimum too.
+            for sk_tol in (1e-5, 1e-6):
+                t_tight, tight_acc, tight_its = sklearn_loop(hooks, y, r.train_idx, r.test_idx, which, tol=sk_tol)
+                t_tight *= H / len(which)
+                gap = np.abs(tight_acc - opt).max()
+                print(f"  scikit-learn at tol {sk_tol:g}: {t_tight:.2f} s, its {sum(tight_its)} in all, max |test acc - "
+                      f"optimum's| {100 * gap:.2f} points; ours (default) vs it: {t_tight / r.fit_seconds:.1f}x")
+                if gap <= 0.005:
+                    break
         row(f"default ({n_workers}w)", r, r.fit_seconds)
         row("1 worker", r1, r1.fit_seconds)
         row("fp32", r32, r32.fit_seconds)
