@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+from scipy.linalg.blas import daxpy, ddot
 import torch
 
 from probing_core.errors import LabelError, ProbeError
@@ -1005,17 +1006,19 @@ class _HookData:
         self.inv_sd = (1.0 / self.sd).unsqueeze(1)  # (d, 1)
         self.low = low
 
-    def _blocks(self, rows: torch.Tensor, standardized: bool = True):
-        """``(start, block)``: fp32 rows ``rows[start:start+c]`` of the source, standardized or raw."""
+    def _blocks(self, rows: torch.Tensor, shift: torch.Tensor | None = None):
+        """``(start, block)``: fp32 rows ``rows[start:start+c]`` of the source, less ``shift``."""
         for s0 in range(0, rows.numel(), _CHUNK):
             idx = rows[s0:s0 + _CHUNK].numpy()
             b = self.blk[: idx.size]
+            # Indices were checked by the caller; mode="raise" with out= gathers into a temporary
+            # and copies it (2x slower here).
             if self.src.dtype == np.float32:  # NumPy's gather reads a memmap in place
-                np.take(self.src, idx, axis=0, out=b.numpy())
+                np.take(self.src, idx, axis=0, out=b.numpy(), mode="clip")
             else:
-                b.copy_(torch.from_numpy(np.take(self.src, idx, axis=0)))
-            if standardized:
-                b.sub_(self.mu).div_(self.sd)
+                b.copy_(torch.from_numpy(np.take(self.src, idx, axis=0, mode="clip")))
+            if shift is not None:
+                b.sub_(shift)
             yield s0, b
 
     def _store(self, dtype: torch.dtype, stats: bool) -> None:
@@ -1025,7 +1028,7 @@ class _HookData:
         ones = torch.ones(1, self.blk.shape[0])
         sq = _scratch(self.bufs, "square", tuple(self.blk.shape)) if stats else None
         self._s1, self._s2 = torch.zeros(1, self.d), torch.zeros(1, self.d)
-        for s0, b in self._blocks(self.rows, standardized=False):
+        for s0, b in self._blocks(self.rows):
             c = b.shape[0]
             if self.shift is None:
                 self.shift = b.mean(dim=0)
@@ -1059,11 +1062,23 @@ class _HookData:
         G = torch.mm(self.XT, R.to(self.dtype)).float()
         return G.addmm_(self.delta, rsum.unsqueeze(0), alpha=-1.0).mul_(self.inv_sd)
 
+    def _raw_rows(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(shift, delta)`` for the exact passes over the source rows: the standardization is
+        folded into the small matrices (``x W' + c``), so a block is only gathered, not rescaled.
+        The shift is subtracted only where a column's mean is large next to its spread (folding
+        it would then cancel digits); otherwise the raw rows go straight into the GEMM."""
+        if bool((self.mu.abs() <= 8.0 * self.sd).all()):
+            return None, self.mu.unsqueeze(1)
+        return self.shift, self.delta
+
     def predict_rows(self, rows: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Exact fp32 decision values ``(len(rows), m)`` of any rows (e.g. the test split)."""
+        shift, delta = self._raw_rows()
+        Ws = W * self.inv_sd
+        bias = torch.addmm(b.unsqueeze(0), delta.T, Ws, alpha=-1.0)
         Z = torch.empty(rows.numel(), W.shape[1])
-        for s0, blk in self._blocks(rows):
-            torch.addmm(b, blk, W, out=Z[s0:s0 + blk.shape[0]])
+        for s0, blk in self._blocks(rows, shift):
+            torch.addmm(bias, blk, Ws, out=Z[s0:s0 + blk.shape[0]])
         return Z
 
     def exact_grad(self, Z: torch.Tensor, T: torch.Tensor, probs, W: torch.Tensor, b: torch.Tensor
@@ -1073,12 +1088,18 @@ class _HookData:
         One read of the fp32 rows: each block's decision values, residual and gradient share
         the block while it is in cache.
         """
+        shift, delta = self._raw_rows()
+        Ws = W * self.inv_sd
+        bias = torch.addmm(b.unsqueeze(0), delta.T, Ws, alpha=-1.0)
         G = torch.zeros(self.d, W.shape[1])
-        for s0, blk in self._blocks(self.rows):
+        rsum = torch.zeros(1, W.shape[1])
+        for s0, blk in self._blocks(self.rows, shift):
             c = blk.shape[0]
-            Zc = torch.addmm(b, blk, W, out=Z[s0:s0 + c])
-            G.addmm_(blk.T, probs(Zc).sub_(T[s0:s0 + c]))
-        return G
+            Zc = torch.addmm(bias, blk, Ws, out=Z[s0:s0 + c])
+            Rc = probs(Zc).sub_(T[s0:s0 + c])
+            G.addmm_(blk.T, Rc)
+            rsum.add_(Rc.sum(dim=0))
+        return G.addmm_(delta, rsum, alpha=-1.0).mul_(self.inv_sd)
 
     def covariance_sample(self, max_rows: int = 2048) -> torch.Tensor:
         """Standardized covariance ``(d, d)`` from a row subsample (for a preconditioner)."""
@@ -1176,9 +1197,15 @@ def _lbfgs_hook(
         prob = probs(Z)
         return (Z, prob, *gradient(prob))
 
-    def to_v(gW: torch.Tensor, gb: torch.Tensor) -> torch.Tensor:
+    def to_v(gW: torch.Tensor, gb: torch.Tensor) -> np.ndarray:
+        """The gradient in the solver's variables, flat float64 (the L-BFGS algebra runs in NumPy:
+        ~40 operations on a few thousand values per iteration, where torch's per-call cost
+        dominated)."""
         gV = torch.mm(P.T, gW) if P is not None else gW
-        return torch.cat([gV, (bscale * gb).unsqueeze(0)], dim=0)
+        v = np.empty((d + 1) * m)
+        v[: d * m] = gV.numpy().reshape(-1)
+        v[d * m:] = bscale * gb.numpy()
+        return v
 
     def go_exact():
         """Exact figures at the current point; leave bf16 data if they miss the tolerance."""
@@ -1203,18 +1230,19 @@ def _lbfgs_hook(
     gamma = 1.0
     n_iter = n_low = 0
     while gnorm > tol and n_iter < max_iter:
-        q = g.clone()
+        q = g.copy()
         alphas = []
-        for s_, y_, rho in reversed(hist):  # two-loop recursion
-            a = rho * _dot(s_, q)
+        for s_, y_, rho in reversed(hist):  # two-loop recursion (BLAS level 1, in place)
+            a = rho * ddot(s_, q)
             alphas.append(a)
-            q.sub_(y_, alpha=a)
-        q.mul_(gamma)
+            daxpy(y_, q, a=-a)
+        q *= gamma
         for (s_, y_, rho), a in zip(hist, reversed(alphas)):
-            q.add_(s_, alpha=a - rho * _dot(y_, q))
-        D = q.neg_()
-        DW = torch.mm(P, D[:d]) if P is not None else D[:d]
-        Db = bscale * D[d]
+            daxpy(s_, q, a=a - rho * ddot(y_, q))
+        D = np.negative(q, out=q)
+        Dt = torch.from_numpy(D.astype(np.float32)).view(d + 1, m)
+        DW = torch.mm(P, Dt[:d]) if P is not None else Dt[:d]
+        Db = bscale * Dt[d]
         XD = data.fwd(DW, Db)
         wdw, dwdw = _dot(W, DW), _dot(DW, DW)
         # (P - T) . XD, with T . XD (the true classes' entries) fixed along the line
@@ -1267,8 +1295,8 @@ def _lbfgs_hook(
             exact = True
         gn = to_v(gW, gb)
         if was_low == data.low:  # no curvature pair across data of two precisions
-            s_, y_ = D.mul_(alpha), gn - g
-            sy, yy = _dot(s_, y_), _dot(y_, y_)
+            s_, y_ = D * alpha, gn - g
+            sy, yy = ddot(s_, y_), ddot(y_, y_)
             if sy > 1e-10 * yy:
                 hist.append((s_, y_, 1.0 / sy))
                 gamma = sy / yy
