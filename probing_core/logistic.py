@@ -1212,6 +1212,7 @@ def _lbfgs_hook(
 
     n_iter = n_low = n_checks = 0
     low_tol = tol  # bf16 figures at or below it call for an exact check
+    next_check = max_iter  # ... and so does this iteration (bf16 may stall above a tightened low_tol)
 
     def certify():
         """bf16 figures passed ``low_tol``: exact figures at the same point decide.
@@ -1220,18 +1221,19 @@ def _lbfgs_hook(
         data: then on fp32 copies). Otherwise the solve goes on with bf16 data from the exact
         decision values (which drop the drift ``Z + alpha X D`` picked up from bf16-rounded
         products) and the bf16 gradient there, until that is below ``tol`` less 1.5 times its
-        measured gap to the exact one (X's rounding: ~1e-5 here). Falls back to fp32 data when
-        that gap leaves no room, or after three checks.
+        measured gap to the exact one (X's rounding: ~1e-5 here), or for 10 iterations at most.
+        Falls back to fp32 data when that gap leaves no room, or after six checks.
         """
-        nonlocal low_tol, n_checks
+        nonlocal low_tol, n_checks, next_check
         n_checks += 1
         ex = state()
         if ex[4] <= tol or not data.low:
             return ex, True
         gWl, gbl, gnl = gradient(ex[1])  # bf16 gradient at the exact decision values
         err = float(max((ex[2] - gWl).abs().max(), (ex[3] - gbl).abs().max()))
-        if n_checks < 3 and err < 0.5 * tol:
+        if n_checks < 6 and err < 0.5 * tol:
             low_tol = min(low_tol, tol - 1.5 * err, 0.9 * gnl)
+            next_check = n_iter + 10
             return (ex[0], ex[1], gWl, gbl, gnl), False
         data.to_exact()
         return ex, True
@@ -1321,7 +1323,7 @@ def _lbfgs_hook(
         n_iter += 1
         n_low += int(was_low)
         exact = not was_low
-        checked = was_low and gnorm <= low_tol
+        checked = was_low and (gnorm <= low_tol or n_iter >= next_check)
         if checked:
             (Z, prob, gW, gb, gnorm), exact = certify()
         gn = to_v(gW, gb)
