@@ -1122,6 +1122,30 @@ def _hook_eigs(data: _HookData) -> tuple[torch.Tensor, torch.Tensor]:
     return ev.clamp(min=0).float(), U.float()
 
 
+_MEAN_SHIFT_MAX_CLASSES = 15
+
+
+def _softmax_rows(Z: torch.Tensor) -> torch.Tensor:
+    """Row softmax of ``Z (n, m)``; for m < 16 shifted by the row mean instead of the row max.
+
+    torch's softmax over a short last dimension is slow here except at m = 16 (a fast path);
+    with the row means and sums as matrix-vector products, the all-hooks fit (d = 128, 7 hooks,
+    in-process A/B) ran 1.21x (m = 4), 1.42x (8) and 1.41x (12) faster, but 0.95x (16), 0.91x (20)
+    and 0.99x (32), hence the bound. The largest term is >= 1 (no division by an underflowed
+    sum); a row whose max is more than ~88 above its mean overflows, and then the call falls
+    back to torch's softmax.
+    """
+    n, m = Z.shape
+    if m > _MEAN_SHIFT_MAX_CLASSES:
+        return torch.softmax(Z, dim=1)
+    v = torch.mv(Z, torch.full((m,), 1.0 / m, dtype=Z.dtype))
+    E = torch.sub(Z, v.unsqueeze(1)).exp_()
+    torch.mv(E, torch.ones(m, dtype=Z.dtype), out=v)
+    if not bool(v.max() < math.inf):
+        return torch.softmax(Z, dim=1)
+    return E.div_(v.unsqueeze(1))
+
+
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.dot(a.reshape(-1), b.reshape(-1)))
 
@@ -1179,7 +1203,7 @@ def _lbfgs_hook(
     r_bufs: dict = {}
 
     def probs(Z: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(Z) if binary else torch.softmax(Z, dim=1)
+        return torch.sigmoid(Z) if binary else _softmax_rows(Z)
 
     W, b = W0.clone(), b0.clone()
 

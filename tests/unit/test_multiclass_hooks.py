@@ -141,3 +141,17 @@ def test_bf16_solve_stops_on_exact_figures_whichever_way_it_finishes():
         assert agree >= 0.995, agree
     if logistic._bf16_matmul_is_fast():  # the paths taken depend on the GEMM's rounding
         assert {"went on in bf16", "moved to fp32"} <= ways, ways
+
+
+@pytest.mark.parametrize("m", [3, 8, 15, 16, 40])
+def test_row_softmax_equals_torchs_including_rows_that_would_overflow(m):
+    import torch
+
+    rng = np.random.default_rng(m)
+    Z = torch.as_tensor(rng.standard_normal((500, m)) * 10, dtype=torch.float32)
+    ref = torch.softmax(Z.double(), dim=1)
+    torch.testing.assert_close(logistic._softmax_rows(Z.clone()).double(), ref, atol=1e-6, rtol=1e-5)
+    Z[7, 0] = 400.0  # max - mean > 88: exp overflows unless shifted by the max
+    out = logistic._softmax_rows(Z.clone())
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), torch.softmax(Z.double(), dim=1), atol=1e-6, rtol=1e-5)
