@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -45,40 +45,48 @@ def map_hooks(fn: Callable[[str, Any], Any], hooks: Sequence[str], X_by_hook: Ma
     """``[fn(h, X_by_hook[h]) for h in hooks]`` with one hook per worker thread (see :func:`workers`).
 
     ``X_by_hook`` is read on this thread (a store-backed mapping need not be thread-safe) and at
-    most ``workers + 1`` of its values are held at once. ``parallel=False`` (small fits, where
-    thread start-up costs more than it saves) runs serially. NumPy, LAPACK and torch release the
-    GIL in the heavy calls, so the workers use the cores; callers run them single-threaded
-    (:func:`single_threaded`). ``progress(fraction, message)`` is called on this thread once per
-    hook, in order (a UI callback must not run on a worker).
+    most ``workers + 1`` of its values are held at once: a new hook is handed out as soon as any
+    one finishes (not in order, so a slow hook holds up no other worker). ``parallel=False``
+    (small fits, where thread start-up costs more than it saves) runs serially. NumPy, LAPACK and
+    torch release the GIL in the heavy calls, so the workers use the cores; callers run them
+    single-threaded (:func:`single_threaded`). ``progress(fraction, message)`` is called on this
+    thread once per finished hook (fraction = hooks done / all; a UI callback must not run on a
+    worker). A worker's error is raised here and the hooks not yet started are dropped.
     """
     total = len(hooks)
-
-    def tick(i: int) -> None:
-        if progress is not None:
-            progress((i + 1) / total, f"{hooks[i]} ({i + 1}/{total})")
-
     n_workers = min(workers(), total)
     if n_workers <= 1 or not parallel:
         out = []
         for i, h in enumerate(hooks):
             out.append(fn(h, X_by_hook[h]))
-            tick(i)
+            if progress is not None:
+                progress((i + 1) / total, f"{h} ({i + 1}/{total})")
         return out
-    futures = []
+    results: list = [None] * total
+    todo = iter(enumerate(hooks))
+    in_flight: dict = {}
     with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="probe") as pool:
+
+        def hand_out() -> None:
+            for i, h in todo:
+                in_flight[pool.submit(fn, h, X_by_hook[h])] = i
+                return
+
         try:
-            for i, h in enumerate(hooks):
-                if i > n_workers:
-                    futures[i - n_workers - 1].result()  # bounds memory; re-raises a worker's error here
-                    tick(i - n_workers - 1)
-                futures.append(pool.submit(fn, h, X_by_hook[h]))
-            out = []
-            for i, f in enumerate(futures):
-                out.append(f.result())
-                if i >= total - n_workers - 1:
-                    tick(i)
-            return out
+            for _ in range(n_workers + 1):
+                hand_out()
+            done = 0
+            while in_flight:
+                finished, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
+                for f in finished:
+                    i = in_flight.pop(f)
+                    results[i] = f.result()  # re-raises a worker's error here
+                    done += 1
+                    if progress is not None:
+                        progress(done / total, f"{hooks[i]} ({done}/{total})")
+                    hand_out()
+            return results
         except BaseException:
-            for f in futures:
+            for f in in_flight:
                 f.cancel()
             raise

@@ -58,7 +58,33 @@ def test_workers_give_the_serial_result_and_report_progress(monkeypatch):
     np.testing.assert_allclose(one.coefs, two.coefs, rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(one.test_accuracy, two.test_accuracy)
     assert [f for f, _ in seen] == [0.25, 0.5, 0.75, 1.0]
-    assert [m.split(" ")[0] for _, m in seen] == list(hooks)
+    # One report per finished hook, in the order they finish (a slow hook holds up no worker).
+    assert sorted(m.split(" ")[0] for _, m in seen) == sorted(hooks)
+
+
+def test_a_slow_hook_holds_up_no_other_worker(monkeypatch):
+    # Hooks are handed out as workers free up, not in order: with 2 workers, a first hook that
+    # takes 0.6 s leaves the other worker to fit all the quick ones meanwhile.
+    import threading
+    import time
+
+    from probing_core.threads import map_hooks
+
+    monkeypatch.setenv("PROBING_THREADS", "2")
+    names = [f"h{i}" for i in range(6)]
+    ran_on: dict[str, int] = {}
+
+    def fn(h: str, x: float) -> float:
+        ran_on[h] = threading.get_ident()
+        time.sleep(x)
+        return 2 * x
+
+    costs = {"h0": 0.6, **{h: 0.02 for h in names[1:]}}
+    seen = []
+    out = map_hooks(fn, names, costs, progress=lambda f, m: seen.append(m.split(" ")[0]))
+    assert out == [2 * costs[h] for h in names]  # results in the hooks' order
+    assert seen[-1] == "h0" and sorted(seen) == names
+    assert len({ran_on[h] for h in names[1:]}) == 1 and ran_on["h1"] != ran_on["h0"]
 
 
 def test_rows_read_in_place_equal_a_fit_on_copied_rows(tmp_path):
