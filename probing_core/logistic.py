@@ -1076,11 +1076,15 @@ class _HookData:
             return None, self.mu.unsqueeze(1)
         return self.shift, self.delta
 
-    def predict_rows(self, rows: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Exact fp32 decision values ``(len(rows), m)`` of any rows (e.g. the test split)."""
+    def _folded(self, W: torch.Tensor, b: torch.Tensor):
+        """``(shift, delta, Ws, bias)``: standardized ``x W + b`` = ``(x - shift) Ws + bias``."""
         shift, delta = self._raw_rows()
         Ws = W * self.inv_sd
-        bias = torch.addmm(b.unsqueeze(0), delta.T, Ws, alpha=-1.0)
+        return shift, delta, Ws, torch.addmm(b.unsqueeze(0), delta.T, Ws, alpha=-1.0)
+
+    def predict_rows(self, rows: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Exact fp32 decision values ``(len(rows), m)`` of any rows (e.g. the test split)."""
+        shift, _, Ws, bias = self._folded(W, b)
         Z = torch.empty(rows.numel(), W.shape[1])
         for s0, blk in self._blocks(rows, shift):
             torch.addmm(bias, blk, Ws, out=Z[s0:s0 + blk.shape[0]])
@@ -1093,9 +1097,7 @@ class _HookData:
         One read of the fp32 rows: each block's decision values, residual and gradient share
         the block while it is in cache.
         """
-        shift, delta = self._raw_rows()
-        Ws = W * self.inv_sd
-        bias = torch.addmm(b.unsqueeze(0), delta.T, Ws, alpha=-1.0)
+        shift, delta, Ws, bias = self._folded(W, b)
         G = torch.zeros(self.d, W.shape[1])
         rsum = torch.zeros(1, W.shape[1])
         for s0, blk in self._blocks(self.rows, shift):
@@ -1289,7 +1291,7 @@ def _lbfgs_hook(
     g = to_v(gW, gb)
     hist: list[tuple[torch.Tensor, torch.Tensor, float]] = []
     gamma = 1.0
-    while (gnorm > tol if exact else True) and n_iter < max_iter:
+    while (not exact or gnorm > tol) and n_iter < max_iter:  # bf16 figures never stop it
         q = g.copy()
         alphas = []
         for s_, y_, rho in reversed(hist):  # two-loop recursion (BLAS level 1, in place)
