@@ -1007,6 +1007,8 @@ class _HookData:
             self.mu, self.sd = torch.zeros(d), torch.ones(d)
         self.delta = (self.mu - self.shift).unsqueeze(1)  # (d, 1): x - mu = stored - delta
         self.inv_sd = (1.0 / self.sd).unsqueeze(1)  # (d, 1)
+        self.delta_n = self.delta[:, 0].double().numpy()  # the same in NumPy (d,), float64
+        self.inv_sd_n = self.inv_sd[:, 0].double().numpy()
         self.low = low
 
     def _blocks(self, rows: torch.Tensor, shift: torch.Tensor | None = None):
@@ -1055,34 +1057,45 @@ class _HookData:
     def dtype(self) -> torch.dtype:
         return self.X.dtype
 
-    def fwd(self, W: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """``X W + bias`` ``(n, m)`` fp32 for standardized X, ``W (d, m)``, ``bias (m,)``."""
-        Ws = W * self.inv_sd
-        row = torch.addmm(bias.unsqueeze(0), self.delta.T, Ws, alpha=-1.0)
-        return torch.mm(self.X, Ws.to(self.X.dtype)).float().add_(row)
+    def fwd(self, W: np.ndarray, bias: np.ndarray) -> torch.Tensor:
+        """``X W + bias`` ``(n, m)`` fp32 for standardized X; ``W (d, m)``, ``bias (m,)`` NumPy.
 
-    def grad(self, R: torch.Tensor, rsum: torch.Tensor) -> torch.Tensor:
-        """``X^T R`` ``(d, m)`` fp32 for standardized X, ``R (n, m)`` (in :attr:`dtype`) and its
-        column sums ``rsum (m,)``."""
-        G = torch.mm(self.XT, R.to(self.dtype)).float()
-        return G.addmm_(self.delta, rsum.unsqueeze(0), alpha=-1.0).mul_(self.inv_sd)
+        The small matrices are folded in NumPy (no torch call, so no release and re-take of the
+        GIL that a worker thread would wait on); the pass over the data is one torch call (fp32).
+        """
+        Ws = (W * self.inv_sd_n[:, None]).astype(np.float32)
+        row = torch.from_numpy((bias - self.delta_n @ Ws).astype(np.float32))
+        if self.X.dtype == torch.float32:
+            return torch.addmm(row, self.X, torch.from_numpy(Ws))
+        return torch.mm(self.X, torch.from_numpy(Ws).to(self.X.dtype)).float().add_(row)
 
-    def _raw_rows(self) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """``(shift, delta)`` for the exact passes over the source rows: the standardization is
-        folded into the small matrices (``x W' + c``), so a block is only gathered, not rescaled.
-        The shift is subtracted only where a column's mean is large next to its spread (folding
-        it would then cancel digits); otherwise the raw rows go straight into the GEMM."""
+    def grad(self, R: torch.Tensor, rsum: np.ndarray) -> np.ndarray:
+        """``X^T R`` ``(d, m)`` float64 NumPy for standardized X, ``R (n, m)`` (in :attr:`dtype`) and
+        its column sums ``rsum (m,)``."""
+        G = torch.mm(self.XT, R)
+        G = (G if G.dtype == torch.float32 else G.float()).numpy().astype(np.float64)
+        G -= np.outer(self.delta_n, rsum)
+        G *= self.inv_sd_n[:, None]
+        return G
+
+    def _raw_rows(self) -> tuple[torch.Tensor | None, np.ndarray]:
+        """``(shift, delta (d,))`` for the exact passes over the source rows: the standardization
+        is folded into the small matrices (``x W' + c``), so a block is only gathered, not
+        rescaled. The shift is subtracted only where a column's mean is large next to its spread
+        (folding it would then cancel digits); otherwise the raw rows go straight into the GEMM."""
         if bool((self.mu.abs() <= 8.0 * self.sd).all()):
-            return None, self.mu.unsqueeze(1)
-        return self.shift, self.delta
+            return None, self.mu.double().numpy()
+        return self.shift, self.delta_n
 
-    def _folded(self, W: torch.Tensor, b: torch.Tensor):
-        """``(shift, delta, Ws, bias)``: standardized ``x W + b`` = ``(x - shift) Ws + bias``."""
+    def _folded(self, W: np.ndarray, b: np.ndarray):
+        """``(shift, delta, Ws, bias)``: standardized ``x W + b`` = ``(x - shift) Ws + bias``
+        (``Ws``, ``bias`` fp32 tensors)."""
         shift, delta = self._raw_rows()
-        Ws = W * self.inv_sd
-        return shift, delta, Ws, torch.addmm(b.unsqueeze(0), delta.T, Ws, alpha=-1.0)
+        Ws = W * self.inv_sd_n[:, None]
+        bias = b - delta @ Ws
+        return shift, delta, torch.from_numpy(Ws.astype(np.float32)), torch.from_numpy(bias.astype(np.float32))
 
-    def predict_rows(self, rows: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def predict_rows(self, rows: torch.Tensor, W: np.ndarray, b: np.ndarray) -> torch.Tensor:
         """Exact fp32 decision values ``(len(rows), m)`` of any rows (e.g. the test split)."""
         shift, _, Ws, bias = self._folded(W, b)
         Z = torch.empty(rows.numel(), W.shape[1])
@@ -1090,9 +1103,9 @@ class _HookData:
             torch.addmm(bias, blk, Ws, out=Z[s0:s0 + blk.shape[0]])
         return Z
 
-    def exact_grad(self, Z: torch.Tensor, T: torch.Tensor, probs, W: torch.Tensor, b: torch.Tensor
-                   ) -> torch.Tensor:
-        """Fill ``Z`` with exact decision values of the training rows; return ``X^T (P - T)``.
+    def exact_grad(self, Z: torch.Tensor, T: torch.Tensor, probs, W: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Fill ``Z`` with exact decision values of the training rows; return ``X^T (P - T)``
+        (float64 NumPy).
 
         One read of the fp32 rows: each block's decision values, residual and gradient share
         the block while it is in cache.
@@ -1106,7 +1119,10 @@ class _HookData:
             Rc = probs(Zc).sub_(T[s0:s0 + c])
             G.addmm_(blk.T, Rc)
             rsum.add_(Rc.sum(dim=0))
-        return G.addmm_(delta, rsum, alpha=-1.0).mul_(self.inv_sd)
+        Gn = G.numpy().astype(np.float64)
+        Gn -= np.outer(delta, rsum.numpy()[0])
+        Gn *= self.inv_sd_n[:, None]
+        return Gn
 
     def covariance_sample(self, max_rows: int = 2048) -> torch.Tensor:
         """Standardized covariance ``(d, d)`` from a row subsample (for a preconditioner)."""
@@ -1148,14 +1164,18 @@ def _softmax_rows(Z: torch.Tensor) -> torch.Tensor:
     return E.div_(v.unsqueeze(1))
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.dot(a.reshape(-1), b.reshape(-1)))
+def _dot(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
+    """Inner product of two contiguous fp32 arrays, in NumPy (holds the GIL for the ~10 µs it
+    takes: a torch call releases and re-takes it, and the other worker threads wait on that)."""
+    a = a.numpy() if isinstance(a, torch.Tensor) else a
+    b = b.numpy() if isinstance(b, torch.Tensor) else b
+    return float(np.dot(a.reshape(-1), b.reshape(-1)))
 
 
 @dataclass
 class _HookSolve:
-    W: torch.Tensor  # (d, m) standardized units
-    b: torch.Tensor  # (m,)
+    W: np.ndarray  # (d, m) float64, standardized units
+    b: np.ndarray  # (m,) float64
     Z: torch.Tensor  # (n, m) fp32 train decision values at (W, b)
     grad_norm: float  # exact gradient inf-norm / (C n)
     n_iter: int  # L-BFGS iterations
@@ -1168,10 +1188,10 @@ def _lbfgs_hook(
     T: torch.Tensor,
     target: torch.Tensor | None,
     C: float,
-    W0: torch.Tensor,
-    b0: torch.Tensor,
+    W0: np.ndarray,
+    b0: np.ndarray,
     *,
-    P: torch.Tensor | None,
+    P: np.ndarray | None,
     bscale: float,
     tol: float,
     max_iter: int,
@@ -1182,44 +1202,51 @@ def _lbfgs_hook(
 ) -> _HookSolve:
     """L-BFGS on one hook: ``min 0.5/(C n) ||W||^2 + loss / n`` (scikit-learn's scaled lbfgs objective).
 
-    Variables ``W = P V``, ``b = bscale * beta`` (``P`` a preconditioner or None). ``T (n, m)``
+    Variables ``W = P V``, ``b = bscale * beta`` (``P (d, d)`` a preconditioner or None). ``T (n, m)``
     one-hot targets (``m = 1``: 0/1 targets of a binary logistic); ``target (n, 1)`` class codes
-    for the multinomial case (None when binary). ``exact_first``: start with the exact figures
-    (a warm start that is already within ``tol`` then costs no iteration).
+    for the multinomial case (None when binary). ``W0 (d, m)``, ``b0 (m,)``: the start (NumPy).
+    ``exact_first``: start with the exact figures (a warm start that is already within ``tol``
+    then costs no iteration).
 
     Every iteration touches the data exactly twice: ``X D`` for the search direction and
     ``X^T R`` for the new gradient. The line search (safeguarded Newton on the convex 1-D
-    function) runs on ``Z + alpha X D``: no data passes. With bf16 data (``data.low``: AMX
-    GEMMs, 2-4x faster than fp32 here) the solve runs on it until the gradient passes ``tol``;
-    then decision values and gradient are recomputed from the fp32 rows
-    (:meth:`_HookData.exact_grad`) and the solve stops, or goes on (``certify``): on bf16 data
-    from the exact decision values with a tighter bf16 target, or on fp32 copies when bf16's
-    error leaves no room. The stopping test is always on exact figures; a warm start checks
-    them first and goes on in bf16 too.
+    function) runs on ``Z + alpha X D``: no data passes. Only the ``(n, m)`` work is done in
+    torch (a handful of calls per iteration); the ``(d, m)`` algebra, the inner products and
+    the L-BFGS recursion run in NumPy. Worker threads share the GIL, and each torch call
+    releases and re-takes it: with ~100 small torch calls per iteration, two workers ran their
+    hooks 20-50 % slower than one did alone (two processes: no slowdown).
+
+    With bf16 data (``data.low``: AMX GEMMs, 2-4x faster than fp32 here) the solve runs on it
+    until the gradient passes ``tol``; then decision values and gradient are recomputed from
+    the fp32 rows (:meth:`_HookData.exact_grad`) and the solve stops, or goes on (``certify``):
+    on bf16 data from the exact decision values with a tighter bf16 target, or on fp32 copies
+    when bf16's error leaves no room. The stopping test is always on exact figures; a warm
+    start checks them first and goes on in bf16 too.
     """
     n, d = data.n, data.d
     m = T.shape[1]
     binary = target is None
     inv = 1.0 / (C * n)
-    t_sum = T.sum(dim=0)
+    t_sum = T.sum(dim=0).double().numpy()
     r_bufs: dict = {}
+    txd_of = (lambda XD: _dot(T, XD)) if binary else (lambda XD: float(XD.gather(1, target).sum()))
 
     def probs(Z: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(Z) if binary else _softmax_rows(Z)
 
-    W, b = W0.clone(), b0.clone()
+    W, b = np.array(W0, dtype=np.float64), np.array(b0, dtype=np.float64)
 
-    def gradient(prob: torch.Tensor, G: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def gradient(prob: torch.Tensor, G: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
         """``(gW, gb, inf-norm)`` at probabilities ``prob``; ``G = X^T (prob - T)`` if already known."""
-        rsum = prob.sum(dim=0).sub_(t_sum)
+        rsum = prob.sum(dim=0).double().numpy() - t_sum
         if G is None:  # the residual goes straight into the GEMM's dtype: one pass
             R = r_bufs.get(data.dtype)
             if R is None:
                 R = r_bufs[data.dtype] = torch.empty(n, m, dtype=data.dtype)
             G = data.grad(torch.sub(prob, T, out=R), rsum)
-        gW = G.div_(n).add_(W, alpha=inv)
-        gb = rsum.div_(n)
-        return gW, gb, max(float(gW.abs().max()), float(gb.abs().max()))
+        gW = G / n + inv * W
+        gb = rsum / n
+        return gW, gb, max(float(np.abs(gW).max()), float(np.abs(gb).max()))
 
     def state():
         if data.low:  # exact figures from the fp32 rows
@@ -1231,14 +1258,11 @@ def _lbfgs_hook(
         prob = probs(Z)
         return (Z, prob, *gradient(prob))
 
-    def to_v(gW: torch.Tensor, gb: torch.Tensor) -> np.ndarray:
-        """The gradient in the solver's variables, flat float64 (the L-BFGS algebra runs in NumPy:
-        ~40 operations on a few thousand values per iteration, where torch's per-call cost
-        dominated)."""
-        gV = torch.mm(P.T, gW) if P is not None else gW
+    def to_v(gW: np.ndarray, gb: np.ndarray) -> np.ndarray:
+        """The gradient in the solver's variables, flat float64."""
         v = np.empty((d + 1) * m)
-        v[: d * m] = gV.numpy().reshape(-1)
-        v[d * m:] = bscale * gb.numpy()
+        v[: d * m] = (P.T @ gW if P is not None else gW).reshape(-1)
+        v[d * m:] = bscale * gb
         return v
 
     n_iter = n_low = n_checks = 0
@@ -1261,7 +1285,7 @@ def _lbfgs_hook(
         if ex[4] <= tol or not data.low:
             return ex, True
         gWl, gbl, gnl = gradient(ex[1])  # bf16 gradient at the exact decision values
-        err = float(max((ex[2] - gWl).abs().max(), (ex[3] - gbl).abs().max()))
+        err = float(max(np.abs(ex[2] - gWl).max(), np.abs(ex[3] - gbl).max()))
         if n_checks < 6 and err < 0.5 * tol:
             low_tol = min(low_tol, tol - 1.5 * err, 0.9 * gnl)
             next_check = n_iter + 10
@@ -1279,17 +1303,17 @@ def _lbfgs_hook(
             exact = False
             low_tol = min(tol, 0.9 * gnorm)
     else:
-        if bool(W.any()):
+        if W.any():
             Z = data.fwd(W, b)
         else:  # a cold start: X 0 + b needs no pass over the data
-            Z = b.expand(n, m).clone()
+            Z = torch.from_numpy(b.astype(np.float32)).expand(n, m).clone()
         prob = probs(Z)
         gW, gb, gnorm = gradient(prob)
         exact = not data.low  # are (Z, gW, gb) from fp32 data?
     if not exact and gnorm <= low_tol:
         (Z, prob, gW, gb, gnorm), exact = certify()
     g = to_v(gW, gb)
-    hist: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+    hist: list[tuple[np.ndarray, np.ndarray, float]] = []
     gamma = 1.0
     while (not exact or gnorm > tol) and n_iter < max_iter:  # bf16 figures never stop it
         q = g.copy()
@@ -1302,13 +1326,13 @@ def _lbfgs_hook(
         for (s_, y_, rho), a in zip(hist, reversed(alphas)):
             daxpy(s_, q, a=a - rho * ddot(y_, q))
         D = np.negative(q, out=q)
-        Dt = torch.from_numpy(D.astype(np.float32)).view(d + 1, m)
-        DW = torch.mm(P, Dt[:d]) if P is not None else Dt[:d]
-        Db = bscale * Dt[d]
+        DV = D[: d * m].reshape(d, m)
+        DW = P @ DV if P is not None else DV
+        Db = bscale * D[d * m:]
         XD = data.fwd(DW, Db)
-        wdw, dwdw = _dot(W, DW), _dot(DW, DW)
+        wdw, dwdw = float(np.vdot(W, DW)), float(np.vdot(DW, DW))
         # (P - T) . XD, with T . XD (the true classes' entries) fixed along the line
-        txd = _dot(T, XD) if binary else float(XD.gather(1, target).sum())
+        txd = txd_of(XD)
         d0 = inv * wdw + (_dot(prob, XD) - txd) / n
         if not d0 < 0:  # rounding made the direction uphill
             if data.low:  # bf16 data cannot go further: exact figures, then fp32 data if needed
@@ -1346,8 +1370,8 @@ def _lbfgs_hook(
             if not lo < newt < hi:
                 newt = 4 * alpha if math.isinf(hi) else 0.5 * (lo + hi)
             alpha = newt
-        W.add_(DW, alpha=alpha)
-        b.add_(Db, alpha=alpha)
+        W += alpha * DW
+        b += alpha * Db
         was_low = data.low
         Z, prob = Za, pa
         gW, gb, gnorm = gradient(prob)
@@ -1493,13 +1517,19 @@ def fit_multiclass_all_hooks(
     mixed = precision == "mixed" or (precision == "auto" and d >= _BF16_MIN_FEATURES and _bf16_matmul_is_fast())
     warm = warm_start is not None and warm_start.coefs.shape == (H, m, d)
     prior = T.mean(dim=0).clamp(min=1e-12)
-    b_prior = torch.log(prior / (1 - prior)) if binary else prior.log() - prior.log().mean()
+    b_prior = (torch.log(prior / (1 - prior)) if binary else prior.log() - prior.log().mean()).double().numpy()
     index = {h: i for i, h in enumerate(hooks)}
 
     scratch: dict[int, dict] = {}  # per worker thread, freed with this call
 
-    def predict(Z: torch.Tensor) -> torch.Tensor:
-        return (Z[:, 0] > 0).long() if binary else Z.argmax(dim=1)
+    ctr_n, cte_n = codes[tr], codes[te]
+
+    def accuracy(Z: torch.Tensor, truth: np.ndarray) -> float:
+        """Share of rows whose top decision value is the true class (NumPy's argmax: the GIL
+        stays with this worker, and it is faster than torch's over 16 columns here)."""
+        z = Z.numpy()
+        pred = (z[:, 0] > 0).astype(np.int64) if binary else z.argmax(axis=1)
+        return float((pred == truth).mean())
 
     def one(h: str, a_: np.ndarray) -> tuple:
         bufs = scratch.setdefault(threading.get_ident(), {})
@@ -1525,23 +1555,24 @@ def fit_multiclass_all_hooks(
                 ev, U = cached if cached is not None else _hook_eigs(data)
                 if eig_cache is not None and cached is None:
                     eig_cache[key] = (ev, U)
-                P = U * torch.rsqrt(s * ev + 1.0 / (C_val * ntr)).unsqueeze(0)
+                P = (U * torch.rsqrt(s * ev + 1.0 / (C_val * ntr)).unsqueeze(0)).double().numpy()
             if warm:
-                W0 = torch.as_tensor(warm_start.coefs[i], dtype=torch.float32).T.contiguous()
-                b0 = torch.as_tensor(warm_start.intercepts[i], dtype=torch.float32).clone()
+                W0 = np.asarray(warm_start.coefs[i], dtype=np.float64).T
+                b0 = np.asarray(warm_start.intercepts[i], dtype=np.float64)
             else:  # W = 0 with the intercept that is optimal there (log class priors)
-                W0, b0 = torch.zeros(d, m), b_prior.clone()
+                W0, b0 = np.zeros((d, m)), b_prior
             # With P the W-curvature is ~1, so scale the intercept (curvature ~s) to match; without
             # it both are ~s already (standardized features).
             sol = _lbfgs_hook(data, T, target, C_val, W0, b0, P=P,
                               bscale=s ** -0.5 if P is not None else 1.0, tol=tol, max_iter=max_iter,
                               exact_first=warm)
-            tr_acc = float((predict(sol.Z) == ctr).double().mean())
+            tr_acc = accuracy(sol.Z, ctr_n)
             Zte = data.predict_rows(te_t, sol.W, sol.b)
             if not bool(torch.isfinite(Zte).all()):
                 raise ProbeError(f"features of hook {h!r} contain NaN or inf; re-extract them in float32.")
-            te_acc = float((predict(Zte) == cte).double().mean()) if te.size else float("nan")
-        return sol.W.T.numpy().copy(), sol.b.numpy().copy(), tr_acc, te_acc, sol.grad_norm, sol.n_iter
+            te_acc = accuracy(Zte, cte_n) if te.size else float("nan")
+        return (sol.W.T.astype(np.float32), sol.b.astype(np.float32), tr_acc, te_acc, sol.grad_norm,
+                sol.n_iter)
 
     with single_threaded():
         outs = map_hooks(one, hooks, arrays, parallel=ntr * d >= _PARALLEL_WORK, progress=progress)

@@ -40,6 +40,12 @@ def workers() -> int:
     return max(1, min(os.cpu_count() or 1, 4))
 
 
+def _worker_threads(n: int) -> None:
+    """A worker's own OpenMP thread counts (torch's and any other OpenMP runtime loaded): ``n``."""
+    torch.set_num_threads(n)
+    threadpool_limits(limits=n, user_api="openmp")
+
+
 def map_hooks(fn: Callable[[str, Any], Any], hooks: Sequence[str], X_by_hook: Mapping[str, Any], *,
               parallel: bool = True, progress: Callable[[float, str], None] | None = None) -> list:
     """``[fn(h, X_by_hook[h]) for h in hooks]`` with one hook per worker thread (see :func:`workers`).
@@ -49,7 +55,8 @@ def map_hooks(fn: Callable[[str, Any], Any], hooks: Sequence[str], X_by_hook: Ma
     one finishes (not in order, so a slow hook holds up no other worker). ``parallel=False``
     (small fits, where thread start-up costs more than it saves) runs serially. NumPy, LAPACK and
     torch release the GIL in the heavy calls, so the workers use the cores; callers run them
-    single-threaded (:func:`single_threaded`). ``progress(fraction, message)`` is called on this
+    single-threaded (:func:`single_threaded`), and each worker takes the caller's torch thread
+    count for its own OpenMP runtimes (a per-thread setting). ``progress(fraction, message)`` is called on this
     thread once per finished hook (fraction = hooks done / all; a UI callback must not run on a
     worker). A worker's error is raised here and the hooks not yet started are dropped.
     """
@@ -65,7 +72,12 @@ def map_hooks(fn: Callable[[str, Any], Any], hooks: Sequence[str], X_by_hook: Ma
     results: list = [None] * total
     todo = iter(enumerate(hooks))
     in_flight: dict = {}
-    with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="probe") as pool:
+    # OpenMP's thread count is a per-thread setting: a new thread starts at the machine's default
+    # (all cores), so MKL's GEMMs on a worker ran multithreaded whatever the caller had set, and
+    # two workers oversubscribed the cores (measured here: two threads' X^T R GEMMs 0.20-0.55 of
+    # the throughput they reach when each worker sets its own count first; ~1.0 then).
+    with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="probe",
+                            initializer=_worker_threads, initargs=(torch.get_num_threads(),)) as pool:
 
         def hand_out() -> None:
             for i, h in todo:

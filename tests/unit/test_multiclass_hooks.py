@@ -87,6 +87,25 @@ def test_a_slow_hook_holds_up_no_other_worker(monkeypatch):
     assert len({ran_on[h] for h in names[1:]}) == 1 and ran_on["h1"] != ran_on["h0"]
 
 
+def test_workers_run_torch_with_the_callers_thread_count(monkeypatch):
+    # OpenMP's thread count is per thread: a fresh worker starts at the machine's default, and its
+    # GEMMs then ran multithreaded under single_threaded() (two workers oversubscribed the cores).
+    # threadpoolctl reads the count of the thread that asks, so each worker reports its own.
+    from threadpoolctl import threadpool_info
+
+    from probing_core.threads import map_hooks, single_threaded
+
+    monkeypatch.setenv("PROBING_THREADS", "2")
+
+    def omp_threads(h: str, x: int) -> list[int]:
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "openmp"]
+
+    with single_threaded():
+        counts = map_hooks(omp_threads, ["a", "b", "c"], {"a": 0, "b": 1, "c": 2})
+    assert counts[0], "no OpenMP runtime found beside torch"
+    assert all(c == [1] * len(counts[0]) for c in counts), counts
+
+
 def test_rows_read_in_place_equal_a_fit_on_copied_rows(tmp_path):
     hooks, y = _hooks(n=1500)
     rows = np.sort(np.random.default_rng(1).choice(1500, 900, replace=False))
@@ -154,13 +173,13 @@ def test_bf16_solve_stops_on_exact_figures_whichever_way_it_finishes():
         sols = {}
         for low in (True, False):
             data = logistic._HookData(X, torch.arange(n), True, low, {})
-            sols[low] = logistic._lbfgs_hook(data, T, torch.as_tensor(y).view(-1, 1), 1.0, torch.zeros(d, K),
-                                             torch.zeros(K), P=None, bscale=1.0, tol=tol, max_iter=500)
+            sols[low] = logistic._lbfgs_hook(data, T, torch.as_tensor(y).view(-1, 1), 1.0, np.zeros((d, K)),
+                                             np.zeros(K), P=None, bscale=1.0, tol=tol, max_iter=500)
             if low:
                 ways.add("bf16 only" if data.low and sols[low].n_checks == 1 else
                          "went on in bf16" if data.low else "moved to fp32")
         s = sols[True]
-        g = _exact_gradient_norm(X, y, s.W.double().numpy(), s.b.double().numpy(), 1.0)
+        g = _exact_gradient_norm(X, y, s.W, s.b, 1.0)
         assert s.grad_norm <= tol and g <= 1.05 * tol, (scale, tol, s.grad_norm, g)
         # Both solutions are within tol of the same optimum: their decisions agree on all but a few rows.
         agree = (s.Z.argmax(1) == sols[False].Z.argmax(1)).float().mean()
