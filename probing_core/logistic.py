@@ -970,6 +970,11 @@ class _NonFinite(Exception):
 _ONE_LAYOUT_BELOW = 256  # fp32 data narrower keeps only the row layout (X.T for X^T R): in-process
 # A/B, 2 workers: d=128 1.06x faster (half the working set, no transpose); d=256 0.86x, d=576 0.71x
 _CHUNK = 512  # rows per block in the row-wise passes: 512 × d fp32 stays in a 2 MB L2 up to d ≈ 1000
+_BLOCK_BYTES = 1 << 20  # ... and narrower rows go in blocks of ~1 MB (fewer calls per pass)
+
+
+def _block_rows(d: int) -> int:
+    return max(_CHUNK, _BLOCK_BYTES // (4 * d))
 
 
 class _HookData:
@@ -992,7 +997,8 @@ class _HookData:
         self.rows, self.bufs = rows, bufs
         n, d = rows.numel(), self.src.shape[1]
         self.n, self.d = n, d
-        self.blk = _scratch(bufs, "block", (min(_CHUNK, max(n, 1)), d))
+        self.chunk = _block_rows(d)
+        self.blk = _scratch(bufs, "block", (min(self.chunk, max(n, 1)), d))
         self.shift = None
         self._store(torch.bfloat16 if low else torch.float32, stats=True)
         m1 = self._s1[0] / n  # mean of (x - shift)
@@ -1011,11 +1017,12 @@ class _HookData:
         self.inv_sd_n = self.inv_sd[:, 0].double().numpy()
         self.low = low
 
-    def _blocks(self, rows: torch.Tensor, shift: torch.Tensor | None = None):
-        """``(start, block)``: fp32 rows ``rows[start:start+c]`` of the source, less ``shift``."""
-        for s0 in range(0, rows.numel(), _CHUNK):
-            idx = rows[s0:s0 + _CHUNK].numpy()
-            b = self.blk[: idx.size]
+    def _blocks(self, rows: torch.Tensor, shift: torch.Tensor | None = None, into: torch.Tensor | None = None):
+        """``(start, block)``: fp32 rows ``rows[start:start+c]`` of the source, less ``shift``;
+        gathered into ``into[start:start+c]`` (fp32) if given, else into a reused block."""
+        for s0 in range(0, rows.numel(), self.chunk):
+            idx = rows[s0:s0 + self.chunk].numpy()
+            b = self.blk[: idx.size] if into is None else into[s0:s0 + idx.size]
             # Indices were checked by the caller; mode="raise" with out= gathers into a temporary
             # and copies it (2x slower here).
             if self.src.dtype == np.float32:  # NumPy's gather reads a memmap in place
@@ -1034,7 +1041,8 @@ class _HookData:
         ones = torch.ones(1, self.blk.shape[0])
         sq = _scratch(self.bufs, "square", tuple(self.blk.shape)) if stats else None
         self._s1, self._s2 = torch.zeros(1, self.d), torch.zeros(1, self.d)
-        for s0, b in self._blocks(self.rows):
+        direct = dtype == torch.float32  # fp32 rows are gathered straight into place
+        for s0, b in self._blocks(self.rows, into=X if direct else None):
             c = b.shape[0]
             if self.shift is None:
                 self.shift = b.mean(dim=0)
@@ -1042,7 +1050,7 @@ class _HookData:
             if stats:
                 self._s1.addmm_(ones[:, :c], b)
                 self._s2.addmm_(ones[:, :c], torch.mul(b, b, out=sq[:c]))
-            rows_ = X[s0:s0 + c].copy_(b)
+            rows_ = b if direct else X[s0:s0 + c].copy_(b)
             if XT is not None:
                 XT[:, s0:s0 + c].copy_(rows_.T)
         self.X, self.XT = X, (X.T if XT is None else XT)
@@ -1229,7 +1237,6 @@ def _lbfgs_hook(
     inv = 1.0 / (C * n)
     t_sum = T.sum(dim=0).double().numpy()
     r_bufs: dict = {}
-    txd_of = (lambda XD: _dot(T, XD)) if binary else (lambda XD: float(XD.gather(1, target).sum()))
 
     def probs(Z: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(Z) if binary else _softmax_rows(Z)
@@ -1332,7 +1339,7 @@ def _lbfgs_hook(
         XD = data.fwd(DW, Db)
         wdw, dwdw = float(np.vdot(W, DW)), float(np.vdot(DW, DW))
         # (P - T) . XD, with T . XD (the true classes' entries) fixed along the line
-        txd = txd_of(XD)
+        txd = _dot(T, XD)
         d0 = inv * wdw + (_dot(prob, XD) - txd) / n
         if not d0 < 0:  # rounding made the direction uphill
             if data.low:  # bf16 data cannot go further: exact figures, then fp32 data if needed
