@@ -8,23 +8,37 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
+
+_controller: tuple[int, ThreadpoolController] | None = None
+
+
+def _native_pools() -> ThreadpoolController:
+    """The loaded BLAS / OpenMP libraries, found once and again only after new modules were
+    imported (finding them took ~3 ms a call here; limiting them through a kept controller 0.1 ms)."""
+    global _controller
+    key = len(sys.modules)
+    if _controller is None or _controller[0] != key:
+        _controller = (key, ThreadpoolController())
+    return _controller[1]
 
 
 @contextlib.contextmanager
 def single_threaded() -> Iterator[None]:
     """Limit NumPy's BLAS/LAPACK and torch's intra-op pool to one thread inside the block.
 
-    Both limits are process-wide while the block runs (another session's work may run on one
+    The BLAS limit is process-wide while the block runs (another session's work may run on one
     thread meanwhile); that costs at most the 2× of a second core and avoids the 10× collapse of
-    oversubscribed BLAS threads.
+    oversubscribed BLAS threads. OpenMP's count (torch's) is the calling thread's own: worker
+    threads take it from the caller (:func:`map_hooks`).
     """
     before = torch.get_num_threads()
-    with threadpool_limits(limits=1):
+    with _native_pools().limit(limits=1):
         torch.set_num_threads(1)
         try:
             yield
@@ -41,9 +55,8 @@ def workers() -> int:
 
 
 def _worker_threads(n: int) -> None:
-    """A worker's own OpenMP thread counts (torch's and any other OpenMP runtime loaded): ``n``."""
+    """A worker's own OpenMP thread count for torch (MKL, oneDNN and torch's kernels): ``n``."""
     torch.set_num_threads(n)
-    threadpool_limits(limits=n, user_api="openmp")
 
 
 def map_hooks(fn: Callable[[str, Any], Any], hooks: Sequence[str], X_by_hook: Mapping[str, Any], *,
