@@ -46,6 +46,24 @@ def test_precisions_reach_sklearns_optimum(precision):
     np.testing.assert_allclose(r.coefs[2][:, 5], 0.0, atol=1e-6)  # a constant column gets no weight
 
 
+def test_rows_gathered_in_several_blocks_give_sklearns_coefficients():
+    # Narrow fp32 rows are gathered straight into place in ~1 MB blocks (4,096 rows at d = 64):
+    # 4,200 training rows make a full and a partial block, with a column offset by 1000 (the
+    # stored rows are x minus the first block's means). The optimum must be scikit-learn's.
+    hooks, y = _hooks(n=6000, d=64, H=1)
+    X = hooks["h0"]
+    X[:, 2] += 1000.0
+    assert logistic._block_rows(64) < 4200 < 2 * logistic._block_rows(64)
+    r = fit_multiclass_all_hooks(hooks, y, C=1.0, precision="fp32", tol=1e-8, max_iter=1000)
+    tr = r.train_idx
+    mu, sd = X[tr].astype(np.float64).mean(0), X[tr].astype(np.float64).std(0)
+    sk = LogisticRegression(C=1.0, max_iter=5000, tol=1e-10).fit((X[tr] - mu) / sd, y[tr])
+    scale = np.abs(sk.coef_).max()
+    np.testing.assert_allclose(r.coefs[0], sk.coef_, rtol=0, atol=2e-3 * scale)
+    np.testing.assert_allclose(r.intercepts[0] - r.intercepts[0].mean(), sk.intercept_ - sk.intercept_.mean(),
+                               rtol=0, atol=2e-3 * scale)
+
+
 def test_workers_give_the_serial_result_and_report_progress(monkeypatch):
     hooks, y = _hooks(H=4)
     monkeypatch.setattr(logistic, "_PARALLEL_WORK", 0)  # this small fit would otherwise run serially
