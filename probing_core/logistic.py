@@ -968,7 +968,8 @@ class _NonFinite(Exception):
 
 
 _ONE_LAYOUT_BELOW = 256  # fp32 data narrower keeps only the row layout (X.T for X^T R): in-process
-# A/B, 2 workers: d=128 1.06x faster (half the working set, no transpose); d=256 0.86x, d=576 0.71x
+# A/B, 2 workers: d=128 1.06x faster (half the working set, no transpose); d=256 0.86x, d=576 0.71x;
+# after the per-thread OpenMP fix two layouts at d=128 were still 0.98x (20 alternations)
 _CHUNK = 512  # rows per block in the row-wise passes: 512 × d fp32 stays in a 2 MB L2 up to d ≈ 1000
 _BLOCK_BYTES = 1 << 20  # ... and narrower rows go in blocks of ~1 MB (fewer calls per pass)
 
@@ -1068,8 +1069,7 @@ class _HookData:
     def fwd(self, W: np.ndarray, bias: np.ndarray) -> torch.Tensor:
         """``X W + bias`` ``(n, m)`` fp32 for standardized X; ``W (d, m)``, ``bias (m,)`` NumPy.
 
-        The small matrices are folded in NumPy (no torch call, so no release and re-take of the
-        GIL that a worker thread would wait on); the pass over the data is one torch call (fp32).
+        The small matrices are folded in NumPy; the pass over the data is one torch call (fp32).
         """
         Ws = (W * self.inv_sd_n[:, None]).astype(np.float32)
         row = torch.from_numpy((bias - self.delta_n @ Ws).astype(np.float32))
@@ -1174,8 +1174,8 @@ def _softmax_rows(Z: torch.Tensor) -> torch.Tensor:
 
 def _dot(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
     """Inner product of two contiguous fp32 arrays, in NumPy (~2x less per-call cost than torch's
-    here, and no release and re-take of the GIL between worker threads)."""
-    a = a.numpy() if isinstance(a, torch.Tensor) else a
+    here)."""
+    a = a.numpy() if isinstance(a, torch.Tensor) else a  # a view: no copy
     b = b.numpy() if isinstance(b, torch.Tensor) else b
     return float(np.dot(a.reshape(-1), b.reshape(-1)))
 
@@ -1531,8 +1531,8 @@ def fit_multiclass_all_hooks(
     ctr_n, cte_n = codes[tr], codes[te]
 
     def accuracy(Z: torch.Tensor, truth: np.ndarray) -> float:
-        """Share of rows whose top decision value is the true class (NumPy's argmax: the GIL
-        stays with this worker, and it is faster than torch's over 16 columns here)."""
+        """Share of rows whose top decision value is the true class (NumPy's argmax: faster
+        than torch's over 16 columns here)."""
         z = Z.numpy()
         pred = (z[:, 0] > 0).astype(np.int64) if binary else z.argmax(axis=1)
         return float((pred == truth).mean())
