@@ -12,13 +12,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Hashable, Iterator, TypeVar
 
 import streamlit as st
 
-from probing_core.activations import CachedActivations, open_entry
-from probing_core.datasets import MAX_UPLOAD_BYTES, Dataset, DatasetSpec, load_dataset
+from probing_core.store.activations import CachedActivations, open_entry
+from probing_core.data.datasets import MAX_UPLOAD_BYTES, Dataset, DatasetSpec, load_dataset
+from probing_core.data.labels import LABELS, LabelSpec
 from probing_core.errors import ProbingError
 from probing_core.models import (
     EMBEDDED_NAME,
@@ -28,7 +31,7 @@ from probing_core.models import (
     load_model,
     model_catalog,
 )
-from probing_core.store import DEFAULT_SIZE_LIMIT, ActivationStore, StoreEntry
+from probing_core.store.entries import DEFAULT_SIZE_LIMIT, ActivationStore, StoreEntry
 
 # ---------------------------------------------------------------------------------------------
 # Settings
@@ -141,6 +144,61 @@ def progress_bar(label: str) -> tuple[Callable[[float, str], None], Callable[[],
         bar.progress(max(0.0, min(1.0, float(frac))), text=f"{label} — {msg}")
 
     return update, bar.empty
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared results: fits every session reuses (one place, bounded, with their lock)
+# ---------------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+@st.cache_resource(show_spinner=False)
+def _shelves() -> tuple[threading.Lock, dict[str, OrderedDict]]:
+    """Named, insertion-ordered result shelves shared by every session, and the lock guarding them."""
+    return threading.Lock(), {}
+
+
+def shared_slot(shelf: str, key: Hashable, *, keep: int) -> list:
+    """A mutable list shared by every session under ``key`` (e.g. label-independent decompositions).
+
+    At most ``keep`` keys are held per shelf; the oldest is dropped first.
+    """
+    lock, shelves = _shelves()
+    with lock:
+        items = shelves.setdefault(shelf, OrderedDict())
+        slot = items.get(key)
+        if slot is None:
+            slot = items[key] = []
+            while len(items) > keep:
+                items.popitem(last=False)
+        return slot
+
+
+def shared_result(shelf: str, key: Hashable, compute: Callable[[Callable[[float, str], None]], T], *,
+                  keep: int, label: str) -> T:
+    """The result stored under ``key``, or ``compute(progress)`` with a live progress bar, then stored.
+
+    Not ``st.cache_data``: a fit's progress bar must draw while it runs, and results hold arrays that
+    should not be pickled and copied per session. At most ``keep`` results per shelf (oldest dropped).
+    Two sessions asking for the same missing key at once may both compute it; the second result wins.
+    """
+    lock, shelves = _shelves()
+    with lock:
+        res = shelves.setdefault(shelf, OrderedDict()).get(key)
+    if res is not None:
+        return res
+    update, done = progress_bar(label)
+    try:
+        res = compute(update)
+    finally:
+        done()
+    with lock:
+        items = shelves[shelf]
+        items[key] = res
+        while len(items) > keep:
+            items.popitem(last=False)
+    return res
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,3 +336,36 @@ def manifest_base(model: LoadedModel, acts: CachedActivations | None = None) -> 
     if acts is not None:
         out["cache_entry"] = {k: acts.meta.get(k) for k in ("key", "dataset_label", "dataset_fingerprint", "n_tokens", "max_len", "max_tokens", "dtype")}
     return out
+
+
+def token_label_picker(acts: CachedActivations, *, page: str) -> tuple[LabelSpec, str, str]:
+    """Widgets for a token label, its options and the tokens to probe (all bound to the URL).
+
+    Returns:
+        ``(label, position rule, label name)``; the rule is ``all``, ``last`` or ``match:TOKENS``.
+    """
+    q = "query-params"
+    names = [n for n in LABELS if n != "column" or acts.columns()]
+    c1, c2, c3 = st.columns([2, 2, 3])
+    name = c1.selectbox("Label", names, index=names.index("length"), format_func=lambda n: LABELS[n].title,
+                        key=f"{page}_label", bind=q, help="; ".join(f"{i.title}: {i.description}" for i in LABELS.values()))
+    kind = c2.radio("Tokens", ["all", "last", "match"], horizontal=True, key=f"{page}_positions", bind=q,
+                    format_func={"all": "every token", "last": "last of each row", "match": "matching…"}.get)
+    rule = kind
+    if kind == "match":
+        rule = "match:" + c3.text_input("Tokens to probe (comma-separated; mind leading spaces)", " the, a",
+                                        key=f"{page}_match", bind=q)
+    params: dict[str, Any] = {}
+    for p, default in LABELS[name].params.items():
+        k = f"{page}_{name}_{p}"
+        if p == "drop_missing" or isinstance(default, bool):
+            params[p] = c3.checkbox(p.replace("_", " "), bool(default), key=k, bind=q)
+        elif isinstance(default, str):
+            params[p] = c3.text_input(p.replace("_", " "), default, key=k, bind=q) or None
+        else:
+            params[p] = c3.number_input(p.replace("_", " ") + " (empty = none)", min_value=0, value=default, step=1,
+                                        key=k, bind=q)
+    if name == "column":
+        params["column"] = c3.selectbox("column", list(acts.columns()), key=f"{page}_column", bind=q)
+    label = LabelSpec.make(name, **{p: (int(v) if isinstance(v, float) else v) for p, v in params.items()})
+    return label, rule, name

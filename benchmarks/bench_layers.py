@@ -87,7 +87,7 @@ def main() -> None:
     args = ap.parse_args()
     import os
 
-    from probing_core.logistic import fit_multiclass_all_hooks
+    from probing_core.solvers.multiclass import fit_multiclass_all_hooks
     from probing_core.threads import workers
 
     warm_h, warm_y = planted(200, 8, 2, K=3)
@@ -166,10 +166,10 @@ def real_case(n_workers: int, sk_hooks: int) -> None:
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from probing_core.activations import open_entry
-    from probing_core.logistic import fit_multiclass_all_hooks
+    from probing_core.store.activations import open_entry
+    from probing_core.solvers.multiclass import fit_multiclass_all_hooks
     from probing_core.models import default_cache_root
-    from probing_core.store import ActivationStore
+    from probing_core.store.entries import ActivationStore
 
     store = ActivationStore(default_cache_root() / "activations")
     key = "cfdd6a10ba71ef92"

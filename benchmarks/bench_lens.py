@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from probing_core import attention, lens
+from probing_core.analyses import attention, lens
 from probing_core.models import load_model, spec_from_cli
 
 PROMPT = "The capital of France is Paris. The capital of Italy is Rome. The capital of Spain is"

@@ -24,12 +24,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from probing_core.activations import build_cache, open_entry  # noqa: E402
-from probing_core.datasets import DatasetSpec, load_dataset  # noqa: E402
-from probing_core.labels import LabelSpec  # noqa: E402
+from probing_core.store.activations import build_cache, open_entry  # noqa: E402
+from probing_core.data.datasets import DatasetSpec, load_dataset  # noqa: E402
+from probing_core.data.labels import LabelSpec  # noqa: E402
 from probing_core.models import default_cache_root, load_model, spec_from_cli  # noqa: E402
-from probing_core.regression import regression_data, run_regression  # noqa: E402
-from probing_core.store import ActivationStore  # noqa: E402
+from probing_core.analyses.regression import regression_data, run_regression  # noqa: E402
+from probing_core.store.entries import ActivationStore  # noqa: E402
 
 
 def _t(fn):

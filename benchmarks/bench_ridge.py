@@ -1,4 +1,4 @@
-"""Ridge path speed: probing_core.ridge.fit_ridge_path vs a scikit-learn RidgeCV loop.
+"""Ridge path speed: probing_core.solvers.ridge.fit_ridge_path vs a scikit-learn RidgeCV loop.
 
 Planted-signal data, n samples × d features × H hooks, 20 α, 5-fold CV (+ a 20% test split,
 a shuffled baseline and OLS, which the scikit-learn side does not even compute).
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sklearn.linear_model import RidgeCV  # noqa: E402
 from sklearn.model_selection import PredefinedSplit  # noqa: E402
 
-from probing_core.ridge import fit_ridge_path, make_split  # noqa: E402
+from probing_core.solvers.ridge import fit_ridge_path, make_split  # noqa: E402
 
 
 def _hooks(n: int, d: int, n_hooks: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:

@@ -51,7 +51,7 @@ def main() -> None:
     from sklearn.linear_model import LogisticRegression
     from threadpoolctl import threadpool_limits
 
-    from probing_core.logistic import default_Cs, fit_logistic_path, refit_at_C
+    from probing_core.solvers.logistic_path import default_Cs, fit_logistic_path, refit_at_C
 
     torch.set_num_threads(args.threads)
     threadpool_limits(args.threads)

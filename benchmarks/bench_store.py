@@ -25,10 +25,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from probing_core.activations import extract_to_folder  # noqa: E402
-from probing_core.datasets import DatasetSpec, load_dataset, tokenize_dataset  # noqa: E402
-from probing_core.models import ModelSpec, load_model, spec_from_cli  # noqa: E402
-from probing_core.store import ActivationStore  # noqa: E402
+from probing_core.store.activations import extract_to_folder  # noqa: E402
+from probing_core.data.datasets import DatasetSpec, load_dataset, tokenize_dataset  # noqa: E402
+from probing_core.models import load_model, spec_from_cli  # noqa: E402
+from probing_core.store.entries import ActivationStore  # noqa: E402
 
 
 def best_of(fn, repeats: int) -> float:

@@ -20,10 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from probing_core import tree_task as tt  # noqa: E402
+from probing_core.tree import model as tree_model, task as tree_task  # noqa: E402
 
 
-def _table(name: str, res: tt.TreeEvalResult) -> None:
+def _table(name: str, res: tree_model.TreeEvalResult) -> None:
     print(f"\n{name}: exact-path accuracy {res.accuracy:.4f} on {res.correct.size} trees "
           f"({res.seconds:.2f} s, {1000 * res.seconds / res.correct.size:.2f} ms/tree)")
     print("depth  n      accuracy")
@@ -44,27 +44,27 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     if args.quick:
         args.n, args.n_uniform = 200, 150
-    if not tt.checkpoint_available():
+    if not tree_model.checkpoint_available():
         print("no shipped checkpoint; train one with `python -m probing_core train-tree`.", file=sys.stderr)
         return 2
 
     t0 = time.perf_counter()
-    model = tt.load_native_model()
+    model = tree_model.load_native_model()
     load_s = time.perf_counter() - t0
-    conf = tt.read_checkpoint_config()
+    conf = tree_model.read_checkpoint_config()
     n_nodes = int(conf["task"]["n_nodes"])
-    natural = tt.make_dataset(args.n, args.seed, n_nodes=n_nodes)
-    uniform = tt.make_dataset(args.n_uniform, args.seed + 1, n_nodes=n_nodes,
+    natural = tree_task.make_dataset(args.n, args.seed, n_nodes=n_nodes)
+    uniform = tree_task.make_dataset(args.n_uniform, args.seed + 1, n_nodes=n_nodes,
                               depths=list(range(1, n_nodes)), natural_fraction=0.0)
     print(f"checkpoint: {json.dumps(conf['bridge_config'])}")
     print(f"load (plain NativeModel): {load_s:.2f} s; threads {args.threads}")
 
-    res_nat = tt.evaluate(model, natural)
-    res_uni = tt.evaluate(model, uniform)
+    res_nat = tree_model.evaluate(model, natural)
+    res_uni = tree_model.evaluate(model, uniform)
     _table("natural trees", res_nat)
     _table("uniform depth 1…15", res_uni)
 
-    x = tt.prompt_tensor(natural[:256])
+    x = tree_task.prompt_tensor(natural[:256])
     with torch.inference_mode():
         model(x)
         t = time.perf_counter()
@@ -80,7 +80,7 @@ def main() -> int:
         t = time.perf_counter()
         loaded = load_model(ModelSpec("tree", device="cpu"))
         bl = time.perf_counter() - t
-        res_b = tt.evaluate(loaded, natural[:500])
+        res_b = tree_model.evaluate(loaded, natural[:500])
         same = bool((res_b.correct == res_nat.correct[:500]).all())
         print(f"\nbridge (compatibility mode): load {bl:.2f} s; 500 trees decoded in {res_b.seconds:.2f} s; "
               f"accuracy {res_b.accuracy:.4f}; per-tree correctness identical to the plain model: {same}")

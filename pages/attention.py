@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 import glue
-from probing_core import attention
+from probing_core.analyses import attention
 from probing_core.plots import attention as plots
 
 st.title("👀 Attention")

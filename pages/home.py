@@ -3,7 +3,7 @@ import pandas as pd
 import streamlit as st
 
 import glue
-from probing_core.activations import build_cache
+from probing_core.store.activations import build_cache
 
 st.title("🔬 Probing dashboard")
 st.caption("Cache a model's activations once, then probe them: R² curves, sparse L1 paths, layer accuracy, attention and the logit lens.")

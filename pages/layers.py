@@ -1,12 +1,11 @@
 """Layer probes: accuracy of a categorical probe at every hook (layer) and position; tree edge preset."""
 import json
-import threading
 
 import pandas as pd
 import streamlit as st
 
 import glue
-from probing_core import layer_probes as lp
+from probing_core.analyses import layer_probes as lp
 from probing_core.plots import layers as plots
 
 st.title("🧱 Layer probes")
@@ -21,31 +20,13 @@ glue.explain(
 model = glue.selected_model()
 
 
-@st.cache_resource
-def _results() -> tuple[threading.Lock, dict]:
-    """Probe results shared by every session (insertion-ordered; the oldest is dropped past 16)."""
-    return threading.Lock(), {}
-
-
 def _probe(key: str, hooks: tuple, label: lp.LayerLabelSpec, pos: lp.PositionSpec, C: float, test_fraction: float, seed: int):
-    """A cached result, or a fresh fit with a live progress bar per hook (not inside st.cache_*: its bar is live)."""
-    lock, results = _results()
-    k = repr((key, hooks, label, pos, C, test_fraction, seed))
-    with lock:
-        res = results.get(k)
-    if res is not None:
-        return res
-    update, done = glue.progress_bar("Fitting one probe per hook")
-    try:
-        res = lp.probe_layers(glue.get_entry(key), list(hooks), label, pos, C=C, test_fraction=test_fraction, seed=seed,
-                              progress=update)
-    finally:
-        done()
-    with lock:
-        results[k] = res
-        while len(results) > 16:
-            results.pop(next(iter(results)))
-    return res
+    """A shared result, or a fresh fit with a live progress bar per hook."""
+    return glue.shared_result(
+        "layer_probes", repr((key, hooks, label, pos, C, test_fraction, seed)),
+        lambda progress: lp.probe_layers(glue.get_entry(key), list(hooks), label, pos, C=C, test_fraction=test_fraction,
+                                         seed=seed, progress=progress),
+        keep=16, label="Fitting one probe per hook")
 
 
 @st.cache_data(max_entries=4, show_spinner="Probing the edges at every layer…")

@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 import glue
-from probing_core import lens
+from probing_core.analyses import lens
 from probing_core.plots import lens as plots
 
 st.title("🔭 Logit lens")

@@ -1,15 +1,14 @@
 """Regression probes: R² across layers, embedding regression over the vocabulary, probe transfer."""
 import json
-import threading
 
 import pandas as pd
 import streamlit as st
 
 import glue
-from probing_core import regression as reg
-from probing_core.labels import LABELS, LabelSpec
+from probing_core.analyses import regression as reg
+from probing_core.data.labels import LABELS, LabelSpec
 from probing_core.plots import regression as plots
-from probing_core.ridge import DEFAULT_ALPHAS
+from probing_core.solvers.ridge import DEFAULT_ALPHAS
 
 st.title("📈 Regression probes")
 glue.explain(
@@ -27,41 +26,19 @@ ALPHAS = [float(a) for a in DEFAULT_ALPHAS]
 GRID = {f"{a:.3g}".replace("e+0", "e").replace("e+", "e"): a for a in ALPHAS}  # URL-safe labels ("1e6", no "+")
 
 
-@st.cache_resource(max_entries=4, show_spinner=False)
-def _decomp_slot(key: str, hooks: tuple, rule: str, cv: int, seed: int) -> list:
-    """Label-independent decompositions for these rows/split, reused when only the label changes."""
-    return []
-
-
-@st.cache_resource(show_spinner=False)
-def _runs() -> tuple[threading.Lock, dict]:
-    """Fitted runs shared by every session (insertion-ordered; the oldest is dropped past 3)."""
-    return threading.Lock(), {}
-
-
 def _fit(key: str, hooks: tuple, label: LabelSpec, rule: str, cv: int, seed: int) -> reg.RegressionRun:
-    """A cached run, or a fresh fit with a progress bar per hook (not inside st.cache_*: its bar is live)."""
-    lock, runs = _runs()
-    k = (key, hooks, label, rule, cv, seed)
-    with lock:
-        run = runs.get(k)
-    if run is not None:
-        return run
-    slot = _decomp_slot(key, hooks, rule, cv, seed)
-    verb = "Refitting for the new label" if slot else "Fitting ridge probes on every hook (all α at once)"
-    update, done = glue.progress_bar(verb)
-    try:
+    """A shared run, or a fresh fit; the label-independent decompositions are reused across labels."""
+    slot = glue.shared_slot("reg_decompositions", (key, hooks, rule, cv, seed), keep=4)
+
+    def fit(progress):
         run = reg.run_regression(glue.get_entry(key), list(hooks), label, rule, alphas=ALPHAS, cv=cv, seed=seed,
-                                 decompositions=slot, progress=update)
-    finally:
-        done()
-    if all(d is not run.decompositions for d in slot):
-        slot[:] = [run.decompositions, *slot][:3]  # bounded; identical content for every session
-    with lock:
-        runs[k] = run
-        while len(runs) > 3:
-            runs.pop(next(iter(runs)))
-    return run
+                                 decompositions=slot, progress=progress)
+        if all(d is not run.decompositions for d in slot):
+            slot[:] = [run.decompositions, *slot][:3]  # bounded; identical content for every session
+        return run
+
+    verb = "Refitting for the new label" if slot else "Fitting ridge probes on every hook (all α at once)"
+    return glue.shared_result("reg_runs", (key, hooks, label, rule, cv, seed), fit, keep=3, label=verb)
 
 
 @st.cache_data(max_entries=4, show_spinner="Regressing token properties from W_E over the vocabulary…")
@@ -74,28 +51,7 @@ def _transfer(_model, key: str, label: LabelSpec, rule: str, alpha: float, sourc
     return reg.probe_transfer(_model, glue.get_entry(key), label, rule, alpha=alpha, source=source)
 
 
-# ---- label and tokens (shared by the layer curve and the transfer) ----------------------------
-names = [n for n in LABELS if n != "column" or acts.columns()]
-c1, c2, c3 = st.columns([2, 2, 3])
-name = c1.selectbox("Label", names, index=names.index("length"), format_func=lambda n: LABELS[n].title, key="reg_label",
-                    bind=Q, help="; ".join(f"{i.title}: {i.description}" for i in LABELS.values()))
-kind = c2.radio("Tokens", ["all", "last", "match"], horizontal=True, key="reg_positions", bind=Q,
-                format_func={"all": "every token", "last": "last of each row", "match": "matching…"}.get)
-rule = kind
-if kind == "match":
-    rule = "match:" + c3.text_input("Tokens to probe (comma-separated; mind leading spaces)", " the, a", key="reg_match", bind=Q)
-params = {}
-for p, default in LABELS[name].params.items():
-    k = f"reg_{name}_{p}"
-    if p == "drop_missing" or isinstance(default, bool):
-        params[p] = c3.checkbox(p.replace("_", " "), bool(default), key=k, bind=Q)
-    elif isinstance(default, str):
-        params[p] = c3.text_input(p.replace("_", " "), default, key=k, bind=Q) or None
-    else:
-        params[p] = c3.number_input(p.replace("_", " ") + " (empty = none)", min_value=0, value=default, step=1, key=k, bind=Q)
-if name == "column":
-    params["column"] = c3.selectbox("column", list(acts.columns()), key="reg_column", bind=Q)
-label = LabelSpec.make(name, **{p: (int(v) if isinstance(v, float) else v) for p, v in params.items()})
+label, rule, name = glue.token_label_picker(acts, page="reg")
 
 t1, t2, t3 = st.tabs(["R² across layers", "Embedding regression", "Probe transfer"], key="reg_tab", bind=Q, on_change="rerun")
 

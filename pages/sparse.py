@@ -3,7 +3,7 @@ import pandas as pd
 import streamlit as st
 
 import glue
-from probing_core import sparse
+from probing_core.analyses import sparse
 from probing_core.plots import sparse as plots
 
 st.title("✂️ Sparse probing")

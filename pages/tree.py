@@ -4,7 +4,7 @@ import pandas as pd
 import streamlit as st
 
 import glue
-from probing_core import tree_task
+from probing_core.tree import model as tree_model, task as tree_task
 from probing_core.models import ModelSpec
 from probing_core.plots.tree import plot_tree
 
@@ -19,27 +19,27 @@ glue.explain(
     "page shows where in the model each edge's two nodes can be read out."
 )
 
-if not tree_task.checkpoint_available():
+if not tree_model.checkpoint_available():
     st.warning(
-        "The tree-search checkpoint is not there yet (expected in `probing_core/checkpoints/tree_search/`). "
+        "The tree-search checkpoint is not there yet (expected in `probing_core/tree/checkpoints/tree_search/`). "
         "Train it with `python -m probing_core train-tree`, then reload this page."
     )
     st.stop()
 with glue.user_errors():
     model = glue.get_model(ModelSpec("tree"))
-    trained_n = tree_task.trained_n_nodes()
+    trained_n = tree_model.trained_n_nodes()
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def _predict(key: str, seed: int, n_nodes: int, depth: int | None, text: str) -> tuple[tree_task.TreeSample, list[int]]:
     sample = tree_task.parse_sample(text) if text else tree_task.generate_tree(np.random.default_rng(seed), n_nodes, depth)
-    return sample, tree_task.predict_path(model, sample)
+    return sample, tree_model.predict_path(model, sample)
 
 
 @st.cache_data(max_entries=8, show_spinner="Decoding the test set…")
 def _accuracy(key: str, seed: int, n_samples: int, n_nodes: int) -> dict:
     samples = tree_task.make_dataset(n_samples, seed, n_nodes, depths=list(range(1, n_nodes)), natural_fraction=0.0)
-    return tree_task.evaluate(model, samples).to_json()
+    return tree_model.evaluate(model, samples).to_json()
 
 
 st.subheader("One puzzle")

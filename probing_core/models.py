@@ -520,7 +520,7 @@ def load_model(
         tokenizer = ByteTokenizer()
         ident = f"native:{spec.name}"
     elif spec.kind == "tree":
-        from probing_core.tree_task import load_tree_bridge
+        from probing_core.tree.model import load_tree_bridge
 
         bridge, tokenizer = load_tree_bridge(device=device, dtype=dtype)
         ident = "tree"
@@ -597,7 +597,7 @@ def model_catalog() -> list[CatalogEntry]:
         CatalogEntry("embedded", ModelSpec("embedded"), "SmolLM2-135M-Instruct from the embedded GGUF; 30 layers, d_model 576. Works offline.", True),
     ]
     try:
-        from probing_core.tree_task import checkpoint_available
+        from probing_core.tree.model import checkpoint_available
 
         if checkpoint_available():
             entries.append(CatalogEntry("tree", ModelSpec("tree"), "Tree-search path-finding transformer trained by this project (shipped checkpoint).", True))

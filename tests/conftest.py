@@ -15,10 +15,10 @@ os.environ.setdefault("PROBING_CACHE_DIR", str(REPO / ".test-cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from probing_core.activations import build_cache  # noqa: E402
-from probing_core.datasets import DatasetSpec, load_dataset  # noqa: E402
+from probing_core.store.activations import build_cache  # noqa: E402
+from probing_core.data.datasets import DatasetSpec, load_dataset  # noqa: E402
 from probing_core.models import LoadedModel, ModelSpec, load_model, tiny_native_config  # noqa: E402
-from probing_core.store import ActivationStore  # noqa: E402
+from probing_core.store.entries import ActivationStore  # noqa: E402
 
 TINY_HOOK_FAMILIES = ("embed", "resid_pre", "resid_mid", "resid_post", "mlp_post")
 

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from probing_core.datasets import Dataset, DatasetSpec, load_dataset
+from probing_core.data.datasets import Dataset, DatasetSpec, load_dataset
 from probing_core.errors import DatasetError
 from probing_core.models import LoadedModel, load_model, spec_from_cli
-from probing_core.store import DEFAULT_SIZE_LIMIT, ActivationStore
+from probing_core.store.entries import DEFAULT_SIZE_LIMIT, ActivationStore
 from probing_core.models import default_cache_root
 
 

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from probing_core import attention
+from probing_core.analyses import attention
 from probing_core.cli._common import add_json_arg, add_model_args, add_store_args, open_model, print_json, print_table
 from probing_core.errors import InputError
 

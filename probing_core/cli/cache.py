@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from probing_core.activations import build_cache, export_entry
+from probing_core.store.activations import build_cache, export_entry
 from probing_core.cli._common import (
     add_dataset_args,
     add_json_arg,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from probing_core.cli._common import add_json_arg, print_json, print_table
-from probing_core.datasets import dataset_catalog
+from probing_core.data.datasets import dataset_catalog
 from probing_core.models import model_catalog
 
 

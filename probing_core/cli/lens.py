@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from probing_core import lens
+from probing_core.analyses import lens
 from probing_core.errors import InputError
 from probing_core.cli._common import add_json_arg, add_model_args, add_store_args, open_model, print_json, print_table
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from probing_core import layer_probes as lp
-from probing_core.activations import build_cache, open_entry
+from probing_core.analyses import layer_probes as lp
+from probing_core.store.activations import build_cache, open_entry
 from probing_core.cli._common import (
     add_dataset_args,
     add_json_arg,

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from probing_core.activations import build_cache, open_entry
+from probing_core.store.activations import build_cache, open_entry
 from probing_core.cli._common import (
     add_dataset_args,
     add_json_arg,
@@ -22,9 +22,9 @@ from probing_core.cli._common import (
 )
 from probing_core.cli.cache import resolve_hooks
 from probing_core.errors import InputError
-from probing_core.labels import LABELS, LabelSpec
-from probing_core.regression import PositionRule, run_regression
-from probing_core.ridge import DEFAULT_ALPHAS
+from probing_core.data.labels import LABELS, LabelSpec
+from probing_core.analyses.regression import PositionRule, run_regression
+from probing_core.solvers.ridge import DEFAULT_ALPHAS
 
 DEFAULT_FAMILIES = ["embed", "resid_pre", "resid_mid", "resid_post"]
 

@@ -5,8 +5,8 @@ import argparse
 
 import numpy as np
 
-from probing_core import sparse
-from probing_core.activations import build_cache, open_entry
+from probing_core.analyses import sparse
+from probing_core.store.activations import build_cache, open_entry
 from probing_core.cli._common import (
     add_dataset_args,
     add_json_arg,

@@ -2,7 +2,7 @@
 
 Example (what made the shipped checkpoint is recorded in its model_card.md)::
 
-    python -m probing_core train-tree --steps 3000 --seed 0 --out probing_core/checkpoints/tree_search
+    python -m probing_core train-tree --steps 3000 --seed 0 --out probing_core/tree/checkpoints/tree_search
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps (default 3000)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and data (default 0)")
     p.add_argument("--n-nodes", type=int, default=16, help="tree size, 2…16 (default 16)")
-    p.add_argument("--out", default="probing_core/checkpoints/tree_search", help="output folder")
+    p.add_argument("--out", default="probing_core/tree/checkpoints/tree_search", help="output folder")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--eval-samples", type=int, default=1000, help="held-out trees for the final evaluation (0 = skip)")
     p.add_argument("--eval-seed", type=int, default=10_000, help="seed of the held-out trees")
@@ -54,14 +54,14 @@ def register(subparsers: Any) -> None:
 
 def run_train_tree(args: argparse.Namespace) -> int:
     """Handler: train, evaluate by depth, save. Returns the exit status."""
-    from probing_core import tree_task as tt
+    from probing_core.tree import model as tree_model, task as tree_task, train as tree_train
 
     if args.threads < 1:
         raise InputError("--threads must be ≥ 1.")
     if args.device != "cpu" and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {args.device} asked for but no CUDA GPU is visible; use --device cpu.")
     torch.set_num_threads(args.threads)
-    cfg = tt.TreeTrainConfig(
+    cfg = tree_train.TreeTrainConfig(
         n_nodes=args.n_nodes, n_layers=args.n_layers, d_model=args.d_model, n_heads=args.n_heads,
         d_mlp=args.d_mlp, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         warmup_steps=args.warmup_steps, natural_fraction=args.natural_fraction,
@@ -70,18 +70,18 @@ def run_train_tree(args: argparse.Namespace) -> int:
     out = Path(args.out)
     init_state = None
     if args.init_from:
-        init_state = tt.load_native_model(Path(args.init_from)).state_dict()
+        init_state = tree_model.load_native_model(Path(args.init_from)).state_dict()
     t_start = time.perf_counter()
 
     def snapshot(model: torch.nn.Module, step: int, losses: list[float]) -> None:
         tail = losses[-50:]
-        tt.save_checkpoint(model, cfg, out, training={
+        tree_train.save_checkpoint(model, cfg, out, training={
             "steps_done": step, "seconds": round(time.perf_counter() - t_start, 1),
             "final_loss": sum(tail) / len(tail), "partial": True,
         })
         print(f"\n[train-tree] step {step}: saved to {out} (loss {sum(tail) / len(tail):.4f})", file=sys.stderr)
 
-    res = tt.train_tree_model(
+    res = tree_train.train_tree_model(
         cfg, progress=not args.no_progress,
         max_seconds=args.max_minutes * 60 if args.max_minutes else None,
         on_checkpoint=snapshot, checkpoint_every=args.checkpoint_every, init_state=init_state,
@@ -100,12 +100,12 @@ def run_train_tree(args: argparse.Namespace) -> int:
     }
     evals: dict[str, Any] = {}
     if args.eval_samples > 0:
-        natural = tt.make_dataset(args.eval_samples, args.eval_seed, n_nodes=args.n_nodes)
-        uniform = tt.make_dataset(args.eval_samples, args.eval_seed + 1, n_nodes=args.n_nodes,
+        natural = tree_task.make_dataset(args.eval_samples, args.eval_seed, n_nodes=args.n_nodes)
+        uniform = tree_task.make_dataset(args.eval_samples, args.eval_seed + 1, n_nodes=args.n_nodes,
                                   depths=list(range(1, args.n_nodes)), natural_fraction=0.0)
-        evals["natural"] = tt.evaluate(res.model, natural).to_json()
-        evals["uniform_depth"] = tt.evaluate(res.model, uniform).to_json()
+        evals["natural"] = tree_model.evaluate(res.model, natural).to_json()
+        evals["uniform_depth"] = tree_model.evaluate(res.model, uniform).to_json()
         evals["eval_seed"] = args.eval_seed
-    tt.save_checkpoint(res.model, cfg, out, training=training, eval_results=evals)
+    tree_train.save_checkpoint(res.model, cfg, out, training=training, eval_results=evals)
     print(json.dumps({"out": str(out), "training": training, "eval": evals}, indent=1))
     return 0

@@ -1,4 +1,4 @@
-"""Figures for attention patterns and head scores (inputs: results of :mod:`probing_core.attention`)."""
+"""Figures for attention patterns and head scores (inputs: results of :mod:`probing_core.analyses.attention`)."""
 from __future__ import annotations
 
 import html
@@ -7,7 +7,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from probing_core.attention import HeadScores
+from probing_core.analyses.attention import HeadScores
 
 _TITLES = {
     "entropy": "entropy (nats)",

@@ -1,10 +1,10 @@
-"""Figures for layer probes (probing_core.layer_probes): accuracy heatmap and accuracy-vs-layer lines."""
+"""Figures for layer probes (probing_core.analyses.layer_probes): accuracy heatmap and accuracy-vs-layer lines."""
 from __future__ import annotations
 
 import numpy as np
 import plotly.graph_objects as go
 
-from probing_core.layer_probes import LayerAccuracyResult
+from probing_core.analyses.layer_probes import LayerAccuracyResult
 
 __all__ = ["accuracy_heatmap", "accuracy_lines", "short_hook"]
 

@@ -1,4 +1,4 @@
-"""Figures for the logit lens and logit attribution (inputs: results of :mod:`probing_core.lens`)."""
+"""Figures for the logit lens and logit attribution (inputs: results of :mod:`probing_core.analyses.lens`)."""
 from __future__ import annotations
 
 import html
@@ -6,7 +6,7 @@ import html
 import numpy as np
 import plotly.graph_objects as go
 
-from probing_core.lens import AttributionResult, LogitDiffResult, LogitLensResult, NextTokenResult
+from probing_core.analyses.lens import AttributionResult, LogitDiffResult, LogitLensResult, NextTokenResult
 
 
 def _show(tok: str) -> str:

@@ -1,4 +1,4 @@
-"""Figures for regression probes. Compute returns arrays (probing_core.ridge); these return figures."""
+"""Figures for regression probes. Compute returns arrays (probing_core.solvers.ridge); these return figures."""
 from __future__ import annotations
 
 from typing import Mapping, Sequence
@@ -6,7 +6,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import plotly.graph_objects as go
 
-from probing_core.ridge import RidgePathResult, TransferResult
+from probing_core.solvers.ridge import RidgePathResult, TransferResult
 
 __all__ = ["r2_curve", "r2_by_hook", "abs_r2_log", "transfer_curve", "predicted_vs_true", "label_histogram", "r2_vs_alpha"]
 

@@ -1,4 +1,4 @@
-"""Figures for sparse (L1 / elastic-net) logistic probes. Compute lives in ``probing_core.logistic``.
+"""Figures for sparse (L1 / elastic-net) logistic probes. Compute lives in ``probing_core.solvers.logistic_path``.
 
 Every function takes result arrays and returns a ``plotly.graph_objects.Figure``.
 """
@@ -10,7 +10,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from probing_core.logistic import LogisticPathResult
+from probing_core.solvers.logistic_path import LogisticPathResult
 
 _NZ = "#2a9d8f"
 _ZERO = "#e63946"

@@ -5,7 +5,7 @@ from typing import Sequence
 
 import plotly.graph_objects as go
 
-from probing_core.tree_task import TreeSample
+from probing_core.tree.task import TreeSample
 
 _TRUE = "#2ca02c"
 _PRED_OK = "#1f77b4"
@@ -46,7 +46,7 @@ def plot_tree(sample: TreeSample, predicted_path: Sequence[int] | None = None, t
 
     Args:
         sample: the task instance.
-        predicted_path: nodes from the root (root included, as :func:`tree_task.predict_path`
+        predicted_path: nodes from the root (root included, as :func:`tree_model.predict_path`
             returns); ``-1`` entries (a non-node token) and edges not in the tree are drawn as
             dashed red jumps.
         title: figure title (default: goal, depth and whether the prediction is right).

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from probing_core.activations import build_cache
-from probing_core.datasets import DatasetSpec, load_dataset
+from probing_core.store.activations import build_cache
+from probing_core.data.datasets import DatasetSpec, load_dataset
 from probing_core.models import ModelSpec, load_model, tiny_native_config
-from probing_core.store import ActivationStore
+from probing_core.store.entries import ActivationStore
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = "tiny native model"
@@ -66,7 +66,7 @@ def test_bad_positions_show_error(at: AppTest):
     assert not at.exception and at.error and "integers" in at.error[0].value
 
 
-@pytest.mark.skipif(not __import__("probing_core.tree_task").tree_task.checkpoint_available(),
+@pytest.mark.skipif(not __import__("probing_core.tree.model").tree.model.checkpoint_available(),
                     reason="tree-search checkpoint not trained yet")
 def test_tree_edge_preset():
     app = AppTest.from_file(str(REPO / "app.py"), default_timeout=300)

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from probing_core.activations import build_cache
-from probing_core.datasets import DatasetSpec, load_dataset
+from probing_core.store.activations import build_cache
+from probing_core.data.datasets import DatasetSpec, load_dataset
 from probing_core.models import ModelSpec, load_model, tiny_native_config
-from probing_core.store import ActivationStore
+from probing_core.store.entries import ActivationStore
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = "tiny native model"

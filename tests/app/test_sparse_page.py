@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from probing_core.activations import build_cache
-from probing_core.store import ActivationStore
+from probing_core.store.activations import build_cache
+from probing_core.store.entries import ActivationStore
 
 REPO = Path(__file__).resolve().parents[2]
 

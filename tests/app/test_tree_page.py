@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from probing_core import tree_task
+from probing_core.tree import model as tree_model
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = "tiny native model"
 
-pytestmark = pytest.mark.skipif(not tree_task.checkpoint_available(), reason="tree-search checkpoint not trained yet")
+pytestmark = pytest.mark.skipif(not tree_model.checkpoint_available(), reason="tree-search checkpoint not trained yet")
 
 
 @pytest.fixture()

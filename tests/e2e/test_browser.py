@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from probing_core.store import ActivationStore
+from probing_core.store.entries import ActivationStore
 from tests.e2e.conftest import (
     REPO,
     app_pages,

@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import math
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from probing_core import attention as att
+from probing_core.analyses import attention as att
 from probing_core.errors import InputError
-from probing_core.models import ModelSpec, load_model, tiny_native_config
 
 
 @pytest.fixture(scope="module")

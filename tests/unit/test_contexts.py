@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from probing_core.contexts import mine_contexts, resolve_token_set
+from probing_core.data.contexts import mine_contexts, resolve_token_set
 from probing_core.errors import LabelError
 
 # A toy vocabulary: id -> text
@@ -62,8 +62,8 @@ def test_resolve_token_set_says_what_a_string_splits_into():
 
 
 def test_on_a_real_cache_entry(tiny_model, tiny_entry):
-    from probing_core.activations import open_entry
-    from probing_core import sparse
+    from probing_core.store.activations import open_entry
+    from probing_core.analyses import sparse
 
     store, entry = tiny_entry
     acts = open_entry(store, entry.key)

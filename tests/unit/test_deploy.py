@@ -20,7 +20,7 @@ import pytest
 import yaml
 from streamlit import config as st_config
 
-from probing_core.datasets import MAX_UPLOAD_BYTES
+from probing_core.data.datasets import MAX_UPLOAD_BYTES
 
 REPO = Path(__file__).resolve().parents[2]
 CUDA_INDEX = "https://download.pytorch.org/whl/cu128"

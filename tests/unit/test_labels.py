@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from probing_core.errors import LabelError
-from probing_core.labels import LABELS, LabelSpec, compute_labels, detect_space_marker
+from probing_core.data.labels import LABELS, LabelSpec, compute_labels, detect_space_marker
 
 GPT2 = ["Ġthe", "The", "Ġan", "123", "Ġ42", "7", "Ġ1000000", "hello", "ĠParis", "!", "ĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠ"]
 SP = ["▁the", "The", "▁an", "123", "▁42", "7", "▁Paris", "ing", "▁▁"]

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from probing_core import logistic, tree_task
-from probing_core.activations import build_cache, open_entry
-from probing_core.datasets import DatasetSpec, make_dataset
+from probing_core.solvers import splits
+from probing_core.tree import model as tree_model, task as tree_task
+from probing_core.store.activations import build_cache, open_entry
+from probing_core.data.datasets import DatasetSpec, make_dataset
 from probing_core.errors import HookError, InputError, LabelError
-from probing_core.layer_probes import (
+from probing_core.analyses.layer_probes import (
     LayerLabelSpec,
     PositionSpec,
     ProbeTask,
@@ -59,7 +60,7 @@ def test_agrees_with_sklearn_on_one_hook(acts):
     keep, _, _ = keep_top_classes(y, 6)
     rows, y = rows[keep], y[keep]
     _, codes = np.unique(y, return_inverse=True)
-    tr, te = logistic.stratified_split(codes, test_fraction=0.3, seed=3)
+    tr, te = splits.stratified_split(codes, test_fraction=0.3, seed=3)
     X = np.asarray(acts.hook("blocks.1.hook_resid_post")[rows], dtype=np.float64)
     mu, sd = X[tr].mean(0), X[tr].std(0)
     Xs = (X - mu) / np.where(sd < 1e-12, 1, sd)
@@ -149,7 +150,7 @@ def random_tree_model() -> LoadedModel:
     """An untrained model over the tree vocabulary (the preset's machinery without the checkpoint)."""
     from transformer_lens.model_bridge import TransformerBridge
 
-    cfg = tree_task.model_config(n_layers=2, d_model=32, n_heads=1, d_mlp=64, seed=0)
+    cfg = tree_model.model_config(n_layers=2, d_model=32, n_heads=1, d_mlp=64, seed=0)
     bridge = TransformerBridge.boot_native(cfg, device="cpu")
     bridge.enable_compatibility_mode()
     bridge.eval()
@@ -172,7 +173,7 @@ def test_tree_preset_on_random_model(random_tree_model, store):
         probe_tree_edges(acts, tree_edge_samples(61, seed=1, n_nodes=16))
 
 
-@pytest.mark.skipif(not tree_task.checkpoint_available(), reason="tree-search checkpoint not trained yet")
+@pytest.mark.skipif(not tree_model.checkpoint_available(), reason="tree-search checkpoint not trained yet")
 def test_tree_preset_on_checkpoint(store):
     model = load_model(ModelSpec("tree"))
     res = run_tree_edge_preset(model, store, n_samples=150, seed=0)

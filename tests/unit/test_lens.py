@@ -1,16 +1,13 @@
 """Logit lens, next-token view, logit difference and attribution on real (tiny and embedded) models."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from probing_core import lens
+from probing_core.analyses import lens
 from probing_core.errors import InputError
-from probing_core.models import ModelSpec, load_model, tiny_native_config
 
 
 @pytest.fixture(scope="module")

@@ -12,19 +12,9 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from probing_core.errors import LabelError, ProbeError
-from probing_core.logistic import (
-    LogisticProbe,
-    classification_report_dict,
-    control_labels,
-    default_Cs,
-    fit_control_task,
-    fit_logistic_path,
-    fit_multiclass_all_hooks,
-    refit_at_C,
-    selection_frequency,
-    stratified_kfold,
-    stratified_split,
-)
+from probing_core.solvers.logistic_path import LogisticProbe, classification_report_dict, default_Cs, fit_control_task, fit_logistic_path, refit_at_C, selection_frequency
+from probing_core.solvers.splits import control_labels, stratified_kfold, stratified_split
+from probing_core.solvers.multiclass import fit_multiclass_all_hooks
 
 
 def planted_binary(n: int = 600, d: int = 300, k: int = 6, noise: float = 0.7, seed: int = 0):

@@ -1,4 +1,4 @@
-"""The active-set Newton L1 path (probing_core.l1path) against scikit-learn's liblinear.
+"""The active-set Newton L1 path (probing_core.solvers.l1_newton) against scikit-learn's liblinear.
 
 Real data: MLP neurons (``blocks.3.mlp.hook_post``, 1,536 wide) of the embedded model on the
 pydoc corpus, label = "the next token starts a new word" — fewer samples than neurons, the
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from probing_core.activations import build_cache, open_entry
-from probing_core.l1path import newton_l1_path
-from probing_core.logistic import _Scaler, _solve_path, default_Cs, fit_logistic_path
-from probing_core.store import ActivationStore
+from probing_core.store.activations import build_cache, open_entry
+from probing_core.solvers.l1_newton import newton_l1_path
+from probing_core.solvers.logistic_path import _Scaler, _solve_path, default_Cs, fit_logistic_path
+from probing_core.store.entries import ActivationStore
 
 HOOK = "blocks.3.mlp.hook_post"
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from probing_core.activations import build_cache, open_entry
-from probing_core.datasets import (
+from probing_core.store.activations import build_cache, open_entry
+from probing_core.data.datasets import (
     MAX_UPLOAD_BYTES,
     DatasetSpec,
     load_dataset,

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from probing_core import logistic
+from probing_core.solvers import multiclass
 from probing_core.errors import ProbeError
-from probing_core.logistic import fit_multiclass_all_hooks
+from probing_core.solvers.multiclass import fit_multiclass_all_hooks
 
 
 def _hooks(n: int = 1200, d: int = 20, K: int = 4, H: int = 3, seed: int = 0):
@@ -53,7 +53,7 @@ def test_rows_gathered_in_several_blocks_give_sklearns_coefficients():
     hooks, y = _hooks(n=6000, d=64, H=1)
     X = hooks["h0"]
     X[:, 2] += 1000.0
-    assert logistic._block_rows(64) < 4200 < 2 * logistic._block_rows(64)
+    assert multiclass._block_rows(64) < 4200 < 2 * multiclass._block_rows(64)
     r = fit_multiclass_all_hooks(hooks, y, C=1.0, precision="fp32", tol=1e-8, max_iter=1000)
     tr = r.train_idx
     mu, sd = X[tr].astype(np.float64).mean(0), X[tr].astype(np.float64).std(0)
@@ -66,7 +66,7 @@ def test_rows_gathered_in_several_blocks_give_sklearns_coefficients():
 
 def test_workers_give_the_serial_result_and_report_progress(monkeypatch):
     hooks, y = _hooks(H=4)
-    monkeypatch.setattr(logistic, "_PARALLEL_WORK", 0)  # this small fit would otherwise run serially
+    monkeypatch.setattr(multiclass, "_PARALLEL_WORK", 0)  # this small fit would otherwise run serially
     seen = []
     monkeypatch.setenv("PROBING_THREADS", "1")
     one = fit_multiclass_all_hooks(hooks, y, precision="fp32")
@@ -191,8 +191,8 @@ def test_bf16_solve_stops_on_exact_figures_whichever_way_it_finishes():
         T = torch.nn.functional.one_hot(torch.as_tensor(y), K).float()
         sols = {}
         for low in (True, False):
-            data = logistic._HookData(X, torch.arange(n), True, low, {})
-            sols[low] = logistic._lbfgs_hook(data, T, torch.as_tensor(y).view(-1, 1), 1.0, np.zeros((d, K)),
+            data = multiclass._HookData(X, torch.arange(n), True, low, {})
+            sols[low] = multiclass._lbfgs_hook(data, T, torch.as_tensor(y).view(-1, 1), 1.0, np.zeros((d, K)),
                                              np.zeros(K), P=None, bscale=1.0, tol=tol, max_iter=500)
             if low:
                 ways.add("bf16 only" if data.low and sols[low].n_checks == 1 else
@@ -203,7 +203,7 @@ def test_bf16_solve_stops_on_exact_figures_whichever_way_it_finishes():
         # Both solutions are within tol of the same optimum: their decisions agree on all but a few rows.
         agree = (s.Z.argmax(1) == sols[False].Z.argmax(1)).float().mean()
         assert agree >= 0.995, agree
-    if logistic._bf16_matmul_is_fast():  # the paths taken depend on the GEMM's rounding
+    if multiclass._bf16_matmul_is_fast():  # the paths taken depend on the GEMM's rounding
         assert {"went on in bf16", "moved to fp32"} <= ways, ways
 
 
@@ -214,8 +214,8 @@ def test_row_softmax_equals_torchs_including_rows_that_would_overflow(m):
     rng = np.random.default_rng(m)
     Z = torch.as_tensor(rng.standard_normal((500, m)) * 10, dtype=torch.float32)
     ref = torch.softmax(Z.double(), dim=1)
-    torch.testing.assert_close(logistic._softmax_rows(Z.clone()).double(), ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(multiclass._softmax_rows(Z.clone()).double(), ref, atol=1e-6, rtol=1e-5)
     Z[7, 0] = 400.0  # max - mean > 88: exp overflows unless shifted by the max
-    out = logistic._softmax_rows(Z.clone())
+    out = multiclass._softmax_rows(Z.clone())
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), torch.softmax(Z.double(), dim=1), atol=1e-6, rtol=1e-5)

@@ -6,13 +6,13 @@ import json
 import numpy as np
 import pytest
 
-from probing_core.activations import build_cache, open_entry
+from probing_core.store.activations import build_cache, open_entry
 from probing_core.cli import main
 from probing_core.cli.probe_regression import coerce_value, parse_label_params
-from probing_core.datasets import DatasetSpec, make_dataset
+from probing_core.data.datasets import DatasetSpec, make_dataset
 from probing_core.errors import HookError, InputError, LabelError, ProbeError
-from probing_core.labels import LabelSpec
-from probing_core.regression import (
+from probing_core.data.labels import LabelSpec
+from probing_core.analyses.regression import (
     PositionRule,
     curve_rows,
     embedding_regression,

@@ -10,9 +10,9 @@ import pytest
 from sklearn.linear_model import LinearRegression, Ridge, RidgeCV
 from sklearn.model_selection import PredefinedSplit, cross_val_score
 
-from probing_core import ridge
+from probing_core.solvers import ridge
 from probing_core.errors import ProbeError
-from probing_core.ridge import (
+from probing_core.solvers.ridge import (
     check_alphas,
     decompose_ridge,
     fit_ridge_path,

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from probing_core.activations import build_cache, cache_key, export_entry, open_entry
-from probing_core.datasets import DatasetSpec, make_dataset, tokenize_dataset
+from probing_core.store.activations import build_cache, cache_key, export_entry, open_entry
+from probing_core.data.datasets import DatasetSpec, make_dataset, tokenize_dataset
 from probing_core.errors import HookError, InputError, StoreError
 from probing_core.models import ModelSpec, load_model, tiny_native_config
-from probing_core.store import ActivationStore
+from probing_core.store.entries import ActivationStore
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,7 +46,7 @@ def test_stored_activations_equal_direct_run_with_cache(tiny_model, pydoc_datase
 
 
 def test_vocab_dataset_embed_rows_are_W_E(tiny_model, store):
-    from probing_core.datasets import load_dataset
+    from probing_core.data.datasets import load_dataset
 
     vocab = load_dataset(DatasetSpec("vocab"))
     entry, _ = build_cache(tiny_model, vocab, ["hook_embed"], store=store, max_len=8, max_tokens=None)

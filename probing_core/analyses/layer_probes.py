@@ -29,12 +29,12 @@ from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 
-from probing_core import logistic
-from probing_core.activations import CachedActivations, build_cache, open_entry
-from probing_core.datasets import DatasetSpec, make_dataset
+from probing_core.solvers import multiclass, splits
+from probing_core.store.activations import CachedActivations, build_cache, open_entry
+from probing_core.data.datasets import DatasetSpec, make_dataset
 from probing_core.errors import HookError, InputError, LabelError, ProbeError
 from probing_core.models import LoadedModel
-from probing_core.store import ActivationStore, StoreEntry
+from probing_core.store.entries import ActivationStore, StoreEntry
 
 __all__ = [
     "LayerLabelSpec",
@@ -397,7 +397,7 @@ def _fit_by_width(acts: CachedActivations, hooks: list[str], rows: np.ndarray, y
         # The stored memmaps are read in place, a hook at a time (no stacked copy). No
         # eigen-preconditioner: on SmolLM2's activations it cost more iterations, not fewer.
         X = {hooks[i]: acts.hook(hooks[i]) for i in idx}
-        res = logistic.fit_multiclass_all_hooks(X, y_s, C=C, test_fraction=test_fraction, seed=seed, rows=rows_s,
+        res = multiclass.fit_multiclass_all_hooks(X, y_s, C=C, test_fraction=test_fraction, seed=seed, rows=rows_s,
                                                 progress=tick)
         tr[idx], te[idx], conv[idx] = res.train_accuracy, res.test_accuracy, res.converged
         chance = res.chance
@@ -501,7 +501,7 @@ def probe_tasks(
     selectivity = np.full(H, np.nan)
     if control and first_kept is not None:
         rows, y, types = first_kept
-        yc = logistic.control_labels(types, y, seed=seed)
+        yc = splits.control_labels(types, y, seed=seed)
         _, cnt = np.unique(yc, return_counts=True)
         if cnt.size >= 2 and cnt.min() >= 2:
             if progress:
@@ -608,11 +608,11 @@ _NODE = {"source": "node 0", "target": "node 1"}
 
 def tree_edge_samples(n_samples: int = 400, seed: int = 0, n_nodes: int | None = None) -> list:
     """Seeded natural tree samples for the preset (same arguments → same samples)."""
-    from probing_core import tree_task
+    from probing_core.tree import model as tree_model, task as tree_task
 
     if n_samples < 10:
         raise InputError(f"n_samples={n_samples}: use at least 10 trees (a few hundred give stable accuracies).")
-    return tree_task.make_dataset(n_samples, seed, n_nodes or tree_task.trained_n_nodes())
+    return tree_task.make_dataset(n_samples, seed, n_nodes or tree_model.trained_n_nodes())
 
 
 def build_tree_cache(
@@ -632,7 +632,7 @@ def build_tree_cache(
     Raises:
         ModelError/InputError: the model cannot read tree prompts.
     """
-    from probing_core import tree_task
+    from probing_core.tree import task as tree_task
 
     if not isinstance(model.tokenizer, tree_task.TreeTokenizer):
         raise InputError("the tree edge preset needs the tree-search model (ModelSpec('tree')); pick it in the sidebar.")
@@ -672,7 +672,7 @@ def probe_tree_edges(
     Raises:
         InputError: the entry does not hold these samples.
     """
-    from probing_core import tree_task
+    from probing_core.tree import task as tree_task
 
     if hooks is None:
         hooks = [h for h in acts.hooks if h == "hook_embed" or h.endswith("hook_resid_post")]

@@ -4,7 +4,7 @@ This is the orchestration behind the "Regression probes" page and ``probe regres
 
 * :func:`regression_data` selects token rows (position rule, BOS excluded, label mask) and reads
   each hook's rows from the store lazily (one hook in memory at a time).
-* :func:`run_regression` fits the whole ridge path on every hook (:func:`probing_core.ridge.fit_ridge_path`)
+* :func:`run_regression` fits the whole ridge path on every hook (:func:`probing_core.solvers.ridge.fit_ridge_path`)
   and returns a :class:`RegressionRun` with a JSON manifest. Its ``decompositions`` can be passed
   back to fit another label on the same rows without a new eigendecomposition (the caller keeps
   them; this module holds no state).
@@ -22,11 +22,11 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from probing_core.activations import CachedActivations
+from probing_core.store.activations import CachedActivations
 from probing_core.errors import HookError, LabelError, ProbeError, ProbingError
-from probing_core.labels import LABELS, LabelSpec, compute_labels
+from probing_core.data.labels import LABELS, LabelSpec, compute_labels
 from probing_core.models import LoadedModel
-from probing_core.ridge import (
+from probing_core.solvers.ridge import (
     DEFAULT_ALPHAS,
     RidgeDecomposition,
     RidgePathResult,
@@ -230,7 +230,7 @@ def regression_data(
     Args:
         acts: an opened cache entry.
         hooks: hook names of one width, all present in the entry.
-        label_spec: see :data:`probing_core.labels.LABELS`.
+        label_spec: see :data:`probing_core.data.labels.LABELS`.
         position_rule: :class:`PositionRule` or its text form ("all", "last", "match:TOK,TOK").
 
     Returns:

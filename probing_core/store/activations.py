@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from probing_core import STORE_FORMAT_VERSION, __version__
-from probing_core.datasets import Dataset, TokenBatch, tokenize_dataset
+from probing_core.data.datasets import Dataset, TokenBatch, tokenize_dataset
 from probing_core.errors import HookError, InputError, StoreError
 from probing_core.models import LoadedModel
-from probing_core.store import ActivationStore, StoreEntry, hook_filename
+from probing_core.store.entries import ActivationStore, StoreEntry, hook_filename
 
 #: progress(fraction in [0, 1], message)
 Progress = Callable[[float, str], None]

@@ -10,17 +10,10 @@ from typing import Sequence
 
 import numpy as np
 
-from probing_core.activations import CachedActivations
-from probing_core.contexts import ContextSet, mine_contexts, resolve_token_set
+from probing_core.store.activations import CachedActivations
+from probing_core.data.contexts import ContextSet, mine_contexts, resolve_token_set
 from probing_core.errors import HookError
-from probing_core.logistic import (
-    LogisticPathResult,
-    classification_report_dict,
-    default_Cs,
-    fit_control_task,
-    fit_logistic_path,
-    ControlTaskResult,
-)
+from probing_core.solvers.logistic_path import LogisticPathResult, classification_report_dict, default_Cs, fit_control_task, fit_logistic_path, ControlTaskResult
 
 
 def contexts_for(

@@ -1,6 +1,6 @@
 """Binary L1 / elastic-net logistic path by an active-set (orthant-wise) Newton method.
 
-Same objective as :mod:`probing_core.logistic` (scikit-learn's scaling, unpenalized intercept)::
+Same objective as :mod:`probing_core.solvers.logistic_path` (scikit-learn's scaling, unpenalized intercept)::
 
     F(w, b) = C * sum_i log(1 + exp(-s_i (x_i w + b)))  +  a * ||w||_1  +  (1 - a) / 2 * ||w||^2
 
@@ -27,7 +27,7 @@ One step at a given C:
    coefficient that would change sign is set to exactly zero and leaves the support.
 
 A C that has not reached the tolerance after ``max_newton`` steps (or whose line search
-fails) is returned with its residual; :func:`probing_core.logistic._solve_path` recomputes every
+fails) is returned with its residual; :func:`probing_core.solvers.logistic_path._solve_path` recomputes every
 certificate on the returned coefficients and finishes such a C with its FISTA solver.
 Nothing here imports streamlit.
 """
@@ -224,7 +224,7 @@ def newton_l1_path(
         y: ``(n,)`` labels in {0, 1}.
         Cs: ``(K,)`` C values (C = 1/λ).
         a: L1 weight in (0, 1].
-        tol: KKT tolerance (relative to ``a``, as in :mod:`probing_core.logistic`).
+        tol: KKT tolerance (relative to ``a``, as in :mod:`probing_core.solvers.logistic_path`).
         W0: ``(1, 1, d)`` or ``(K, 1, d)`` warm start; b0 likewise ``(1, 1)`` / ``(K, 1)``.
             Without them the first C starts from zero coefficients and the log-odds intercept.
         max_newton: Newton steps per C before it is handed back unconverged.

@@ -1,0 +1,1 @@
+"""Analyses: one function and one result type per question the pages ask."""

@@ -1,0 +1,1 @@
+"""Text to tokens to labels: datasets, token labels and mined contexts."""

@@ -1,0 +1,703 @@
+"""The all-hooks multiclass probe: one L2 logistic regression per hook, fitted by L-BFGS in worker threads."""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+from scipy.linalg.blas import daxpy, ddot
+import torch
+
+from probing_core.errors import ProbeError
+from probing_core.solvers.splits import check_Cs, check_labels, stratified_split
+from probing_core.threads import map_hooks, single_threaded
+
+
+
+@dataclass(frozen=True)
+class LayerProbeResult:
+    """An L2 logistic probe per hook (one L-BFGS per hook, hooks spread over worker threads).
+
+    H = hooks, m = 1 (two classes) or number of classes, d = features per hook.
+    """
+
+    hooks: list[str]
+    classes: np.ndarray  # (n_classes,)
+    class_counts: dict  # class -> {"train": int, "test": int}
+    train_accuracy: np.ndarray  # (H,)
+    test_accuracy: np.ndarray  # (H,)
+    chance: float  # majority-class accuracy on the test split
+    C: float
+    coefs: np.ndarray  # (H, m, d) standardized units
+    intercepts: np.ndarray  # (H, m)
+    grad_norm: np.ndarray  # (H,) inf-norm of the gradient w.r.t. (W, b) of objective / (C n)
+    converged: np.ndarray  # (H,) bool: grad_norm <= 10 * tol
+    n_iter: int
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+    fit_seconds: float = 0.0
+
+    def table(self) -> list[dict]:
+        return [
+            {"hook": h, "train_accuracy": float(self.train_accuracy[i]), "test_accuracy": float(self.test_accuracy[i]),
+             "chance": self.chance, "converged": bool(self.converged[i])}
+            for i, h in enumerate(self.hooks)
+        ]
+
+
+def _bf16_matmul_is_fast() -> bool:
+    """True where bf16 GEMMs run natively (AMX / AVX-512 BF16); elsewhere they are emulated and slow."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _scratch(store: dict, key: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A reusable buffer of ``shape`` from ``store`` (one store per worker thread and fit).
+
+    Writing into a fresh 16 MB tensor costs ~10 ms of page faults here, more than the pass that
+    fills it; hooks fitted one after another on a worker reuse its buffers instead.
+    """
+    size = math.prod(shape)
+    buf = store.get((key, dtype))
+    if buf is None or buf.numel() < size:
+        buf = store[(key, dtype)] = torch.empty(size, dtype=dtype)
+    return buf[:size].view(shape)
+
+
+class _NonFinite(Exception):
+    """A hook's features hold NaN or inf (reported with the hook's name by the caller)."""
+
+
+_ONE_LAYOUT_BELOW = 256  # fp32 data narrower keeps only the row layout (X.T for X^T R): in-process
+# A/B, 2 workers: d=128 1.06x faster (half the working set, no transpose); d=256 0.86x, d=576 0.71x;
+# after the per-thread OpenMP fix two layouts at d=128 were still 0.98x (20 alternations)
+_CHUNK = 512  # rows per block in the row-wise passes: 512 × d fp32 stays in a 2 MB L2 up to d ≈ 1000
+_BLOCK_BYTES = 1 << 20  # ... and narrower rows go in blocks of ~1 MB (fewer calls per pass)
+
+
+def _block_rows(d: int) -> int:
+    return max(_CHUNK, _BLOCK_BYTES // (4 * d))
+
+
+class _HookData:
+    """One hook's training rows for the solver, in both layouts (rows ``(n, d)`` and ``(d, n)``;
+    fp32 rows narrower than ``_ONE_LAYOUT_BELOW`` keep the row layout only).
+
+    One pass reads the rows from the hook's array (a memmap is read in place) a block at a time,
+    accumulates the column statistics and writes the rows, less a shift (the first block's
+    column means, so bf16 keeps the variation and not the offset), in bf16 (``low``) or fp32.
+    The standardization ``(x - mu) / sd`` is folded into :meth:`fwd` and :meth:`grad` (a rank-one
+    correction and a column scale), so no second pass is needed. The row layout serves ``X W``
+    and the transposed one ``X^T R``: each GEMM with its big operand unpacked, 2-4x faster
+    here than either product on one layout. Exact figures (fp32 decision values, gradient,
+    test predictions) come from :meth:`exact_grad` and :meth:`predict_rows`, which re-read the
+    fp32 rows a block at a time (one read for both products).
+    """
+
+    def __init__(self, a_: np.ndarray, rows: torch.Tensor, standardize: bool, low: bool, bufs: dict):
+        self.src = a_ if a_.flags.c_contiguous else np.ascontiguousarray(a_)
+        self.rows, self.bufs = rows, bufs
+        n, d = rows.numel(), self.src.shape[1]
+        self.n, self.d = n, d
+        self.chunk = _block_rows(d)
+        self.blk = _scratch(bufs, "block", (min(self.chunk, max(n, 1)), d))
+        self.shift = None
+        self._store(torch.bfloat16 if low else torch.float32, stats=True)
+        m1 = self._s1[0] / n  # mean of (x - shift)
+        if not bool(torch.isfinite(m1).all() and torch.isfinite(self._s2).all()):
+            raise _NonFinite()
+        if standardize:
+            self.mu = self.shift + m1
+            sd = (self._s2[0] / n - m1 * m1).clamp_(min=0).sqrt_()
+            # A column constant to fp32 rounding keeps scale 1 (like scikit-learn's StandardScaler).
+            self.sd = torch.where(sd <= 1e-6 * self.mu.abs() + 1e-12, torch.ones_like(sd), sd)
+        else:
+            self.mu, self.sd = torch.zeros(d), torch.ones(d)
+        self.delta = (self.mu - self.shift).unsqueeze(1)  # (d, 1): x - mu = stored - delta
+        self.inv_sd = (1.0 / self.sd).unsqueeze(1)  # (d, 1)
+        self.delta_n = self.delta[:, 0].double().numpy()  # the same in NumPy (d,), float64
+        self.inv_sd_n = self.inv_sd[:, 0].double().numpy()
+        self.low = low
+
+    def _blocks(self, rows: torch.Tensor, shift: torch.Tensor | None = None, into: torch.Tensor | None = None):
+        """``(start, block)``: fp32 rows ``rows[start:start+c]`` of the source, less ``shift``;
+        gathered into ``into[start:start+c]`` (fp32) if given, else into a reused block."""
+        for s0 in range(0, rows.numel(), self.chunk):
+            idx = rows[s0:s0 + self.chunk].numpy()
+            b = self.blk[: idx.size] if into is None else into[s0:s0 + idx.size]
+            # Indices were checked by the caller; mode="raise" with out= gathers into a temporary
+            # and copies it (2x slower here).
+            if self.src.dtype == np.float32:  # NumPy's gather reads a memmap in place
+                np.take(self.src, idx, axis=0, out=b.numpy(), mode="clip")
+            else:
+                b.copy_(torch.from_numpy(np.take(self.src, idx, axis=0, mode="clip")))
+            if shift is not None:
+                b.sub_(shift)
+            yield s0, b
+
+    def _store(self, dtype: torch.dtype, stats: bool) -> None:
+        """Write ``x - shift`` of the training rows in ``dtype`` (both layouts); optionally sum it."""
+        X = _scratch(self.bufs, "rows", (self.n, self.d), dtype)
+        one = dtype == torch.float32 and self.d < _ONE_LAYOUT_BELOW
+        XT = None if one else _scratch(self.bufs, "cols", (self.d, self.n), dtype)
+        ones = torch.ones(1, self.blk.shape[0])
+        sq = _scratch(self.bufs, "square", tuple(self.blk.shape)) if stats else None
+        self._s1, self._s2 = torch.zeros(1, self.d), torch.zeros(1, self.d)
+        direct = dtype == torch.float32  # fp32 rows are gathered straight into place
+        for s0, b in self._blocks(self.rows, into=X if direct else None):
+            c = b.shape[0]
+            if self.shift is None:
+                self.shift = b.mean(dim=0)
+            b.sub_(self.shift)
+            if stats:
+                self._s1.addmm_(ones[:, :c], b)
+                self._s2.addmm_(ones[:, :c], torch.mul(b, b, out=sq[:c]))
+            rows_ = b if direct else X[s0:s0 + c].copy_(b)
+            if XT is not None:
+                XT[:, s0:s0 + c].copy_(rows_.T)
+        self.X, self.XT = X, (X.T if XT is None else XT)
+
+    def to_exact(self) -> None:
+        """Continue on fp32 copies (the bf16 ones could not reach the tolerance)."""
+        if self.low:
+            self.low = False
+            self._store(torch.float32, stats=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.X.dtype
+
+    def fwd(self, W: np.ndarray, bias: np.ndarray) -> torch.Tensor:
+        """``X W + bias`` ``(n, m)`` fp32 for standardized X; ``W (d, m)``, ``bias (m,)`` NumPy.
+
+        The small matrices are folded in NumPy; the pass over the data is one torch call (fp32).
+        """
+        Ws = (W * self.inv_sd_n[:, None]).astype(np.float32)
+        row = torch.from_numpy((bias - self.delta_n @ Ws).astype(np.float32))
+        if self.X.dtype == torch.float32:
+            return torch.addmm(row, self.X, torch.from_numpy(Ws))
+        return torch.mm(self.X, torch.from_numpy(Ws).to(self.X.dtype)).float().add_(row)
+
+    def grad(self, R: torch.Tensor, rsum: np.ndarray) -> np.ndarray:
+        """``X^T R`` ``(d, m)`` float64 NumPy for standardized X, ``R (n, m)`` (in :attr:`dtype`) and
+        its column sums ``rsum (m,)``."""
+        G = torch.mm(self.XT, R)
+        G = (G if G.dtype == torch.float32 else G.float()).numpy().astype(np.float64)
+        G -= np.outer(self.delta_n, rsum)
+        G *= self.inv_sd_n[:, None]
+        return G
+
+    def _raw_rows(self) -> tuple[torch.Tensor | None, np.ndarray]:
+        """``(shift, delta (d,))`` for the exact passes over the source rows: the standardization
+        is folded into the small matrices (``x W' + c``), so a block is only gathered, not
+        rescaled. The shift is subtracted only where a column's mean is large next to its spread
+        (folding it would then cancel digits); otherwise the raw rows go straight into the GEMM."""
+        if bool((self.mu.abs() <= 8.0 * self.sd).all()):
+            return None, self.mu.double().numpy()
+        return self.shift, self.delta_n
+
+    def _folded(self, W: np.ndarray, b: np.ndarray):
+        """``(shift, delta, Ws, bias)``: standardized ``x W + b`` = ``(x - shift) Ws + bias``
+        (``Ws``, ``bias`` fp32 tensors)."""
+        shift, delta = self._raw_rows()
+        Ws = W * self.inv_sd_n[:, None]
+        bias = b - delta @ Ws
+        return shift, delta, torch.from_numpy(Ws.astype(np.float32)), torch.from_numpy(bias.astype(np.float32))
+
+    def predict_rows(self, rows: torch.Tensor, W: np.ndarray, b: np.ndarray) -> torch.Tensor:
+        """Exact fp32 decision values ``(len(rows), m)`` of any rows (e.g. the test split)."""
+        shift, _, Ws, bias = self._folded(W, b)
+        Z = torch.empty(rows.numel(), W.shape[1])
+        for s0, blk in self._blocks(rows, shift):
+            torch.addmm(bias, blk, Ws, out=Z[s0:s0 + blk.shape[0]])
+        return Z
+
+    def exact_grad(self, Z: torch.Tensor, T: torch.Tensor, probs, W: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Fill ``Z`` with exact decision values of the training rows; return ``X^T (P - T)``
+        (float64 NumPy).
+
+        One read of the fp32 rows: each block's decision values, residual and gradient share
+        the block while it is in cache.
+        """
+        shift, delta, Ws, bias = self._folded(W, b)
+        G = torch.zeros(self.d, W.shape[1])
+        rsum = torch.zeros(1, W.shape[1])
+        for s0, blk in self._blocks(self.rows, shift):
+            c = blk.shape[0]
+            Zc = torch.addmm(bias, blk, Ws, out=Z[s0:s0 + c])
+            Rc = probs(Zc).sub_(T[s0:s0 + c])
+            G.addmm_(blk.T, Rc)
+            rsum.add_(Rc.sum(dim=0))
+        Gn = G.numpy().astype(np.float64)
+        Gn -= np.outer(delta, rsum.numpy()[0])
+        Gn *= self.inv_sd_n[:, None]
+        return Gn
+
+    def covariance_sample(self, max_rows: int = 2048) -> torch.Tensor:
+        """Standardized covariance ``(d, d)`` from a row subsample (for a preconditioner)."""
+        Xs = self.XT[:, :: max(1, self.n // max_rows)].float()
+        Xs = (Xs - Xs.mean(dim=1, keepdim=True)).mul_(self.inv_sd)
+        return torch.mm(Xs, Xs.T).div_(Xs.shape[1])
+
+
+def _hook_eigs(data: _HookData) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigendecomposition of one hook's feature covariance: fp64 eigh of a subsample's fp32 Gram.
+
+    Only a preconditioner. -> ``(evals (d,), evecs (d, d))``.
+    """
+    ev, U = torch.linalg.eigh(data.covariance_sample().double())
+    return ev.clamp(min=0).float(), U.float()
+
+
+_MEAN_SHIFT_MAX_CLASSES = 15
+
+
+def _softmax_rows(Z: torch.Tensor) -> torch.Tensor:
+    """Row softmax of ``Z (n, m)``; for m < 16 shifted by the row mean instead of the row max.
+
+    torch's softmax over a short last dimension is slow here except at m = 16 (a fast path);
+    with the row means and sums as matrix-vector products, the all-hooks fit (d = 128, 7 hooks,
+    in-process A/B) ran 1.21x (m = 4), 1.42x (8) and 1.41x (12) faster, but 0.95x (16), 0.91x (20)
+    and 0.99x (32), hence the bound. The largest term is >= 1 (no division by an underflowed
+    sum); a row whose max is more than ~88 above its mean overflows, and then the call falls
+    back to torch's softmax.
+    """
+    n, m = Z.shape
+    if m > _MEAN_SHIFT_MAX_CLASSES:
+        return torch.softmax(Z, dim=1)
+    v = torch.mv(Z, torch.full((m,), 1.0 / m, dtype=Z.dtype))
+    E = torch.sub(Z, v.unsqueeze(1)).exp_()
+    torch.mv(E, torch.ones(m, dtype=Z.dtype), out=v)
+    if not bool(v.max() < math.inf):
+        return torch.softmax(Z, dim=1)
+    return E.div_(v.unsqueeze(1))
+
+
+def _dot(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
+    """Inner product of two contiguous fp32 arrays, in NumPy (~2x less per-call cost than torch's
+    here)."""
+    a = a.numpy() if isinstance(a, torch.Tensor) else a  # a view: no copy
+    b = b.numpy() if isinstance(b, torch.Tensor) else b
+    return float(np.dot(a.reshape(-1), b.reshape(-1)))
+
+
+@dataclass
+class _HookSolve:
+    W: np.ndarray  # (d, m) float64, standardized units
+    b: np.ndarray  # (m,) float64
+    Z: torch.Tensor  # (n, m) fp32 train decision values at (W, b)
+    grad_norm: float  # exact gradient inf-norm / (C n)
+    n_iter: int  # L-BFGS iterations
+    n_low: int  # of which run on bf16 data
+    n_checks: int = 0  # exact checks of bf16 figures
+
+
+def _lbfgs_hook(
+    data: _HookData,
+    T: torch.Tensor,
+    target: torch.Tensor | None,
+    C: float,
+    W0: np.ndarray,
+    b0: np.ndarray,
+    *,
+    P: np.ndarray | None,
+    bscale: float,
+    tol: float,
+    max_iter: int,
+    exact_first: bool = False,
+    memory: int = 10,
+    c2: float = 0.5,
+    max_ls: int = 6,
+) -> _HookSolve:
+    """L-BFGS on one hook: ``min 0.5/(C n) ||W||^2 + loss / n`` (scikit-learn's scaled lbfgs objective).
+
+    Variables ``W = P V``, ``b = bscale * beta`` (``P (d, d)`` a preconditioner or None). ``T (n, m)``
+    one-hot targets (``m = 1``: 0/1 targets of a binary logistic); ``target (n, 1)`` class codes
+    for the multinomial case (None when binary). ``W0 (d, m)``, ``b0 (m,)``: the start (NumPy).
+    ``exact_first``: start with the exact figures (a warm start that is already within ``tol``
+    then costs no iteration).
+
+    Every iteration touches the data exactly twice: ``X D`` for the search direction and
+    ``X^T R`` for the new gradient. The line search (safeguarded Newton on the convex 1-D
+    function) runs on ``Z + alpha X D``: no data passes. Only the ``(n, m)`` work is done in
+    torch (a handful of calls per iteration); the ``(d, m)`` algebra, the inner products and
+    the L-BFGS recursion run in NumPy, where a call costs less (in-process A/B: 1.08x at
+    d = 576, neutral at d = 128).
+
+    With bf16 data (``data.low``: AMX GEMMs, 2-4x faster than fp32 here) the solve runs on it
+    until the gradient passes ``tol``; then decision values and gradient are recomputed from
+    the fp32 rows (:meth:`_HookData.exact_grad`) and the solve stops, or goes on (``certify``):
+    on bf16 data from the exact decision values with a tighter bf16 target, or on fp32 copies
+    when bf16's error leaves no room. The stopping test is always on exact figures; a warm
+    start checks them first and goes on in bf16 too.
+    """
+    n, d = data.n, data.d
+    m = T.shape[1]
+    binary = target is None
+    inv = 1.0 / (C * n)
+    t_sum = T.sum(dim=0).double().numpy()
+    r_bufs: dict = {}
+
+    def probs(Z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(Z) if binary else _softmax_rows(Z)
+
+    W, b = np.array(W0, dtype=np.float64), np.array(b0, dtype=np.float64)
+
+    def gradient(prob: torch.Tensor, G: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+        """``(gW, gb, inf-norm)`` at probabilities ``prob``; ``G = X^T (prob - T)`` if already known."""
+        rsum = prob.sum(dim=0).double().numpy() - t_sum
+        if G is None:  # the residual goes straight into the GEMM's dtype: one pass
+            R = r_bufs.get(data.dtype)
+            if R is None:
+                R = r_bufs[data.dtype] = torch.empty(n, m, dtype=data.dtype)
+            G = data.grad(torch.sub(prob, T, out=R), rsum)
+        gW = G / n + inv * W
+        gb = rsum / n
+        return gW, gb, max(float(np.abs(gW).max()), float(np.abs(gb).max()))
+
+    def state():
+        if data.low:  # exact figures from the fp32 rows
+            Z = torch.empty(T.shape)
+            G = data.exact_grad(Z, T, probs, W, b)
+            prob = probs(Z)
+            return (Z, prob, *gradient(prob, G))
+        Z = data.fwd(W, b)
+        prob = probs(Z)
+        return (Z, prob, *gradient(prob))
+
+    def to_v(gW: np.ndarray, gb: np.ndarray) -> np.ndarray:
+        """The gradient in the solver's variables, flat float64."""
+        v = np.empty((d + 1) * m)
+        v[: d * m] = (P.T @ gW if P is not None else gW).reshape(-1)
+        v[d * m:] = bscale * gb
+        return v
+
+    n_iter = n_low = n_checks = 0
+    low_tol = tol  # bf16 figures at or below it call for an exact check
+    next_check = max_iter  # ... and so does this iteration (bf16 may stall above a tightened low_tol)
+
+    def certify():
+        """bf16 figures passed ``low_tol``: exact figures at the same point decide.
+
+        -> ``(figures, exact)``: the exact figures if they pass ``tol`` (or the solve leaves bf16
+        data: then on fp32 copies). Otherwise the solve goes on with bf16 data from the exact
+        decision values (which drop the drift ``Z + alpha X D`` picked up from bf16-rounded
+        products) and the bf16 gradient there, until that is below ``tol`` less 1.5 times its
+        measured gap to the exact one (X's rounding: ~1e-5 here), or for 10 iterations at most.
+        Falls back to fp32 data when that gap leaves no room, or after six checks.
+        """
+        nonlocal low_tol, n_checks, next_check
+        n_checks += 1
+        ex = state()
+        if ex[4] <= tol or not data.low:
+            return ex, True
+        gWl, gbl, gnl = gradient(ex[1])  # bf16 gradient at the exact decision values
+        err = float(max(np.abs(ex[2] - gWl).max(), np.abs(ex[3] - gbl).max()))
+        if n_checks < 6 and err < 0.5 * tol:
+            low_tol = min(low_tol, tol - 1.5 * err, 0.9 * gnl)
+            next_check = n_iter + 10
+            return (ex[0], ex[1], gWl, gbl, gnl), False
+        data.to_exact()
+        return ex, True
+
+    if exact_first:  # a warm start may already be within tol on the exact figures
+        Z, prob, gW, gb, gnorm = state()
+        exact = True
+        if gnorm > tol and data.low:  # go on from bf16 figures at the same point
+            Z = data.fwd(W, b)
+            prob = probs(Z)
+            gW, gb, gnorm = gradient(prob)
+            exact = False
+            low_tol = min(tol, 0.9 * gnorm)
+    else:
+        if W.any():
+            Z = data.fwd(W, b)
+        else:  # a cold start: X 0 + b needs no pass over the data
+            Z = torch.from_numpy(b.astype(np.float32)).expand(n, m).clone()
+        prob = probs(Z)
+        gW, gb, gnorm = gradient(prob)
+        exact = not data.low  # are (Z, gW, gb) from fp32 data?
+    if not exact and gnorm <= low_tol:
+        (Z, prob, gW, gb, gnorm), exact = certify()
+    g = to_v(gW, gb)
+    hist: list[tuple[np.ndarray, np.ndarray, float]] = []
+    gamma = 1.0
+    while (not exact or gnorm > tol) and n_iter < max_iter:  # bf16 figures never stop it
+        q = g.copy()
+        alphas = []
+        for s_, y_, rho in reversed(hist):  # two-loop recursion (BLAS level 1, in place)
+            a = rho * ddot(s_, q)
+            alphas.append(a)
+            daxpy(y_, q, a=-a)
+        q *= gamma
+        for (s_, y_, rho), a in zip(hist, reversed(alphas)):
+            daxpy(s_, q, a=a - rho * ddot(y_, q))
+        D = np.negative(q, out=q)
+        DV = D[: d * m].reshape(d, m)
+        DW = P @ DV if P is not None else DV
+        Db = bscale * D[d * m:]
+        XD = data.fwd(DW, Db)
+        wdw, dwdw = float(np.vdot(W, DW)), float(np.vdot(DW, DW))
+        # (P - T) . XD, with T . XD (the true classes' entries) fixed along the line
+        txd = _dot(T, XD)
+        d0 = inv * wdw + (_dot(prob, XD) - txd) / n
+        if not d0 < 0:  # rounding made the direction uphill
+            if data.low:  # bf16 data cannot go further: exact figures, then fp32 data if needed
+                Z, prob, gW, gb, gnorm = state()
+                exact = True
+                if gnorm > tol:
+                    data.to_exact()
+                g = to_v(gW, gb)
+                hist.clear()
+                gamma = 1.0
+                continue
+            if not hist:
+                break  # steepest descent is not downhill: at the optimum to rounding
+            hist.clear()
+            gamma = 1.0
+            continue
+        alpha, lo, hi = 1.0, 0.0, math.inf
+        for ls in range(max_ls):
+            Za = torch.add(Z, XD, alpha=alpha)
+            pa = probs(Za)
+            phi1 = inv * (wdw + alpha * dwdw) + (_dot(pa, XD) - txd) / n
+            if abs(phi1) <= c2 * abs(d0) or ls == max_ls - 1:
+                break
+            pxd = pa * XD
+            if binary:
+                curv = _dot((1 - pa) * pxd, XD)
+            else:
+                curv = _dot(pxd, XD) - float(pxd.sum(dim=1).square().sum())
+            phi2 = inv * dwdw + curv / n
+            if phi1 < 0:
+                lo = alpha
+            else:
+                hi = alpha
+            newt = alpha - phi1 / max(phi2, 1e-30)
+            if not lo < newt < hi:
+                newt = 4 * alpha if math.isinf(hi) else 0.5 * (lo + hi)
+            alpha = newt
+        W += alpha * DW
+        b += alpha * Db
+        was_low = data.low
+        Z, prob = Za, pa
+        gW, gb, gnorm = gradient(prob)
+        n_iter += 1
+        n_low += int(was_low)
+        exact = not was_low
+        checked = was_low and (gnorm <= low_tol or n_iter >= next_check)
+        if checked:
+            (Z, prob, gW, gb, gnorm), exact = certify()
+        gn = to_v(gW, gb)
+        if not checked:  # no curvature pair across a check (new precision or decision values)
+            s_, y_ = D * alpha, gn - g
+            sy, yy = ddot(s_, y_), ddot(y_, y_)
+            if sy > 1e-10 * yy:
+                hist.append((s_, y_, 1.0 / sy))
+                gamma = sy / yy
+                if len(hist) > memory:
+                    hist.pop(0)
+        g = gn
+    if not exact:  # stopped by max_iter on bf16 data: report exact figures
+        Z, prob, gW, gb, gnorm = state()
+    return _HookSolve(W=W, b=b, Z=Z, grad_norm=gnorm, n_iter=n_iter, n_low=n_low, n_checks=n_checks)
+
+
+_PARALLEL_WORK = 2e5  # training values per hook above which hooks go to worker threads
+_BF16_MIN_FEATURES = 256  # "auto" precision uses bf16 data passes from this width on
+
+
+def fit_multiclass_all_hooks(
+    X_by_hook: Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray,
+    y: np.ndarray,
+    *,
+    C: float = 1.0,
+    test_fraction: float = 0.3,
+    seed: int = 0,
+    standardize: bool = True,
+    precondition: bool = False,
+    eig_cache: dict | None = None,
+    tol: float = 1e-4,
+    max_iter: int = 200,
+    warm_start: LayerProbeResult | None = None,
+    precision: str = "auto",
+    curvature: float | None = None,
+    progress: Callable[[float, str], None] | None = None,
+    rows: np.ndarray | None = None,
+) -> LayerProbeResult:
+    """L2 logistic probe (multinomial, or logistic for two classes) on every hook.
+
+    Minimizes, per hook, ``0.5 ||W_h||^2 + C * sum_i loss`` (scikit-learn's lbfgs objective,
+    intercept unpenalized) with an L-BFGS per hook (:func:`_lbfgs_hook`), hooks spread over
+    worker threads, one per core, each single-threaded (:func:`probing_core.threads.map_hooks`;
+    ``PROBING_THREADS`` sets their number). A hook's data is gathered, standardized and fitted
+    by one worker and then dropped, so at most ``workers + 1`` hooks are in memory.
+
+    With ``precondition`` the variables are ``W = U (s Λ + 1/(C n))^(-1/2) V`` (U, Λ: the hook's
+    feature covariance eigendecomposition, s: a softmax curvature estimate), the inverse square
+    root of an approximation of the Hessian, so both the data term and the penalty are close to
+    the identity. That helps on ill-conditioned activations; on well-conditioned ones it saves
+    little, and at d≈576 the decomposition costs more than it saves unless it is cached
+    (``eig_cache``), so it is off by default.
+
+    Args:
+        X_by_hook: ``{hook: (n, d)}`` or ``(H, n, d)``; every hook needs the same n and d.
+        y: ``(n,)`` labels.
+        C: inverse L2 strength (> 0).
+        test_fraction, seed: stratified split.
+        standardize: per-hook standardization on the training split.
+        precondition: use the eigendecomposition preconditioner.
+        eig_cache: dict filled with / read from ``{(hook, key): (evals, evecs)}``; keep it next to
+            the activations so a new label or C costs no decomposition. It is only a
+            preconditioner: a stale entry (e.g. a label change moved the split) slows the fit
+            but never changes the optimum.
+        tol: stop a hook when the inf-norm of its gradient w.r.t. (W, b) divided by ``C n`` (the
+            scaling and default of scikit-learn's lbfgs ``tol``) is ``<= tol``, measured on the
+            fp32 data; ``converged`` is that norm being ``<= 10 * tol``.
+        max_iter: L-BFGS iterations per hook.
+        warm_start: a previous result on the same data/hooks (e.g. after a C slider move or a
+            label change with the same classes).
+        precision: ``"mixed"`` runs the data passes on a bf16 copy of X until a hook is within
+            ``tol``, then checks (and if needed finishes) on fp32 (same optimum and stopping
+            test); ``"fp32"`` never uses bf16; ``"auto"`` picks mixed where the CPU has native
+            bf16 GEMMs and hooks have at least 256 features.
+        curvature: the softmax curvature ``s`` of the preconditioner (default ``1/m`` for m > 2
+            classes, 1/4 for two).
+        progress: ``progress(fraction, message)`` once per hook, on the calling thread.
+        rows: sample ``i`` is row ``rows[i]`` of every array (e.g. store memmaps, read in place
+            and never copied whole); ``y`` then has one entry per row. ``train_idx`` /
+            ``test_idx`` index samples (positions in ``rows``).
+
+    Returns:
+        :class:`LayerProbeResult` (``n_iter``: the most iterations any hook took).
+
+    Raises:
+        ProbeError, LabelError: see :func:`validate_xy` (NaN or inf in a hook's features is
+            reported with the hook's name); hooks of different shapes; unknown precision.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    C_val = float(check_Cs(C)[0])
+    if precision not in ("auto", "mixed", "fp32"):
+        raise ProbeError(f"precision={precision!r} is not one of 'auto', 'mixed', 'fp32'; use 'auto'.")
+    if isinstance(X_by_hook, Mapping):
+        hooks = list(X_by_hook.keys())
+        arrays = dict(X_by_hook)
+    else:
+        seq = list(X_by_hook)
+        hooks = [f"hook_{i}" for i in range(len(seq))]
+        arrays = dict(zip(hooks, seq))
+    if not hooks:
+        raise ProbeError("no hooks given; pick at least one hook to probe.")
+    shapes = {tuple(np.shape(a_)) for a_ in arrays.values()}
+    if len(shapes) != 1:
+        raise ProbeError(f"all hooks need the same (samples, features) shape; got {sorted(shapes)}.")
+    shape = shapes.pop()
+    if len(shape) != 2 or 0 in shape:
+        raise ProbeError(f"features must be 2-D (samples × features) and non-empty; got shape {shape}.")
+    y = np.asarray(y)
+    n_rows = shape[0] if rows is None else len(rows)
+    if y.ndim != 1 or y.shape[0] != n_rows:
+        raise ProbeError(f"labels must be 1-D with one entry per sample; got {y.shape} for {n_rows} samples.")
+    if rows is not None:
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= shape[0]):
+            raise ProbeError(f"rows must index the {shape[0]} stored rows; got {rows.min()}..{rows.max()}.")
+    codes, classes = check_labels(y, min_per_class=2)
+    tr, te = stratified_split(codes, test_fraction=test_fraction, seed=seed)
+    tr, te = np.sort(tr), np.sort(te)  # ascending gathers; the order does not change the optimum
+    H, (n, d) = len(hooks), (n_rows, shape[1])
+    src_tr = tr if rows is None else rows[tr]  # rows of the arrays
+    src_te = te if rows is None else rows[te]
+    binary = classes.size == 2
+    m = 1 if binary else classes.size
+    tr_t, te_t = torch.as_tensor(src_tr), torch.as_tensor(src_te)
+    ctr, cte = torch.as_tensor(codes[tr]), torch.as_tensor(codes[te])
+    T = (ctr == 1).float().view(-1, 1) if binary else torch.nn.functional.one_hot(ctr, m).float()
+    target = None if binary else ctr.view(-1, 1)
+    ntr = tr.size
+    s = float(curvature) if curvature is not None else (0.25 if binary else 1.0 / m)
+    split_key = (int(seed), float(test_fraction), bool(standardize), n, d)
+    # bf16 passes pay for their exact fp32 check from d ≈ 256 on (bench_layers: at d = 128 fp32 was
+    # as fast or faster, at d = 576 bf16 1.3-1.4x faster).
+    mixed = precision == "mixed" or (precision == "auto" and d >= _BF16_MIN_FEATURES and _bf16_matmul_is_fast())
+    warm = warm_start is not None and warm_start.coefs.shape == (H, m, d)
+    prior = T.mean(dim=0).clamp(min=1e-12)
+    b_prior = (torch.log(prior / (1 - prior)) if binary else prior.log() - prior.log().mean()).double().numpy()
+    index = {h: i for i, h in enumerate(hooks)}
+
+    scratch: dict[int, dict] = {}  # per worker thread, freed with this call
+
+    ctr_n, cte_n = codes[tr], codes[te]
+
+    def accuracy(Z: torch.Tensor, truth: np.ndarray) -> float:
+        """Share of rows whose top decision value is the true class (NumPy's argmax: faster
+        than torch's over 16 columns here)."""
+        z = Z.numpy()
+        pred = (z[:, 0] > 0).astype(np.int64) if binary else z.argmax(axis=1)
+        return float((pred == truth).mean())
+
+    def one(h: str, a_: np.ndarray) -> tuple:
+        bufs = scratch.setdefault(threading.get_ident(), {})
+        # Confident softmax outputs underflow to subnormals, 10x slower to compute with on x86;
+        # flush them to zero on this thread while it fits (no figure here is that small).
+        torch.set_flush_denormal(True)
+        try:
+            return fit_one(h, a_, bufs)
+        finally:
+            torch.set_flush_denormal(False)
+
+    def fit_one(h: str, a_: np.ndarray, bufs: dict) -> tuple:
+        i = index[h]
+        with torch.no_grad():
+            try:
+                data = _HookData(a_, tr_t, standardize, mixed, bufs)
+            except _NonFinite:
+                raise ProbeError(f"features of hook {h!r} contain NaN or inf; re-extract them in float32.") from None
+            P = None
+            if precondition:
+                key = (h, split_key)
+                cached = eig_cache.get(key) if eig_cache is not None else None
+                ev, U = cached if cached is not None else _hook_eigs(data)
+                if eig_cache is not None and cached is None:
+                    eig_cache[key] = (ev, U)
+                P = (U * torch.rsqrt(s * ev + 1.0 / (C_val * ntr)).unsqueeze(0)).double().numpy()
+            if warm:
+                W0 = np.asarray(warm_start.coefs[i], dtype=np.float64).T
+                b0 = np.asarray(warm_start.intercepts[i], dtype=np.float64)
+            else:  # W = 0 with the intercept that is optimal there (log class priors)
+                W0, b0 = np.zeros((d, m)), b_prior
+            # With P the W-curvature is ~1, so scale the intercept (curvature ~s) to match; without
+            # it both are ~s already (standardized features).
+            sol = _lbfgs_hook(data, T, target, C_val, W0, b0, P=P,
+                              bscale=s ** -0.5 if P is not None else 1.0, tol=tol, max_iter=max_iter,
+                              exact_first=warm)
+            tr_acc = accuracy(sol.Z, ctr_n)
+            Zte = data.predict_rows(te_t, sol.W, sol.b)
+            if not bool(torch.isfinite(Zte).all()):
+                raise ProbeError(f"features of hook {h!r} contain NaN or inf; re-extract them in float32.")
+            te_acc = accuracy(Zte, cte_n) if te.size else float("nan")
+        return (sol.W.T.astype(np.float32), sol.b.astype(np.float32), tr_acc, te_acc, sol.grad_norm,
+                sol.n_iter)
+
+    with single_threaded():
+        outs = map_hooks(one, hooks, arrays, parallel=ntr * d >= _PARALLEL_WORK, progress=progress)
+    rel = np.array([o[4] for o in outs], dtype=np.float64)
+    counts = {
+        (classes[i].item() if hasattr(classes[i], "item") else classes[i]): {
+            "train": int((codes[tr] == i).sum()), "test": int((codes[te] == i).sum())}
+        for i in range(classes.size)
+    }
+    chance = float(np.bincount(codes[te], minlength=classes.size).max() / te.size)
+    return LayerProbeResult(
+        hooks=hooks, classes=classes, class_counts=counts,
+        train_accuracy=np.array([o[2] for o in outs]), test_accuracy=np.array([o[3] for o in outs]),
+        chance=chance, C=C_val, coefs=np.stack([o[0] for o in outs]), intercepts=np.stack([o[1] for o in outs]),
+        grad_norm=rel, converged=rel <= 10 * tol, n_iter=max(o[5] for o in outs), train_idx=tr, test_idx=te,
+        fit_seconds=time.perf_counter() - t0,
+    )

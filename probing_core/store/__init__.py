@@ -1,0 +1,1 @@
+"""Model x data to arrays on disk: the activation store and the extraction that fills it."""

@@ -1,0 +1,1 @@
+"""The synthetic tree-search task, its small transformer and the shipped checkpoint."""
