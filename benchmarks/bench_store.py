@@ -75,7 +75,9 @@ def bench_read(n_tokens: int, width: int) -> None:
             np.save(folder / "hook_b.npy", arr)
             for name in ("token_ids", "seq", "pos", "next_ids", "doc_index"):
                 np.save(folder / f"{name}.npy", np.zeros(n_tokens, np.int32))
-            return {"hooks": ["hook_a", "hook_b"], "n_tokens": n_tokens, "widths": {"hook_a": width, "hook_b": width}}
+            (folder / "vocab.json").write_text('{"ids": [0], "raw": [""], "text": [""], "space_marker": ""}')
+            return {"hooks": ["hook_a", "hook_b"], "n_tokens": n_tokens, "n_seq": n_tokens, "dtype": "float32",
+                    "widths": {"hook_a": width, "hook_b": width}, "rows_written": {"hook_a": n_tokens, "hook_b": n_tokens}}
 
         entry, _ = store.get_or_build("0123456789abcdef", build)
         plain = entry.path / "hook_a.npy"

@@ -66,6 +66,28 @@ def _match_fields(model: LoadedModel, dataset: Dataset, max_len: int, max_tokens
     }
 
 
+def write_token_table(model: LoadedModel, batch: TokenBatch, folder: Path) -> None:
+    """Write the token table (token_ids, seq, pos, next_ids, doc_index: [n_tokens] int32) and
+    vocab.json of ``batch`` into ``folder`` (no forward pass; sharded builds write it once)."""
+    n_tokens = batch.n_tokens
+    valid = np.arange(batch.tokens.shape[1])[None, :] < batch.lengths[:, None]
+    seq_idx, pos_idx = np.nonzero(valid)
+    token_ids = batch.tokens[seq_idx, pos_idx]
+    next_ids = np.full(n_tokens, -1, np.int64)
+    has_next = pos_idx + 1 < batch.lengths[seq_idx]
+    next_ids[has_next] = batch.tokens[seq_idx[has_next], pos_idx[has_next] + 1]
+    for name, arr in (("token_ids", token_ids), ("seq", seq_idx), ("pos", pos_idx), ("next_ids", next_ids), ("doc_index", batch.doc_index)):
+        np.save(folder / f"{name}.npy", arr.astype(np.int32), allow_pickle=False)
+    uniq = np.unique(np.concatenate([token_ids, next_ids[next_ids >= 0]])).astype(int).tolist()
+    vocab = {
+        "ids": uniq,
+        "raw": model.tokenizer.token_strings(uniq),
+        "text": model.tokenizer.decode_tokens(uniq),
+        "space_marker": model.tokenizer.space_marker,
+    }
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+
+
 def extract_to_folder(
     model: LoadedModel,
     batch: TokenBatch,
@@ -85,27 +107,12 @@ def extract_to_folder(
     """
     if dtype not in STORE_DTYPES:
         raise InputError(f"storage dtype {dtype!r} is not supported; choose float32 or float16.")
+    check_count("batch size", batch_size, 1, 1_000_000)
     model.check_hooks(hooks)
     np_dtype = STORE_DTYPES[dtype]
     n_tokens = batch.n_tokens
     n_seq = batch.tokens.shape[0]
-    # Token table.
-    valid = np.arange(batch.tokens.shape[1])[None, :] < batch.lengths[:, None]
-    seq_idx, pos_idx = np.nonzero(valid)
-    token_ids = batch.tokens[seq_idx, pos_idx]
-    next_ids = np.full(n_tokens, -1, np.int64)
-    has_next = pos_idx + 1 < batch.lengths[seq_idx]
-    next_ids[has_next] = batch.tokens[seq_idx[has_next], pos_idx[has_next] + 1]
-    for name, arr in (("token_ids", token_ids), ("seq", seq_idx), ("pos", pos_idx), ("next_ids", next_ids), ("doc_index", batch.doc_index)):
-        np.save(folder / f"{name}.npy", arr.astype(np.int32), allow_pickle=False)
-    uniq = np.unique(np.concatenate([token_ids, next_ids[next_ids >= 0]])).astype(int).tolist()
-    vocab = {
-        "ids": uniq,
-        "raw": model.tokenizer.token_strings(uniq),
-        "text": model.tokenizer.decode_tokens(uniq),
-        "space_marker": model.tokenizer.space_marker,
-    }
-    (folder / "vocab.json").write_text(json.dumps(vocab))
+    write_token_table(model, batch, folder)
 
     widths = {h: model.hook_width(h) for h in hooks}
     outs = {
@@ -115,6 +122,7 @@ def extract_to_folder(
     for h in hooks:
         _reserve_disk(folder / hook_filename(h))
     nonfinite = {h: 0 for h in hooks}
+    rows_written = {h: 0 for h in hooks}  # the proof a forward pass filled every row (checked before commit)
     t0 = time.perf_counter()
     forward_s = 0.0
     row = 0
@@ -135,6 +143,7 @@ def extract_to_folder(
                 a = a.astype(np.float16)
             nonfinite[h] += int(np.size(a) - np.isfinite(a).sum())
             outs[h][row : row + n_valid] = a
+            rows_written[h] += len(a)
         row += n_valid
         if progress:
             progress(stop / n_seq, f"extracting: {stop}/{n_seq} rows, {row:,}/{n_tokens:,} tokens")
@@ -151,6 +160,7 @@ def extract_to_folder(
         "forward_seconds": round(forward_s, 3),
         "tokens_per_second": round(n_tokens / max(seconds, 1e-9), 1),
         "nonfinite": nonfinite,
+        "rows_written": rows_written,
         "has_bos": batch.has_bos,
     }
 
@@ -161,6 +171,22 @@ def _reserve_disk(path: Path) -> None:
     if hasattr(os, "posix_fallocate"):
         with open(path, "r+b") as f:
             os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+
+
+def check_count(name: str, value: Any, minimum: int, maximum: int, *, allow_none: bool = False) -> None:
+    """Raise InputError unless ``value`` is an int in [minimum, maximum] (or None when allowed).
+
+    Every numeric build parameter is checked here, at the API boundary: a batch size of -4 once
+    made ``range`` empty and stored an all-zero entry with no forward pass.
+    """
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InputError(f"{name} must be a whole number, got {value!r}.")
+    if value < minimum:
+        raise InputError(f"{name} must be {'positive' if minimum == 1 else f'at least {minimum:,}'}, got {value:,}.")
+    if value > maximum:
+        raise InputError(f"{name} must be at most {maximum:,}, got {value:,}.")
 
 
 def build_cache(
@@ -195,8 +221,9 @@ def build_cache(
     model.check_hooks(hooks)
     if dtype not in STORE_DTYPES:
         raise InputError(f"storage dtype {dtype!r} is not supported; choose float32 or float16.")
-    if max_tokens is not None and max_tokens <= 0:
-        raise InputError(f"max tokens must be positive, got {max_tokens}.")
+    check_count("max tokens", max_tokens, 1, 10**12, allow_none=True)
+    check_count(f"tokens per row (max_len; the model's context is {model.n_ctx})", max_len, 1, model.n_ctx)
+    check_count("batch size", batch_size, 1, 1_000_000)
     match = _match_fields(model, dataset, max_len, max_tokens, dtype, prepend_bos)
     existing = store.find(match, hooks)
     if existing is not None:
@@ -319,7 +346,7 @@ class CachedActivations:
 
 def open_entry(store: ActivationStore, key: str) -> CachedActivations:
     """Open a store entry for reading. Raises StoreError if it does not exist."""
-    return CachedActivations(store, store.require(key))
+    return CachedActivations(store, store.open_checked(key))
 
 
 def export_entry(store: ActivationStore, key: str, hook: str, out: Path) -> list[Path]:
@@ -328,18 +355,30 @@ def export_entry(store: ActivationStore, key: str, hook: str, out: Path) -> list
     Returns:
         The written paths.
     """
-    acts = open_entry(store, key)
-    arr = acts.hook(hook)
     out = Path(out)
+    if out.is_dir() or str(out).endswith(os.sep):
+        raise InputError(f"{out} is a folder; give a file name such as {out / 'acts.npy'}.")
     if out.suffix != ".npy":
         out = out.with_suffix(".npy")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}.npy")
-    np.save(tmp, np.asarray(arr), allow_pickle=False)
-    os.replace(tmp, out)
+    if not out.parent.is_dir():
+        raise InputError(f"folder {out.parent} does not exist; create it first or pick another output path.")
+    acts = open_entry(store, key)
+    arr = acts.hook(hook)
     tsv = out.with_suffix(".tokens.tsv")
-    with open(tsv, "w", encoding="utf-8") as f:
-        f.write("row\tseq\tpos\ttoken_id\ttoken\n")
-        for i, (s, p, t, txt) in enumerate(zip(acts.seq, acts.pos, acts.token_ids, acts.text_strings())):
-            f.write(f"{i}\t{s}\t{p}\t{t}\t{json.dumps(txt, ensure_ascii=False)}\n")
+    tmps = [out.with_name(out.name + f".tmp-{os.getpid()}.npy"), tsv.with_name(tsv.name + f".tmp-{os.getpid()}")]
+    try:
+        np.save(tmps[0], np.asarray(arr), allow_pickle=False)
+        with open(tmps[1], "w", encoding="utf-8") as f:
+            f.write("row\tseq\tpos\ttoken_id\ttoken\n")
+            for i, (s, p, t, txt) in enumerate(zip(acts.seq, acts.pos, acts.token_ids, acts.text_strings())):
+                f.write(f"{i}\t{s}\t{p}\t{t}\t{json.dumps(txt, ensure_ascii=False)}\n")
+        os.replace(tmps[0], out)
+        os.replace(tmps[1], tsv)
+    except OSError as e:
+        for t in tmps:
+            try:
+                t.unlink(missing_ok=True)
+            except OSError:
+                pass
+        raise InputError(f"cannot write {out} ({e.strerror or e}); pick a writable folder with free space.") from e
     return [out, tsv]
