@@ -19,7 +19,7 @@ import numpy as np
 
 from probing_core.errors import DatasetError, InputError, OfflineError
 
-DatasetKind = Literal["vocab", "pydoc", "upload", "hf", "texts"]
+DatasetKind = Literal["vocab", "pydoc", "upload", "hf", "texts", "statements"]
 
 #: Largest upload the app accepts (the Streamlit server limit in .streamlit/config.toml matches).
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
@@ -49,6 +49,7 @@ class DatasetSpec:
         return {
             "vocab": "model vocabulary (every token once)",
             "pydoc": "Python documentation topics (offline corpus)",
+            "statements": f"labelled statements: {self.name or 'cities'} (Geometry of Truth)",
         }.get(self.kind, f"{self.kind}: {self.name}")
 
 
@@ -201,7 +202,11 @@ def load_dataset(spec: DatasetSpec, *, upload: bytes | None = None) -> Dataset:
         return parse_upload(upload, spec.name, text_column=spec.text_column, max_docs=spec.max_docs)
     if spec.kind == "hf":
         return _load_hf_dataset(spec)
-    raise DatasetError(f"unknown dataset kind {spec.kind!r}; use vocab, pydoc, upload or hf.")
+    if spec.kind == "statements":  # imported here: statements.py builds on this module
+        from probing_core.data.statements import load_statements
+
+        return load_statements(spec)
+    raise DatasetError(f"unknown dataset kind {spec.kind!r}; use vocab, pydoc, statements, upload or hf.")
 
 
 def _load_hf_dataset(spec: DatasetSpec) -> Dataset:
@@ -342,4 +347,4 @@ def tokenize_dataset(
 
 def dataset_catalog() -> list[DatasetSpec]:
     """Datasets offered without any upload (offline first)."""
-    return [DatasetSpec("pydoc"), DatasetSpec("vocab"), DatasetSpec("hf", "wikitext:wikitext-2-raw-v1"), DatasetSpec("hf", "HuggingFaceFW/fineweb:sample-10BT")]
+    return [DatasetSpec("pydoc"), DatasetSpec("vocab"), DatasetSpec("statements", "cities"), DatasetSpec("hf", "wikitext:wikitext-2-raw-v1"), DatasetSpec("hf", "HuggingFaceFW/fineweb:sample-10BT")]
