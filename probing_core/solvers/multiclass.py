@@ -296,6 +296,239 @@ class _HookSolve:
     n_checks: int = 0  # exact checks of bf16 figures
 
 
+class _HookLBFGS:
+    """L-BFGS on one hook: ``min 0.5/(C n) ||W||^2 + loss / n`` (scikit-learn's scaled lbfgs objective).
+
+    Variables ``W = P V``, ``b = bscale * beta`` (``P (d, d)`` a preconditioner or None). ``T (n, m)``
+    one-hot targets (``m = 1``: 0/1 targets of a binary logistic); ``target (n, 1)`` class codes
+    for the multinomial case (None when binary).
+
+    Every iteration touches the data exactly twice: ``X D`` for the search direction
+    (:meth:`iterate`) and ``X^T R`` for the new gradient (:meth:`gradient`). The line search
+    (:meth:`line_search`, safeguarded Newton on the convex 1-D function) runs on ``Z + alpha X D``:
+    no data passes. Only the ``(n, m)`` work is done in torch (a handful of calls per iteration);
+    the ``(d, m)`` algebra, the inner products and the L-BFGS recursion (:meth:`direction`) run in
+    NumPy, where a call costs less (in-process A/B: 1.08x at d = 576, neutral at d = 128).
+
+    With bf16 data (``data.low``: AMX GEMMs, 2-4x faster than fp32 here) the solve runs on it
+    until the gradient passes ``tol``; then decision values and gradient are recomputed from
+    the fp32 rows (:meth:`exact_state`) and the solve stops, or goes on (:meth:`certify`): on bf16
+    data from the exact decision values with a tighter bf16 target, or on fp32 copies when bf16's
+    error leaves no room. The stopping test is always on exact figures.
+    """
+
+    def __init__(self, data: _HookData, T: torch.Tensor, target: torch.Tensor | None, C: float,
+                 P: np.ndarray | None, bscale: float, tol: float, max_iter: int, memory: int, c2: float,
+                 max_ls: int) -> None:
+        self.data, self.T, self.P, self.bscale = data, T, P, bscale
+        self.tol, self.max_iter, self.memory, self.c2, self.max_ls = tol, max_iter, memory, c2, max_ls
+        self.n, self.d, self.m = data.n, data.d, T.shape[1]
+        self.binary = target is None
+        self.inv = 1.0 / (C * self.n)
+        self.t_sum = T.sum(dim=0).double().numpy()
+        self.r_bufs: dict = {}
+        self.W = self.b = np.empty(0)
+        self.n_iter = self.n_low = self.n_checks = 0
+        self.low_tol = tol  # bf16 figures at or below it call for an exact check
+        self.next_check = max_iter  # ... and so does this iteration (bf16 may stall above a tightened low_tol)
+        self.hist: list[tuple[np.ndarray, np.ndarray, float]] = []
+        self.gamma = 1.0
+
+    # ---- figures at the current point ---------------------------------------------------------
+
+    def probs(self, Z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(Z) if self.binary else _softmax_rows(Z)
+
+    def gradient(self, prob: torch.Tensor, G: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+        """``(gW, gb, inf-norm)`` at probabilities ``prob``; ``G = X^T (prob - T)`` if already known."""
+        data = self.data
+        rsum = prob.sum(dim=0).double().numpy() - self.t_sum
+        if G is None:  # the residual goes straight into the GEMM's dtype: one pass
+            R = self.r_bufs.get(data.dtype)
+            if R is None:
+                R = self.r_bufs[data.dtype] = torch.empty(self.n, self.m, dtype=data.dtype)
+            G = data.grad(torch.sub(prob, self.T, out=R), rsum)
+        gW = G / self.n + self.inv * self.W
+        gb = rsum / self.n
+        return gW, gb, max(float(np.abs(gW).max()), float(np.abs(gb).max()))
+
+    def exact_state(self) -> tuple:
+        """``(Z, prob, gW, gb, gnorm)`` at ``(W, b)`` from the fp32 rows (the stopping test's figures)."""
+        if self.data.low:
+            Z = torch.empty(self.T.shape)
+            G = self.data.exact_grad(Z, self.T, self.probs, self.W, self.b)
+            prob = self.probs(Z)
+            return (Z, prob, *self.gradient(prob, G))
+        Z = self.data.fwd(self.W, self.b)
+        prob = self.probs(Z)
+        return (Z, prob, *self.gradient(prob))
+
+    def to_v(self, gW: np.ndarray, gb: np.ndarray) -> np.ndarray:
+        """The gradient in the solver's variables, flat float64."""
+        d, m, P = self.d, self.m, self.P
+        v = np.empty((d + 1) * m)
+        v[: d * m] = (P.T @ gW if P is not None else gW).reshape(-1)
+        v[d * m:] = self.bscale * gb
+        return v
+
+    def certify(self) -> tuple[tuple, bool]:
+        """bf16 figures passed ``low_tol``: exact figures at the same point decide.
+
+        -> ``(figures, exact)``: the exact figures if they pass ``tol`` (or the solve leaves bf16
+        data: then on fp32 copies). Otherwise the solve goes on with bf16 data from the exact
+        decision values (which drop the drift ``Z + alpha X D`` picked up from bf16-rounded
+        products) and the bf16 gradient there, until that is below ``tol`` less 1.5 times its
+        measured gap to the exact one (X's rounding: ~1e-5 here), or for 10 iterations at most.
+        Falls back to fp32 data when that gap leaves no room, or after six checks.
+        """
+        tol = self.tol
+        self.n_checks += 1
+        ex = self.exact_state()
+        if ex[4] <= tol or not self.data.low:
+            return ex, True
+        gWl, gbl, gnl = self.gradient(ex[1])  # bf16 gradient at the exact decision values
+        err = float(max(np.abs(ex[2] - gWl).max(), np.abs(ex[3] - gbl).max()))
+        if self.n_checks < 6 and err < 0.5 * tol:
+            self.low_tol = min(self.low_tol, tol - 1.5 * err, 0.9 * gnl)
+            self.next_check = self.n_iter + 10
+            return (ex[0], ex[1], gWl, gbl, gnl), False
+        self.data.to_exact()
+        return ex, True
+
+    def start(self, W0: np.ndarray, b0: np.ndarray, exact_first: bool) -> tuple[tuple, bool]:
+        """Figures at the start ``(W0, b0)`` and whether they are exact (fp32)."""
+        data, tol = self.data, self.tol
+        self.W, self.b = np.array(W0, dtype=np.float64), np.array(b0, dtype=np.float64)
+        if exact_first:  # a warm start may already be within tol on the exact figures
+            fig = self.exact_state()
+            exact = True
+            if fig[4] > tol and data.low:  # go on from bf16 figures at the same point
+                Z = data.fwd(self.W, self.b)
+                prob = self.probs(Z)
+                fig = (Z, prob, *self.gradient(prob))
+                exact = False
+                self.low_tol = min(tol, 0.9 * fig[4])
+        else:
+            if self.W.any():
+                Z = data.fwd(self.W, self.b)
+            else:  # a cold start: X 0 + b needs no pass over the data
+                Z = torch.from_numpy(self.b.astype(np.float32)).expand(self.n, self.m).clone()
+            prob = self.probs(Z)
+            fig = (Z, prob, *self.gradient(prob))
+            exact = not data.low  # are the figures from fp32 data?
+        if not exact and fig[4] <= self.low_tol:
+            fig, exact = self.certify()
+        return fig, exact
+
+    # ---- one iteration ------------------------------------------------------------------------
+
+    def direction(self, g: np.ndarray) -> np.ndarray:
+        """The L-BFGS search direction ``-H g`` (two-loop recursion, BLAS level 1, in place)."""
+        q = g.copy()
+        alphas = []
+        for s_, y_, rho in reversed(self.hist):
+            a = rho * ddot(s_, q)
+            alphas.append(a)
+            daxpy(y_, q, a=-a)
+        q *= self.gamma
+        for (s_, y_, rho), a in zip(self.hist, reversed(alphas)):
+            daxpy(s_, q, a=a - rho * ddot(y_, q))
+        return np.negative(q, out=q)
+
+    def line_search(self, Z: torch.Tensor, XD: torch.Tensor, txd: float, d0: float, wdw: float,
+                    dwdw: float) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """Safeguarded Newton steps on ``phi(alpha)`` along ``Z + alpha X D`` (no data pass).
+
+        Stops at the strong-Wolfe curvature condition ``|phi'| <= c2 |phi'(0)|`` or after
+        ``max_ls`` trials. Returns ``(alpha, Z_alpha, probs(Z_alpha))``.
+        """
+        inv, n, binary, max_ls = self.inv, self.n, self.binary, self.max_ls
+        alpha, lo, hi = 1.0, 0.0, math.inf
+        for ls in range(max_ls):
+            Za = torch.add(Z, XD, alpha=alpha)
+            pa = self.probs(Za)
+            phi1 = inv * (wdw + alpha * dwdw) + (_dot(pa, XD) - txd) / n
+            if abs(phi1) <= self.c2 * abs(d0) or ls == max_ls - 1:
+                break
+            pxd = pa * XD
+            if binary:
+                curv = _dot((1 - pa) * pxd, XD)
+            else:
+                curv = _dot(pxd, XD) - float(pxd.sum(dim=1).square().sum())
+            phi2 = inv * dwdw + curv / n
+            if phi1 < 0:
+                lo = alpha
+            else:
+                hi = alpha
+            newt = alpha - phi1 / max(phi2, 1e-30)
+            if not lo < newt < hi:
+                newt = 4 * alpha if math.isinf(hi) else 0.5 * (lo + hi)
+            alpha = newt
+        return alpha, Za, pa
+
+    def remember(self, step: np.ndarray, g_new: np.ndarray, g: np.ndarray) -> None:
+        """Keep the curvature pair ``(s, y)`` if it is positive enough (at most ``memory`` pairs)."""
+        y_ = g_new - g
+        sy, yy = ddot(step, y_), ddot(y_, y_)
+        if sy > 1e-10 * yy:
+            self.hist.append((step, y_, 1.0 / sy))
+            self.gamma = sy / yy
+            if len(self.hist) > self.memory:
+                self.hist.pop(0)
+
+    def forget(self) -> None:
+        self.hist.clear()
+        self.gamma = 1.0
+
+    def solve(self, W0: np.ndarray, b0: np.ndarray, exact_first: bool) -> _HookSolve:
+        """Iterate from ``(W0, b0)`` until exact figures pass ``tol`` or ``max_iter`` is reached."""
+        data, tol, n, d, m, P = self.data, self.tol, self.n, self.d, self.m, self.P
+        (Z, prob, gW, gb, gnorm), exact = self.start(W0, b0, exact_first)
+        g = self.to_v(gW, gb)
+        while (not exact or gnorm > tol) and self.n_iter < self.max_iter:  # bf16 figures never stop it
+            D = self.direction(g)
+            DV = D[: d * m].reshape(d, m)
+            DW = P @ DV if P is not None else DV
+            Db = self.bscale * D[d * m:]
+            XD = data.fwd(DW, Db)
+            wdw, dwdw = float(np.vdot(self.W, DW)), float(np.vdot(DW, DW))
+            # (P - T) . XD, with T . XD (the true classes' entries) fixed along the line
+            txd = _dot(self.T, XD)
+            d0 = self.inv * wdw + (_dot(prob, XD) - txd) / n
+            if not d0 < 0:  # rounding made the direction uphill
+                if data.low:  # bf16 data cannot go further: exact figures, then fp32 data if needed
+                    Z, prob, gW, gb, gnorm = self.exact_state()
+                    exact = True
+                    if gnorm > tol:
+                        data.to_exact()
+                    g = self.to_v(gW, gb)
+                    self.forget()
+                    continue
+                if not self.hist:
+                    break  # steepest descent is not downhill: at the optimum to rounding
+                self.forget()
+                continue
+            alpha, Z, prob = self.line_search(Z, XD, txd, d0, wdw, dwdw)
+            self.W += alpha * DW
+            self.b += alpha * Db
+            was_low = data.low
+            gW, gb, gnorm = self.gradient(prob)
+            self.n_iter += 1
+            self.n_low += int(was_low)
+            exact = not was_low
+            checked = was_low and (gnorm <= self.low_tol or self.n_iter >= self.next_check)
+            if checked:
+                (Z, prob, gW, gb, gnorm), exact = self.certify()
+            gn = self.to_v(gW, gb)
+            if not checked:  # no curvature pair across a check (new precision or decision values)
+                self.remember(D * alpha, gn, g)
+            g = gn
+        if not exact:  # stopped by max_iter on bf16 data: report exact figures
+            Z, prob, gW, gb, gnorm = self.exact_state()
+        return _HookSolve(W=self.W, b=self.b, Z=Z, grad_norm=gnorm, n_iter=self.n_iter, n_low=self.n_low,
+                          n_checks=self.n_checks)
+
+
 def _lbfgs_hook(
     data: _HookData,
     T: torch.Tensor,
@@ -313,202 +546,117 @@ def _lbfgs_hook(
     c2: float = 0.5,
     max_ls: int = 6,
 ) -> _HookSolve:
-    """L-BFGS on one hook: ``min 0.5/(C n) ||W||^2 + loss / n`` (scikit-learn's scaled lbfgs objective).
+    """Fit one hook with :class:`_HookLBFGS` from ``W0 (d, m)``, ``b0 (m,)`` (NumPy).
 
-    Variables ``W = P V``, ``b = bscale * beta`` (``P (d, d)`` a preconditioner or None). ``T (n, m)``
-    one-hot targets (``m = 1``: 0/1 targets of a binary logistic); ``target (n, 1)`` class codes
-    for the multinomial case (None when binary). ``W0 (d, m)``, ``b0 (m,)``: the start (NumPy).
     ``exact_first``: start with the exact figures (a warm start that is already within ``tol``
     then costs no iteration).
-
-    Every iteration touches the data exactly twice: ``X D`` for the search direction and
-    ``X^T R`` for the new gradient. The line search (safeguarded Newton on the convex 1-D
-    function) runs on ``Z + alpha X D``: no data passes. Only the ``(n, m)`` work is done in
-    torch (a handful of calls per iteration); the ``(d, m)`` algebra, the inner products and
-    the L-BFGS recursion run in NumPy, where a call costs less (in-process A/B: 1.08x at
-    d = 576, neutral at d = 128).
-
-    With bf16 data (``data.low``: AMX GEMMs, 2-4x faster than fp32 here) the solve runs on it
-    until the gradient passes ``tol``; then decision values and gradient are recomputed from
-    the fp32 rows (:meth:`_HookData.exact_grad`) and the solve stops, or goes on (``certify``):
-    on bf16 data from the exact decision values with a tighter bf16 target, or on fp32 copies
-    when bf16's error leaves no room. The stopping test is always on exact figures; a warm
-    start checks them first and goes on in bf16 too.
     """
-    n, d = data.n, data.d
-    m = T.shape[1]
-    binary = target is None
-    inv = 1.0 / (C * n)
-    t_sum = T.sum(dim=0).double().numpy()
-    r_bufs: dict = {}
-
-    def probs(Z: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(Z) if binary else _softmax_rows(Z)
-
-    W, b = np.array(W0, dtype=np.float64), np.array(b0, dtype=np.float64)
-
-    def gradient(prob: torch.Tensor, G: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
-        """``(gW, gb, inf-norm)`` at probabilities ``prob``; ``G = X^T (prob - T)`` if already known."""
-        rsum = prob.sum(dim=0).double().numpy() - t_sum
-        if G is None:  # the residual goes straight into the GEMM's dtype: one pass
-            R = r_bufs.get(data.dtype)
-            if R is None:
-                R = r_bufs[data.dtype] = torch.empty(n, m, dtype=data.dtype)
-            G = data.grad(torch.sub(prob, T, out=R), rsum)
-        gW = G / n + inv * W
-        gb = rsum / n
-        return gW, gb, max(float(np.abs(gW).max()), float(np.abs(gb).max()))
-
-    def state():
-        if data.low:  # exact figures from the fp32 rows
-            Z = torch.empty(T.shape)
-            G = data.exact_grad(Z, T, probs, W, b)
-            prob = probs(Z)
-            return (Z, prob, *gradient(prob, G))
-        Z = data.fwd(W, b)
-        prob = probs(Z)
-        return (Z, prob, *gradient(prob))
-
-    def to_v(gW: np.ndarray, gb: np.ndarray) -> np.ndarray:
-        """The gradient in the solver's variables, flat float64."""
-        v = np.empty((d + 1) * m)
-        v[: d * m] = (P.T @ gW if P is not None else gW).reshape(-1)
-        v[d * m:] = bscale * gb
-        return v
-
-    n_iter = n_low = n_checks = 0
-    low_tol = tol  # bf16 figures at or below it call for an exact check
-    next_check = max_iter  # ... and so does this iteration (bf16 may stall above a tightened low_tol)
-
-    def certify():
-        """bf16 figures passed ``low_tol``: exact figures at the same point decide.
-
-        -> ``(figures, exact)``: the exact figures if they pass ``tol`` (or the solve leaves bf16
-        data: then on fp32 copies). Otherwise the solve goes on with bf16 data from the exact
-        decision values (which drop the drift ``Z + alpha X D`` picked up from bf16-rounded
-        products) and the bf16 gradient there, until that is below ``tol`` less 1.5 times its
-        measured gap to the exact one (X's rounding: ~1e-5 here), or for 10 iterations at most.
-        Falls back to fp32 data when that gap leaves no room, or after six checks.
-        """
-        nonlocal low_tol, n_checks, next_check
-        n_checks += 1
-        ex = state()
-        if ex[4] <= tol or not data.low:
-            return ex, True
-        gWl, gbl, gnl = gradient(ex[1])  # bf16 gradient at the exact decision values
-        err = float(max(np.abs(ex[2] - gWl).max(), np.abs(ex[3] - gbl).max()))
-        if n_checks < 6 and err < 0.5 * tol:
-            low_tol = min(low_tol, tol - 1.5 * err, 0.9 * gnl)
-            next_check = n_iter + 10
-            return (ex[0], ex[1], gWl, gbl, gnl), False
-        data.to_exact()
-        return ex, True
-
-    if exact_first:  # a warm start may already be within tol on the exact figures
-        Z, prob, gW, gb, gnorm = state()
-        exact = True
-        if gnorm > tol and data.low:  # go on from bf16 figures at the same point
-            Z = data.fwd(W, b)
-            prob = probs(Z)
-            gW, gb, gnorm = gradient(prob)
-            exact = False
-            low_tol = min(tol, 0.9 * gnorm)
-    else:
-        if W.any():
-            Z = data.fwd(W, b)
-        else:  # a cold start: X 0 + b needs no pass over the data
-            Z = torch.from_numpy(b.astype(np.float32)).expand(n, m).clone()
-        prob = probs(Z)
-        gW, gb, gnorm = gradient(prob)
-        exact = not data.low  # are (Z, gW, gb) from fp32 data?
-    if not exact and gnorm <= low_tol:
-        (Z, prob, gW, gb, gnorm), exact = certify()
-    g = to_v(gW, gb)
-    hist: list[tuple[np.ndarray, np.ndarray, float]] = []
-    gamma = 1.0
-    while (not exact or gnorm > tol) and n_iter < max_iter:  # bf16 figures never stop it
-        q = g.copy()
-        alphas = []
-        for s_, y_, rho in reversed(hist):  # two-loop recursion (BLAS level 1, in place)
-            a = rho * ddot(s_, q)
-            alphas.append(a)
-            daxpy(y_, q, a=-a)
-        q *= gamma
-        for (s_, y_, rho), a in zip(hist, reversed(alphas)):
-            daxpy(s_, q, a=a - rho * ddot(y_, q))
-        D = np.negative(q, out=q)
-        DV = D[: d * m].reshape(d, m)
-        DW = P @ DV if P is not None else DV
-        Db = bscale * D[d * m:]
-        XD = data.fwd(DW, Db)
-        wdw, dwdw = float(np.vdot(W, DW)), float(np.vdot(DW, DW))
-        # (P - T) . XD, with T . XD (the true classes' entries) fixed along the line
-        txd = _dot(T, XD)
-        d0 = inv * wdw + (_dot(prob, XD) - txd) / n
-        if not d0 < 0:  # rounding made the direction uphill
-            if data.low:  # bf16 data cannot go further: exact figures, then fp32 data if needed
-                Z, prob, gW, gb, gnorm = state()
-                exact = True
-                if gnorm > tol:
-                    data.to_exact()
-                g = to_v(gW, gb)
-                hist.clear()
-                gamma = 1.0
-                continue
-            if not hist:
-                break  # steepest descent is not downhill: at the optimum to rounding
-            hist.clear()
-            gamma = 1.0
-            continue
-        alpha, lo, hi = 1.0, 0.0, math.inf
-        for ls in range(max_ls):
-            Za = torch.add(Z, XD, alpha=alpha)
-            pa = probs(Za)
-            phi1 = inv * (wdw + alpha * dwdw) + (_dot(pa, XD) - txd) / n
-            if abs(phi1) <= c2 * abs(d0) or ls == max_ls - 1:
-                break
-            pxd = pa * XD
-            if binary:
-                curv = _dot((1 - pa) * pxd, XD)
-            else:
-                curv = _dot(pxd, XD) - float(pxd.sum(dim=1).square().sum())
-            phi2 = inv * dwdw + curv / n
-            if phi1 < 0:
-                lo = alpha
-            else:
-                hi = alpha
-            newt = alpha - phi1 / max(phi2, 1e-30)
-            if not lo < newt < hi:
-                newt = 4 * alpha if math.isinf(hi) else 0.5 * (lo + hi)
-            alpha = newt
-        W += alpha * DW
-        b += alpha * Db
-        was_low = data.low
-        Z, prob = Za, pa
-        gW, gb, gnorm = gradient(prob)
-        n_iter += 1
-        n_low += int(was_low)
-        exact = not was_low
-        checked = was_low and (gnorm <= low_tol or n_iter >= next_check)
-        if checked:
-            (Z, prob, gW, gb, gnorm), exact = certify()
-        gn = to_v(gW, gb)
-        if not checked:  # no curvature pair across a check (new precision or decision values)
-            s_, y_ = D * alpha, gn - g
-            sy, yy = ddot(s_, y_), ddot(y_, y_)
-            if sy > 1e-10 * yy:
-                hist.append((s_, y_, 1.0 / sy))
-                gamma = sy / yy
-                if len(hist) > memory:
-                    hist.pop(0)
-        g = gn
-    if not exact:  # stopped by max_iter on bf16 data: report exact figures
-        Z, prob, gW, gb, gnorm = state()
-    return _HookSolve(W=W, b=b, Z=Z, grad_norm=gnorm, n_iter=n_iter, n_low=n_low, n_checks=n_checks)
+    solver = _HookLBFGS(data, T, target, C, P, bscale, tol, max_iter, memory, c2, max_ls)
+    return solver.solve(W0, b0, exact_first)
 
 
 _PARALLEL_WORK = 2e5  # training values per hook above which hooks go to worker threads
 _BF16_MIN_FEATURES = 256  # "auto" precision uses bf16 data passes from this width on
+
+
+def _hook_arrays(
+    X_by_hook: Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray, y: np.ndarray, rows: np.ndarray | None,
+) -> tuple[list[str], dict, tuple[int, int], np.ndarray, np.ndarray | None]:
+    """Checked inputs: ``(hooks, {hook: array}, (stored rows, d), y, rows)``."""
+    if isinstance(X_by_hook, Mapping):
+        hooks = list(X_by_hook.keys())
+        arrays = dict(X_by_hook)
+    else:
+        seq = list(X_by_hook)
+        hooks = [f"hook_{i}" for i in range(len(seq))]
+        arrays = dict(zip(hooks, seq))
+    if not hooks:
+        raise ProbeError("no hooks given; pick at least one hook to probe.")
+    shapes = {tuple(np.shape(a_)) for a_ in arrays.values()}
+    if len(shapes) != 1:
+        raise ProbeError(f"all hooks need the same (samples, features) shape; got {sorted(shapes)}.")
+    shape = shapes.pop()
+    if len(shape) != 2 or 0 in shape:
+        raise ProbeError(f"features must be 2-D (samples × features) and non-empty; got shape {shape}.")
+    y = np.asarray(y)
+    n_rows = shape[0] if rows is None else len(rows)
+    if y.ndim != 1 or y.shape[0] != n_rows:
+        raise ProbeError(f"labels must be 1-D with one entry per sample; got {y.shape} for {n_rows} samples.")
+    if rows is not None:
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= shape[0]):
+            raise ProbeError(f"rows must index the {shape[0]} stored rows; got {rows.min()}..{rows.max()}.")
+    return hooks, arrays, shape, y, rows
+
+
+@dataclass
+class _Problem:
+    """What every hook's fit shares: the split, the targets and the solver settings."""
+
+    codes: np.ndarray  # (n,) class codes of the samples
+    classes: np.ndarray
+    tr: np.ndarray  # sorted sample indices of the split
+    te: np.ndarray
+    tr_rows: torch.Tensor  # the rows of the arrays they read
+    te_rows: torch.Tensor
+    T: torch.Tensor  # (ntr, m) one-hot targets (0/1 column when binary)
+    target: torch.Tensor | None  # (ntr, 1) class codes (None when binary)
+    b_prior: np.ndarray  # (m,) the intercept that is optimal at W = 0 (log class priors)
+    s: float  # softmax curvature estimate for the preconditioner
+    C: float
+    standardize: bool
+    mixed: bool
+    precondition: bool
+    eig_cache: dict | None
+    split_key: tuple
+    tol: float
+    max_iter: int
+
+    @property
+    def binary(self) -> bool:
+        return self.target is None
+
+    def accuracy(self, Z: torch.Tensor, truth: np.ndarray) -> float:
+        """Share of rows whose top decision value is the true class (NumPy's argmax: faster
+        than torch's over 16 columns here)."""
+        z = Z.numpy()
+        pred = (z[:, 0] > 0).astype(np.int64) if self.binary else z.argmax(axis=1)
+        return float((pred == truth).mean())
+
+    def preconditioner(self, h: str, data: _HookData) -> np.ndarray | None:
+        """``U (s Λ + 1/(C n))^(-1/2)`` from the hook's (cached) covariance eigendecomposition."""
+        if not self.precondition:
+            return None
+        key = (h, self.split_key)
+        cached = self.eig_cache.get(key) if self.eig_cache is not None else None
+        ev, U = cached if cached is not None else _hook_eigs(data)
+        if self.eig_cache is not None and cached is None:
+            self.eig_cache[key] = (ev, U)
+        return (U * torch.rsqrt(self.s * ev + 1.0 / (self.C * self.tr.size)).unsqueeze(0)).double().numpy()
+
+    def fit_hook(self, h: str, a_: np.ndarray, start: tuple[np.ndarray, np.ndarray] | None, bufs: dict) -> tuple:
+        """Gather, standardize and fit one hook; ``start``: a warm start ``(W0 (d, m), b0 (m,))``.
+
+        Returns ``(coef (m, d) fp32, intercept (m,) fp32, train acc, test acc, grad norm, iterations)``.
+        """
+        with torch.no_grad():
+            try:
+                data = _HookData(a_, self.tr_rows, self.standardize, self.mixed, bufs)
+            except _NonFinite:
+                raise ProbeError(f"features of hook {h!r} contain NaN or inf; re-extract them in float32.") from None
+            P = self.preconditioner(h, data)
+            W0, b0 = start if start is not None else (np.zeros((data.d, self.T.shape[1])), self.b_prior)
+            # With P the W-curvature is ~1, so scale the intercept (curvature ~s) to match; without
+            # it both are ~s already (standardized features).
+            sol = _lbfgs_hook(data, self.T, self.target, self.C, W0, b0, P=P,
+                              bscale=self.s ** -0.5 if P is not None else 1.0, tol=self.tol,
+                              max_iter=self.max_iter, exact_first=start is not None)
+            tr_acc = self.accuracy(sol.Z, self.codes[self.tr])
+            Zte = data.predict_rows(self.te_rows, sol.W, sol.b)
+            if not bool(torch.isfinite(Zte).all()):
+                raise ProbeError(f"features of hook {h!r} contain NaN or inf; re-extract them in float32.")
+            te_acc = self.accuracy(Zte, self.codes[self.te]) if self.te.size else float("nan")
+        return (sol.W.T.astype(np.float32), sol.b.astype(np.float32), tr_acc, te_acc, sol.grad_norm, sol.n_iter)
 
 
 def fit_multiclass_all_hooks(
@@ -532,7 +680,7 @@ def fit_multiclass_all_hooks(
     """L2 logistic probe (multinomial, or logistic for two classes) on every hook.
 
     Minimizes, per hook, ``0.5 ||W_h||^2 + C * sum_i loss`` (scikit-learn's lbfgs objective,
-    intercept unpenalized) with an L-BFGS per hook (:func:`_lbfgs_hook`), hooks spread over
+    intercept unpenalized) with an L-BFGS per hook (:class:`_HookLBFGS`), hooks spread over
     worker threads, one per core, each single-threaded (:func:`probing_core.threads.map_hooks`;
     ``PROBING_THREADS`` sets their number). A hook's data is gathered, standardized and fitted
     by one worker and then dropped, so at most ``workers + 1`` hooks are in memory.
@@ -585,108 +733,51 @@ def fit_multiclass_all_hooks(
     C_val = float(check_Cs(C)[0])
     if precision not in ("auto", "mixed", "fp32"):
         raise ProbeError(f"precision={precision!r} is not one of 'auto', 'mixed', 'fp32'; use 'auto'.")
-    if isinstance(X_by_hook, Mapping):
-        hooks = list(X_by_hook.keys())
-        arrays = dict(X_by_hook)
-    else:
-        seq = list(X_by_hook)
-        hooks = [f"hook_{i}" for i in range(len(seq))]
-        arrays = dict(zip(hooks, seq))
-    if not hooks:
-        raise ProbeError("no hooks given; pick at least one hook to probe.")
-    shapes = {tuple(np.shape(a_)) for a_ in arrays.values()}
-    if len(shapes) != 1:
-        raise ProbeError(f"all hooks need the same (samples, features) shape; got {sorted(shapes)}.")
-    shape = shapes.pop()
-    if len(shape) != 2 or 0 in shape:
-        raise ProbeError(f"features must be 2-D (samples × features) and non-empty; got shape {shape}.")
-    y = np.asarray(y)
-    n_rows = shape[0] if rows is None else len(rows)
-    if y.ndim != 1 or y.shape[0] != n_rows:
-        raise ProbeError(f"labels must be 1-D with one entry per sample; got {y.shape} for {n_rows} samples.")
-    if rows is not None:
-        rows = np.asarray(rows, dtype=np.int64)
-        if rows.size and (rows.min() < 0 or rows.max() >= shape[0]):
-            raise ProbeError(f"rows must index the {shape[0]} stored rows; got {rows.min()}..{rows.max()}.")
+    hooks, arrays, shape, y, rows = _hook_arrays(X_by_hook, y, rows)
     codes, classes = check_labels(y, min_per_class=2)
     tr, te = stratified_split(codes, test_fraction=test_fraction, seed=seed)
     tr, te = np.sort(tr), np.sort(te)  # ascending gathers; the order does not change the optimum
-    H, (n, d) = len(hooks), (n_rows, shape[1])
-    src_tr = tr if rows is None else rows[tr]  # rows of the arrays
-    src_te = te if rows is None else rows[te]
+    H, n, d = len(hooks), y.shape[0], shape[1]
     binary = classes.size == 2
     m = 1 if binary else classes.size
-    tr_t, te_t = torch.as_tensor(src_tr), torch.as_tensor(src_te)
-    ctr, cte = torch.as_tensor(codes[tr]), torch.as_tensor(codes[te])
+    ctr = torch.as_tensor(codes[tr])
     T = (ctr == 1).float().view(-1, 1) if binary else torch.nn.functional.one_hot(ctr, m).float()
-    target = None if binary else ctr.view(-1, 1)
-    ntr = tr.size
-    s = float(curvature) if curvature is not None else (0.25 if binary else 1.0 / m)
-    split_key = (int(seed), float(test_fraction), bool(standardize), n, d)
-    # bf16 passes pay for their exact fp32 check from d ≈ 256 on (bench_layers: at d = 128 fp32 was
-    # as fast or faster, at d = 576 bf16 1.3-1.4x faster).
-    mixed = precision == "mixed" or (precision == "auto" and d >= _BF16_MIN_FEATURES and _bf16_matmul_is_fast())
-    warm = warm_start is not None and warm_start.coefs.shape == (H, m, d)
     prior = T.mean(dim=0).clamp(min=1e-12)
-    b_prior = (torch.log(prior / (1 - prior)) if binary else prior.log() - prior.log().mean()).double().numpy()
+    problem = _Problem(
+        codes=codes, classes=classes, tr=tr, te=te,
+        tr_rows=torch.as_tensor(tr if rows is None else rows[tr]),
+        te_rows=torch.as_tensor(te if rows is None else rows[te]),
+        T=T, target=None if binary else ctr.view(-1, 1),
+        b_prior=(torch.log(prior / (1 - prior)) if binary else prior.log() - prior.log().mean()).double().numpy(),
+        s=float(curvature) if curvature is not None else (0.25 if binary else 1.0 / m),
+        C=C_val, standardize=standardize,
+        # bf16 passes pay for their exact fp32 check from d ≈ 256 on (bench_layers: at d = 128 fp32
+        # was as fast or faster, at d = 576 bf16 1.3-1.4x faster).
+        mixed=precision == "mixed" or (precision == "auto" and d >= _BF16_MIN_FEATURES and _bf16_matmul_is_fast()),
+        precondition=precondition, eig_cache=eig_cache,
+        split_key=(int(seed), float(test_fraction), bool(standardize), n, d), tol=tol, max_iter=max_iter,
+    )
+    warm = warm_start is not None and warm_start.coefs.shape == (H, m, d)
     index = {h: i for i, h in enumerate(hooks)}
-
     scratch: dict[int, dict] = {}  # per worker thread, freed with this call
-
-    ctr_n, cte_n = codes[tr], codes[te]
-
-    def accuracy(Z: torch.Tensor, truth: np.ndarray) -> float:
-        """Share of rows whose top decision value is the true class (NumPy's argmax: faster
-        than torch's over 16 columns here)."""
-        z = Z.numpy()
-        pred = (z[:, 0] > 0).astype(np.int64) if binary else z.argmax(axis=1)
-        return float((pred == truth).mean())
 
     def one(h: str, a_: np.ndarray) -> tuple:
         bufs = scratch.setdefault(threading.get_ident(), {})
+        start = None
+        if warm:
+            i = index[h]
+            start = (np.asarray(warm_start.coefs[i], dtype=np.float64).T,
+                     np.asarray(warm_start.intercepts[i], dtype=np.float64))
         # Confident softmax outputs underflow to subnormals, 10x slower to compute with on x86;
         # flush them to zero on this thread while it fits (no figure here is that small).
         torch.set_flush_denormal(True)
         try:
-            return fit_one(h, a_, bufs)
+            return problem.fit_hook(h, a_, start, bufs)
         finally:
             torch.set_flush_denormal(False)
 
-    def fit_one(h: str, a_: np.ndarray, bufs: dict) -> tuple:
-        i = index[h]
-        with torch.no_grad():
-            try:
-                data = _HookData(a_, tr_t, standardize, mixed, bufs)
-            except _NonFinite:
-                raise ProbeError(f"features of hook {h!r} contain NaN or inf; re-extract them in float32.") from None
-            P = None
-            if precondition:
-                key = (h, split_key)
-                cached = eig_cache.get(key) if eig_cache is not None else None
-                ev, U = cached if cached is not None else _hook_eigs(data)
-                if eig_cache is not None and cached is None:
-                    eig_cache[key] = (ev, U)
-                P = (U * torch.rsqrt(s * ev + 1.0 / (C_val * ntr)).unsqueeze(0)).double().numpy()
-            if warm:
-                W0 = np.asarray(warm_start.coefs[i], dtype=np.float64).T
-                b0 = np.asarray(warm_start.intercepts[i], dtype=np.float64)
-            else:  # W = 0 with the intercept that is optimal there (log class priors)
-                W0, b0 = np.zeros((d, m)), b_prior
-            # With P the W-curvature is ~1, so scale the intercept (curvature ~s) to match; without
-            # it both are ~s already (standardized features).
-            sol = _lbfgs_hook(data, T, target, C_val, W0, b0, P=P,
-                              bscale=s ** -0.5 if P is not None else 1.0, tol=tol, max_iter=max_iter,
-                              exact_first=warm)
-            tr_acc = accuracy(sol.Z, ctr_n)
-            Zte = data.predict_rows(te_t, sol.W, sol.b)
-            if not bool(torch.isfinite(Zte).all()):
-                raise ProbeError(f"features of hook {h!r} contain NaN or inf; re-extract them in float32.")
-            te_acc = accuracy(Zte, cte_n) if te.size else float("nan")
-        return (sol.W.T.astype(np.float32), sol.b.astype(np.float32), tr_acc, te_acc, sol.grad_norm,
-                sol.n_iter)
-
     with single_threaded():
-        outs = map_hooks(one, hooks, arrays, parallel=ntr * d >= _PARALLEL_WORK, progress=progress)
+        outs = map_hooks(one, hooks, arrays, parallel=tr.size * d >= _PARALLEL_WORK, progress=progress)
     rel = np.array([o[4] for o in outs], dtype=np.float64)
     counts = {
         (classes[i].item() if hasattr(classes[i], "item") else classes[i]): {
