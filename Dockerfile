@@ -9,6 +9,10 @@
 #
 # The install step is scripts/install.sh — the same script `make run` and `make test` call, so
 # what CI tests is what this image does (tests/unit/test_deploy.py checks it).
+#
+# What the app user may write: only /data/cache (store + converted weights) and /data/hf. The
+# code (/app) and the Python environment (/opt/venv) belong to root and are read-only to it;
+# local model folders are read only from /data/models (PROBING_MODEL_ROOTS), mounted read-only.
 FROM python:3.11-slim-bookworm
 
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
@@ -23,8 +27,8 @@ ENV PYTHONUNBUFFERED=1 \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 RUN useradd --uid "${APP_UID}" --create-home --shell /usr/sbin/nologin app \
-    && mkdir -p /app /data/cache /data/hf \
-    && chown -R app:app /data
+    && mkdir -p /app /data/cache /data/hf /data/models \
+    && chown app:app /data/cache /data/hf
 
 WORKDIR /app
 
@@ -39,17 +43,25 @@ RUN python -m venv /opt/venv \
 #    into the cache volume's own path. A named volume mounted on /data/cache starts as a copy
 #    of it (Docker copies image content into an empty named volume), so the first start loads
 #    in seconds; with a bind mount (empty host folder) the app converts it once (~30 s on CPU)
-#    into that folder instead. Run as the app user so the files are writable at run time.
-COPY --chown=app:app probing_core probing_core
+#    into that folder instead. Run as the app user so the files are writable at run time; the
+#    code it runs stays root's (COPY without --chown), as everything under /app does.
+COPY probing_core probing_core
 USER ${APP_UID}
 RUN PROBING_CACHE_DIR=/data/cache HF_HOME=/data/hf HF_HUB_OFFLINE=1 \
     python -c "from probing_core.models import ModelSpec, load_model; m = load_model(ModelSpec('embedded', device='cpu')); print('baked', m.key, m.n_layers, 'layers')"
 
-# 3. The app itself.
-COPY --chown=app:app . .
+# 3. The app itself, owned by root: the app user can read it, not change it. .dockerignore
+#    lets in only what the app runs (no secrets, tests, docs or local state). A file that was
+#    group- or world-writable in the build context loses that bit here (none normally is, so
+#    this copies nothing).
+USER 0
+COPY . .
+RUN find /app /opt/venv \( -perm -g+w -o -perm -o+w \) ! -type l -exec chmod go-w {} +
+USER ${APP_UID}
 
 ENV PROBING_CACHE_DIR=/data/cache \
     HF_HOME=/data/hf \
+    PROBING_MODEL_ROOTS=/data/models \
     PROBING_DEMO=0 \
     STREAMLIT_SERVER_PORT=8501 \
     STREAMLIT_SERVER_ADDRESS=0.0.0.0 \

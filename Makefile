@@ -3,6 +3,10 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PORT    ?= 8501
+# Where the server listens. Localhost only by default: nobody else on the network can reach it.
+# `make run HOST=0.0.0.0` opens it to the LAN (anyone who can reach the port can use the app,
+# unless sign-in is on: see docs/deploy.md).
+HOST    ?= 127.0.0.1
 STAMP   := $(VENV)/.installed-$(shell cat requirements.txt scripts/install.sh | cksum | cut -d' ' -f1)
 
 .PHONY: run demo test setup bench clean-cache
@@ -16,13 +20,14 @@ $(STAMP): requirements.txt scripts/install.sh
 	touch $@
 
 run: setup
-	@echo "Starting the probing dashboard at http://localhost:$(PORT) (embedded offline model; first start converts it, ~30 s)"
-	$(PY) -m streamlit run app.py --server.port $(PORT)
+	@echo "Starting the probing dashboard at http://$(HOST):$(PORT) (embedded offline model; first start converts it, ~30 s)"
+	@if [ "$(HOST)" != "127.0.0.1" ] && [ "$(HOST)" != "localhost" ]; then echo "Listening on $(HOST): anyone who can reach this port can use the app (see docs/deploy.md for sign-in)"; fi
+	$(PY) -m streamlit run app.py --server.address $(HOST) --server.port $(PORT)
 
 # Demo mode: capped inputs, the embedded model, a plain-language explanation on every page.
 demo: setup
-	@echo "Starting the probing dashboard in demo mode at http://localhost:$(PORT)"
-	PROBING_DEMO=1 $(PY) -m streamlit run app.py --server.port $(PORT)
+	@echo "Starting the probing dashboard in demo mode at http://$(HOST):$(PORT)"
+	PROBING_DEMO=1 $(PY) -m streamlit run app.py --server.address $(HOST) --server.port $(PORT)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -16,6 +16,7 @@ _PAGES = [
 ]
 
 pages = [st.Page(path, title=title, icon=icon, default=(i == 0)) for i, (path, title, icon) in enumerate(_PAGES)]
+glue.sign_in_gate()  # PROBING_AUTH=1: nothing below runs until the visitor has signed in
 glue.sidebar()
 nav = st.navigation(pages)
 nav.run()

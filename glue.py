@@ -75,6 +75,67 @@ def explain(text: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Who may use the server: optional sign-in (Streamlit's own OIDC login), the open-access note
+# ---------------------------------------------------------------------------------------------
+
+
+def auth_enabled() -> bool:
+    """Sign-in required (``PROBING_AUTH=1``): no page runs until the visitor has signed in with ``st.login``."""
+    return os.environ.get("PROBING_AUTH", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def sign_in_gate() -> None:
+    """With sign-in on, stop the app here until the visitor has signed in (app.py calls it before any page).
+
+    The provider is the ``[auth]`` table of ``.streamlit/secrets.toml`` (``PROBING_AUTH_PROVIDER=NAME`` picks an
+    ``[auth.NAME]`` table instead). Missing or incomplete settings give a message, never a traceback.
+    """
+    if not auth_enabled():
+        return
+    from streamlit.auth_util import is_authlib_installed, validate_auth_credentials
+    from streamlit.errors import StreamlitAuthError
+
+    provider = os.environ.get("PROBING_AUTH_PROVIDER", "").strip() or "default"
+    problem = "" if is_authlib_installed() else "Authlib is not installed (pip install -r requirements.txt)."
+    if not problem:
+        try:
+            validate_auth_credentials(provider)
+        except StreamlitAuthError as e:
+            problem = " ".join(str(e).split())
+    if problem:
+        st.title("🔒 Sign-in is switched on but not set up")
+        st.error(f"This server was started with PROBING_AUTH=1, so every visitor must sign in, but sign-in is not "
+                 f"configured: {problem} Put the [auth] settings into .streamlit/secrets.toml (docs/deploy.md, "
+                 f"\"Sign-in\") and restart the server, or start it without PROBING_AUTH.", icon="🔒")
+        st.stop()
+    if not st.user.is_logged_in:
+        st.title("🔒 Probing dashboard")
+        st.write("This server asks every visitor to sign in first.")
+        st.button("Sign in", type="primary", on_click=st.login, args=(provider,), key="auth_login")
+        st.stop()
+    user = st.user.to_dict()
+    with st.sidebar:
+        st.caption(f"Signed in as {user.get('email') or user.get('name') or 'you'}")
+        st.button("Sign out", on_click=st.logout, key="auth_logout")
+
+
+def open_access_note() -> None:
+    """On Home: with sign-in off, say plainly that anyone who can reach the port can use the app."""
+    if not auth_enabled():
+        st.caption("🔓 No sign-in: anyone who can reach this server's port can use this app (build caches, run the "
+                   "model). To restrict it, switch on sign-in (PROBING_AUTH=1; see docs/deploy.md).")
+
+
+def local_folder_help() -> str:
+    """Help text of the local-folder box, naming the folders this server may read models from."""
+    from probing_core.models import allowed_model_roots
+
+    roots = allowed_model_roots()
+    where = "" if roots is None else " On this server: only folders under " + ", ".join(map(str, roots)) + "."
+    return "a Hugging Face model folder (config.json + weights)." + where
+
+
+# ---------------------------------------------------------------------------------------------
 # Cached resources (shared by all sessions: read-only)
 # ---------------------------------------------------------------------------------------------
 
@@ -241,7 +302,7 @@ def sidebar() -> None:
             name = st.text_input("Model name", value="gpt2", key="model_hf_name", help="e.g. gpt2, EleutherAI/pythia-70m — needs the internet")
             spec = ModelSpec("hf", name.strip())
         elif choice == _CUSTOM_LOCAL:
-            folder = st.text_input("Folder", key="model_local_dir", help="a Hugging Face model folder (config.json + weights)")
+            folder = st.text_input("Folder", key="model_local_dir", help=local_folder_help())
             spec = ModelSpec("local", folder.strip()) if folder.strip() else None
         with st.expander("Device and dtype"):
             device = st.selectbox("Device", ["auto", "cpu", "cuda", "mps"], key="model_device")

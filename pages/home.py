@@ -14,6 +14,7 @@ glue.explain(
     "activations so every other page can fit probes in seconds."
 )
 
+glue.open_access_note()
 model = glue.selected_model()
 dataset = glue.selected_dataset()
 

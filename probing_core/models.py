@@ -51,6 +51,48 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("PROBING_CACHE_DIR", Path.cwd() / "cache")).resolve()
 
 
+#: The folder local models must lie under in demo mode when ``PROBING_MODEL_ROOTS`` is unset
+#: (the Docker image's models volume; the image also sets the variable to it).
+DEFAULT_MODEL_ROOTS = ("/data/models",)
+
+
+def allowed_model_roots() -> list[Path] | None:
+    """The folders local models may be read from, or None when any folder may be read.
+
+    On a shared server the local-folder box would let any visitor make the server read any folder,
+    so the list is on when ``PROBING_MODEL_ROOTS`` is set (folders separated by ``:``; the Docker
+    image sets ``/data/models``) or in demo mode (``PROBING_DEMO=1``, default ``/data/models``).
+    Set ``PROBING_MODEL_ROOTS=/`` to allow every folder. Roots are resolved (symlinks, ``..``).
+    """
+    raw = os.environ.get("PROBING_MODEL_ROOTS")
+    if raw is None:
+        if os.environ.get("PROBING_DEMO", "0").strip().lower() not in ("1", "true", "yes", "on"):
+            return None
+        raw = os.pathsep.join(DEFAULT_MODEL_ROOTS)
+    return [Path(r).expanduser().resolve() for r in raw.split(os.pathsep) if r.strip()]
+
+
+def check_model_folder(folder: str | Path) -> Path:
+    """Resolve ``folder`` (symlinks and ``..`` included) and check it lies under an allowed root.
+
+    Returns:
+        The resolved folder: load from it, not from the name given, so nothing swaps it after the check.
+
+    Raises:
+        ModelError: the folder is outside every root in :func:`allowed_model_roots`.
+    """
+    real = Path(folder).expanduser().resolve()
+    roots = allowed_model_roots()
+    if roots is None or any(real.is_relative_to(r) for r in roots):
+        return real
+    where = ", ".join(str(r) for r in roots) or "none: PROBING_MODEL_ROOTS is empty"
+    raise ModelError(
+        f"this server reads local models only from its model folders ({where}); {str(folder)!r} is outside them. "
+        "Put the model folder under one of them (in Docker: mount it on /data/models), or ask the operator to "
+        "add its folder to PROBING_MODEL_ROOTS."
+    )
+
+
 def pick_device(requested: str | None = None) -> str:
     """Return ``requested`` if given, else cuda, then mps, then cpu.
 
@@ -500,7 +542,7 @@ def load_model(
         tokenizer = HFTokenizer(tok)
         ident = f"embedded:{folder.name}"
     elif spec.kind == "local":
-        folder = Path(spec.name).expanduser()
+        folder = check_model_folder(spec.name)  # before any look at the folder: outside the roots, say nothing of it
         if not (folder / "config.json").exists():
             raise ModelError(f"{folder} is not a Hugging Face model folder (no config.json in it).")
         try:
@@ -542,6 +584,8 @@ def _load_hub_model(spec: ModelSpec, dtype: torch.dtype, device: str) -> tuple[A
     name = spec.name.strip()
     if not name or not re.fullmatch(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?", name):
         raise ModelError(f"{name!r} is not a Hugging Face model name (like 'gpt2' or 'EleutherAI/pythia-70m').")
+    if os.path.exists(name):
+        check_model_folder(name)  # transformers would read a relative folder of that name: same allow-list
     offline = _offline_hint()
     try:
         bridge = TransformerBridge.boot_transformers(name, device=device, dtype=dtype)

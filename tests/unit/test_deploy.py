@@ -161,9 +161,122 @@ def test_compose_reserves_a_gpu_and_keeps_the_cache():
     assert svc["build"]["args"]["TORCH_INDEX_URL"] == CUDA_INDEX
 
 
-def test_dockerignore_keeps_local_state_out():
-    ignored = set((REPO / ".dockerignore").read_text().split())
-    assert {".git", ".venv", "cache", ".test-cache", "test-output"} <= ignored
+def _docker_rules() -> list[tuple[bool, re.Pattern]]:
+    """.dockerignore as (is_exception, regex) in file order, with Docker's pattern syntax
+    (``*`` and ``?`` stay within one path segment, ``**`` spans any number of them)."""
+    rules = []
+    for line in (REPO / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pat, rx, i = line.lstrip("!").strip().lstrip("/").rstrip("/"), "", 0
+        while i < len(pat):
+            if pat.startswith("**/", i):
+                rx, i = rx + "(?:.*/)?", i + 3
+            elif pat.startswith("**", i):
+                rx, i = rx + ".*", i + 2
+            else:
+                rx += {"*": "[^/]*", "?": "[^/]"}.get(pat[i], re.escape(pat[i]))
+                i += 1
+        rules.append((negate, re.compile(rx + r"\Z")))
+    return rules
+
+
+def _in_build_context(path: str, rules: list[tuple[bool, re.Pattern]]) -> bool:
+    """Whether Docker sends ``path`` (relative to the repo) to the build: the last rule matching the
+    path or one of its parent folders decides (moby's MatchesOrParentMatches)."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:k]) for k in range(1, len(parts) + 1)]
+    excluded = False
+    for negate, rx in rules:
+        if any(rx.match(p) for p in prefixes):
+            excluded = not negate
+    return not excluded
+
+
+def _tracked_files() -> list[str]:
+    return subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+
+
+#: What the image runs; everything else stays out of the build context.
+NEEDED_IN_IMAGE = re.compile(r"(app\.py|glue\.py|requirements\.txt|scripts/install\.sh|\.streamlit/config\.toml|pages/.+|probing_core/.+)\Z")
+
+
+def test_dockerignore_lets_in_only_what_the_image_runs():
+    rules = _docker_rules()
+    tracked = _tracked_files()
+    sent = {f for f in tracked if _in_build_context(f, rules)}
+    assert sent == {f for f in tracked if NEEDED_IN_IMAGE.match(f)}, "the build context is not exactly the app's files"
+    assert {"app.py", "glue.py", "requirements.txt", "scripts/install.sh", ".streamlit/config.toml"} <= sent
+    # Local state, secrets and env files never enter the image, wherever they lie.
+    for path in [".git/config", ".venv/bin/python", "cache/models/x", ".test-cache/a", "test-output/log", "tests/conftest.py",
+                 "docs/deploy.md", "benchmarks/bench_load.py", ".streamlit/secrets.toml", "secrets.toml",
+                 "probing_core/secrets.toml", ".env", ".env.local", "pages/.env", "probing_core/.env.production",
+                 "deploy.env", "probing_core/__pycache__/models.cpython-311.pyc", "pages/home.pyc",
+                 "probing_core/tree/checkpoints/.tmp-x/part"]:
+        assert not _in_build_context(path, rules), f"{path} would be sent to the Docker build"
+    # Every COPY source of the Dockerfile survives (else the build fails).
+    for word, rest in _instructions(REPO / "Dockerfile"):
+        if word == "COPY":
+            srcs = [s for s in rest.split() if not s.startswith("--")][:-1]
+            for src in srcs:
+                if src != ".":
+                    assert any(f == src or f.startswith(src.rstrip("/") + "/") for f in sent), f"COPY {src}: excluded"
+
+
+def test_app_code_is_roots_and_only_the_volumes_are_writable(dockerfile):
+    copies = [(i, rest) for i, (word, rest) in enumerate(dockerfile) if word == "COPY"]
+    for _, rest in copies:
+        chown = re.search(r"--chown=(\S+)", rest)
+        assert chown is None or chown.group(1).split(":")[0] in ("root", "0"), f"COPY {rest}: code must stay root's"
+    # The last COPY (the app) runs as root and is followed by clearing group/other write bits.
+    users = [(i, rest) for i, (word, rest) in enumerate(dockerfile) if word == "USER"]
+    last_copy = copies[-1][0]
+    assert [r for i, r in users if i < last_copy][-1] in ("0", "root")
+    after = [rest for word, rest in dockerfile[last_copy:] if word == "RUN"]
+    assert any("chmod go-w" in r and "/app" in r and "/opt/venv" in r for r in after)
+    assert users[-1][1] not in ("0", "root", "0:0") and users[-1][0] > last_copy, "the app runs as its own user"
+
+    runs = " ; ".join(rest for word, rest in dockerfile if word == "RUN")
+    owned = {p for m in re.finditer(r"chown\s+(?:-R\s+)?\S+\s+([^&;]+)", runs) for p in m.group(1).split()}
+    assert owned == {"/data/cache", "/data/hf"}, f"the app user owns exactly the two volumes, not {owned}"
+    assert not re.search(r"chmod\s+(-R\s+)?(\S*[+]w|[0-7]*[2367][0-7]{0,2}\b)", runs.replace("go-w", "")), "no chmod adds write access"
+    volumes = " ".join(rest for word, rest in dockerfile if word == "VOLUME")
+    assert "/data/models" not in volumes, "the models folder is mounted read-only by the operator, never an anonymous volume"
+
+
+def test_image_limits_local_model_folders_and_compose_mounts_them_read_only(dockerfile):
+    assert _env(dockerfile)["PROBING_MODEL_ROOTS"] == "/data/models"
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    (svc,) = compose["services"].values()
+    models = [v for v in svc["volumes"] if re.sub(r"\$\{[^}]*\}", "HOST", v).split(":")[1] == "/data/models"]
+    assert len(models) == 1 and models[0].endswith(":ro"), models
+    assert "PROBING_AUTH" in svc["environment"], "compose passes the sign-in switch through"
+
+
+def test_make_run_listens_on_localhost_unless_told_otherwise():
+    def dry(*args: str) -> str:
+        return subprocess.run(["make", "-n", *args], cwd=REPO, capture_output=True, text=True, timeout=60, check=True).stdout
+    for target in ("run", "demo"):
+        serve = [ln for ln in dry(target).splitlines() if "streamlit run app.py" in ln]
+        assert len(serve) == 1 and "--server.address 127.0.0.1" in serve[0], serve
+        opened = [ln for ln in dry(target, "HOST=0.0.0.0").splitlines() if "streamlit run app.py" in ln]
+        assert "--server.address 0.0.0.0" in opened[0], opened
+    assert "HOST=0.0.0.0" in (REPO / "README.md").read_text() + (REPO / "docs/deploy.md").read_text()
+
+
+def test_sign_in_dependency_is_pinned_and_installed():
+    from streamlit.auth_util import is_authlib_installed
+
+    pins = dict(ln.split("==", 1) for ln in (REPO / "requirements.txt").read_text().split() if "==" in ln)
+    assert "Authlib" in pins, "st.login needs Authlib: pin it in requirements.txt"
+    import authlib
+
+    assert authlib.__version__ == pins["Authlib"] and is_authlib_installed()
+    example = tomllib.loads((REPO / ".streamlit/secrets.example.toml").read_text())["auth"]
+    assert example["redirect_uri"].endswith("/oauth2callback")
+    assert {"cookie_secret", "client_id", "client_secret", "server_metadata_url"} <= set(example)
 
 
 def test_ci_installs_chromium_unattended_then_runs_make_test():
@@ -214,3 +327,96 @@ def test_config_options_exist_and_values_are_allowed(server_config):
     assert s["headless"] is True and s["fileWatcherType"] == "none" and s["enableXsrfProtection"] is True
     assert server_config["client"]["showErrorDetails"] == "none"
     assert server_config["browser"]["gatherUsageStats"] is False
+
+
+# ---- local model folders: the allow-list (PROBING_MODEL_ROOTS, demo mode) ---------------------
+
+
+def _save_tiny_llama(folder: Path) -> None:
+    """A real (random) one-layer Llama with a word-level tokenizer, saved as a Hugging Face folder."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", *"the capital of france is paris a an cat dog".split()]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """``root`` (the allowed models folder) holding ``tiny``; ``outside``: a copy of it elsewhere."""
+    base = tmp_path_factory.mktemp("model-roots")
+    root, outside = base / "models", base / "elsewhere" / "tiny"
+    root.mkdir()
+    _save_tiny_llama(root / "tiny")
+    shutil.copytree(root / "tiny", outside)
+    return {"base": base, "root": root, "tiny": root / "tiny", "outside": outside}
+
+
+def test_local_models_load_only_from_the_allowed_roots(model_dirs, monkeypatch):
+    from probing_core.errors import ModelError
+    from probing_core.models import ModelSpec, load_model
+
+    root, outside = model_dirs["root"], model_dirs["outside"]
+    monkeypatch.setenv("PROBING_MODEL_ROOTS", f"/nonexistent-root{os.pathsep}{root}")
+    model = load_model(ModelSpec("local", str(model_dirs["tiny"])))  # inside: a real model loads
+    assert model.n_layers == 1 and model.d_model == 16 and model.encode("the cat")[1:] == [3, 11]
+
+    # The same weights outside the roots, a symlink inside the root pointing out, a `..` escape, and a
+    # folder that does not exist (refused the same way: the server says nothing about folders outside).
+    (root / "link-out").symlink_to(outside, target_is_directory=True)
+    attempts = [outside, root / "link-out", root / ".." / "elsewhere" / "tiny", model_dirs["base"] / "no-such-folder", Path("/etc")]
+    for folder in attempts:
+        with pytest.raises(ModelError, match="only from its model folders") as err:
+            load_model(ModelSpec("local", str(folder)))
+        assert str(root) in str(err.value) and "PROBING_MODEL_ROOTS" in str(err.value)
+
+    # A hub-style name that is really a relative folder (transformers would read it) gets the same check.
+    monkeypatch.chdir(outside.parent.parent)
+    with pytest.raises(ModelError, match="only from its model folders"):
+        load_model(ModelSpec("hf", "elsewhere/tiny"))
+
+
+def test_model_roots_resolve_links_and_follow_demo_mode(model_dirs, monkeypatch, tmp_path):
+    from probing_core.errors import ModelError
+    from probing_core.models import DEFAULT_MODEL_ROOTS, allowed_model_roots, check_model_folder
+
+    root, outside = model_dirs["root"], model_dirs["outside"]
+    link_in = tmp_path / "link-in"
+    link_in.symlink_to(model_dirs["tiny"], target_is_directory=True)
+    monkeypatch.setenv("PROBING_MODEL_ROOTS", str(root))
+    assert check_model_folder(link_in) == model_dirs["tiny"].resolve()  # a link from elsewhere into the root is fine
+    assert check_model_folder(f"{root}/tiny/../tiny") == model_dirs["tiny"].resolve()
+
+    linked_root = tmp_path / "linked-root"  # a root given through a symlink is resolved too
+    linked_root.symlink_to(root, target_is_directory=True)
+    monkeypatch.setenv("PROBING_MODEL_ROOTS", str(linked_root))
+    assert check_model_folder(model_dirs["tiny"]) == model_dirs["tiny"].resolve()
+
+    monkeypatch.setenv("PROBING_MODEL_ROOTS", "")  # set but empty: no local folder at all
+    assert allowed_model_roots() == []
+    with pytest.raises(ModelError, match="PROBING_MODEL_ROOTS is empty"):
+        check_model_folder(model_dirs["tiny"])
+
+    monkeypatch.delenv("PROBING_MODEL_ROOTS")
+    monkeypatch.setenv("PROBING_DEMO", "0")
+    assert allowed_model_roots() is None and check_model_folder(outside) == outside.resolve()  # a desktop run: any folder
+    monkeypatch.setenv("PROBING_DEMO", "1")
+    assert allowed_model_roots() == [Path(r).resolve() for r in DEFAULT_MODEL_ROOTS]
+    with pytest.raises(ModelError, match="only from its model folders"):
+        check_model_folder(outside)
+
+
+def test_cli_refuses_a_model_folder_outside_the_roots(model_dirs):
+    env = {**os.environ, "PROBING_MODEL_ROOTS": str(model_dirs["root"]), "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-m", "probing_core", "lens", "--model", str(model_dirs["outside"]),
+                          "--prompt", "the cat"], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in res.stderr and "only from its model folders" in lines[-1], res.stderr[-2000:]
