@@ -338,6 +338,10 @@ def checksum_problem(entry: StoreEntry) -> str | None:
                     return f"{fname}'s contents changed since it was written"
             except OSError as e:
                 return f"{fname} is unreadable ({e.strerror})"
+    if entry.meta.get("layout") == "sharded":  # every shard against shards.json (store/shards.py)
+        from probing_core.store.shards import sharded_entry_problem
+
+        return sharded_entry_problem(entry.path, entry.meta)
     return None
 
 
