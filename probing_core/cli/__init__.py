@@ -2,21 +2,25 @@
 adds top-level commands; each that defines ``register_probe(subparsers)`` adds a
 ``probe <kind>`` command. Handlers are ``func(args) -> int`` set with ``set_defaults``.
 
-Errors the user can fix (:class:`ProbingError`) are printed as one line and exit with 2.
+Errors the user can fix (:class:`ProbingError`, a bad argument, a read-only or full disk) are
+printed as one line and exit with 2, never a traceback.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import pkgutil
+import sqlite3
 import sys
 from typing import Sequence
 
+from probing_core.cli._common import OneLineParser
 from probing_core.errors import ProbingError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m probing_core",
         description="Probe transformer activations: cache, regression/sparse/layer probes, logit lens, attention.",
     )
@@ -37,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a bad argument (one line already printed) or --help
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -45,6 +52,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ProbingError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # A read-only or full disk met outside the store's own checks (model conversion, output files).
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error: cannot write{where} ({e.strerror}); free disk space or set PROBING_CACHE_DIR to a "
+              "writable folder.", file=sys.stderr)
+        return 2
+    except sqlite3.OperationalError as e:
+        if "full" not in str(e) and "readonly" not in str(e):
+            raise
+        print(f"error: the store index cannot be written ({e}); free disk space or set PROBING_CACHE_DIR to a "
+              "writable folder.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; nothing half-written was kept.", file=sys.stderr)

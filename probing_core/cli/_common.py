@@ -47,8 +47,11 @@ def int_range(lo: int, hi: int = MAX_COUNT) -> Callable[[str], int]:
 
     def parse(text: str) -> int:
         v = _int(text)
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"{v} is out of range; give a whole number from {lo:,} to {hi:,}")
+        if v < lo:
+            need = "a positive whole number" if lo == 1 else ("0 or more" if lo == 0 else f"at least {lo:,}")
+            raise argparse.ArgumentTypeError(f"must be {need}, got {v:,}")
+        if v > hi:
+            raise argparse.ArgumentTypeError(f"must be at most {hi:,}, got {v:,}")
         return v
 
     parse.__name__ = "whole number"
@@ -187,16 +190,26 @@ def open_dataset(args: argparse.Namespace) -> Dataset:
 
 
 def tqdm_progress(desc: str) -> tuple[Callable[[float, str], None], Callable[[], None]]:
-    """A progress callback drawing a tqdm bar on stderr, and a closer."""
+    """A progress callback drawing a tqdm bar on stderr, and a closer.
+
+    The bar appears at the first update, so an argument refused before any work starts leaves
+    stderr with its one error line.
+    """
     from tqdm import tqdm
 
-    bar = tqdm(total=1000, desc=desc, file=sys.stderr, bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+    bars: list[Any] = []
 
     def update(frac: float, msg: str) -> None:
-        bar.n = int(max(0.0, min(1.0, frac)) * 1000)
-        bar.set_postfix_str(msg, refresh=True)
+        if not bars:
+            bars.append(tqdm(total=1000, desc=desc, file=sys.stderr, bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}"))
+        bars[0].n = int(max(0.0, min(1.0, frac)) * 1000)
+        bars[0].set_postfix_str(msg, refresh=True)
 
-    return update, bar.close
+    def close() -> None:
+        for bar in bars:
+            bar.close()
+
+    return update, close
 
 
 def print_json(obj: Any) -> None:

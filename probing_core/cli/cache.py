@@ -1,7 +1,8 @@
-"""``cache build | ls | rm | export``: the activation store from the command line."""
+"""``cache build | ls | rm | export | verify``: the activation store from the command line."""
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from probing_core.store.activations import build_cache, export_entry
@@ -10,6 +11,10 @@ from probing_core.cli._common import (
     add_json_arg,
     add_model_args,
     add_store_args,
+    int_range,
+    nonempty,
+    out_file_arg,
+    positive_int,
     open_dataset,
     open_model,
     open_store,
@@ -18,6 +23,7 @@ from probing_core.cli._common import (
     tqdm_progress,
 )
 from probing_core.errors import HookError
+from probing_core.store.entries import StoreEntry
 
 DEFAULT_FAMILIES = ("embed", "resid_post")
 
@@ -35,14 +41,14 @@ def resolve_hooks(model, hooks: list[str] | None) -> list[str]:  # type: ignore[
         else:
             out.append(h)
     model.check_hooks(out)
+    per_token = set(model.all_hook_names())
+    if any(h not in per_token for h in out):
+        raise HookError(f"hook(s) {[h for h in out if h not in per_token]} are not per-token activations the store can hold "
+                        "(attention patterns are [head, query, key]): use the `attention` command for them.")
     return list(dict.fromkeys(out))
 
 
 def _build(args: argparse.Namespace) -> int:
-    if args.max_tokens is not None and args.max_tokens <= 0:
-        from probing_core.errors import InputError
-
-        raise InputError(f"--max-tokens must be positive, got {args.max_tokens}.")
     store = open_store(args)
     model = open_model(args, quiet=args.json)
     dataset = open_dataset(args)
@@ -50,10 +56,21 @@ def _build(args: argparse.Namespace) -> int:
     update, close = tqdm_progress("cache build")
     t0 = time.perf_counter()
     try:
-        entry, built = build_cache(
-            model, dataset, hooks, store=store, max_len=args.max_len, max_tokens=args.max_tokens,
-            dtype=args.store_dtype, batch_size=args.batch_size, progress=update,
-        )
+        if args.engine == "ray":  # ray is imported only here (it adds seconds to a start)
+            from probing_core.store.ray_engine import build_cache_ray
+
+            res = build_cache_ray(
+                model, dataset, hooks, store=store, address=args.address, workers=args.workers,
+                gpus_per_worker=args.gpus_per_worker, write=args.ray_write, rows_per_shard=args.rows_per_shard,
+                max_len=args.max_len, max_tokens=args.max_tokens, dtype=args.store_dtype,
+                batch_size=args.batch_size, progress=update,
+            )
+            entry, built = res.entry, res.built
+        else:
+            entry, built = build_cache(
+                model, dataset, hooks, store=store, max_len=args.max_len, max_tokens=args.max_tokens,
+                dtype=args.store_dtype, batch_size=args.batch_size, progress=update,
+            )
     finally:
         close()
     out = {
@@ -68,6 +85,7 @@ def _build(args: argparse.Namespace) -> int:
         "model": entry.meta.get("model_label"),
         "dataset": entry.meta.get("dataset_label"),
         "path": str(entry.path),
+        "engine": entry.meta.get("engine", "local"),
     }
     if args.json:
         print_json(out)
@@ -79,7 +97,8 @@ def _build(args: argparse.Namespace) -> int:
 
 def _ls(args: argparse.Namespace) -> int:
     store = open_store(args)
-    rows = [e.summary() for e in store.entries()]
+    good, broken = store.scan()
+    rows = [{**e.summary(), "engine": e.meta.get("engine", "local")} for e in good] + [b.summary() for b in broken]
     if args.json:
         print_json(rows)
     elif not rows:
@@ -87,8 +106,36 @@ def _ls(args: argparse.Namespace) -> int:
     else:
         for r in rows:
             r["MB"] = round((r["bytes"] or 0) / 1e6, 1)
-        print_table(rows, ["key", "model", "dataset", "n_tokens", "n_hooks", "dtype", "MB"])
+        print_table(rows, ["key", "status", "model", "dataset", "n_tokens", "n_hooks", "dtype", "MB", "engine"])
+        for b in broken:
+            print(f"broken {b.key}: {b.reason} — delete it with `cache rm {b.key}`")
+    if store.index_problem:
+        print(f"warning: {store.index_problem}", file=sys.stderr)
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    good, broken = store.scan()
+    keys = [args.key] if args.key else [e.key for e in good] + [b.key for b in broken]
+    rows = []
+    for key in keys:
+        res = store.verify(key)
+        ok = isinstance(res, StoreEntry)
+        rows.append({"key": key, "status": "ok" if ok else "broken",
+                     "problem": None if ok else res.reason,  # type: ignore[union-attr]
+                     "checksums": ok and "files" in res.meta})
+    if args.json:
+        print_json(rows)
+    elif not rows:
+        print(f"no entries in {store.root}")
+    else:
+        for r in rows:
+            note = "" if r["status"] == "broken" or r["checksums"] else " (built before checksums: sizes and headers checked)"
+            print(f"{r['status']:6}  {r['key']}  {r['problem'] or ''}{note}")
+    if store.index_problem:
+        print(f"warning: {store.index_problem}", file=sys.stderr)
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
 def _rm(args: argparse.Namespace) -> int:
@@ -105,6 +152,7 @@ def _rm(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     store = open_store(args)
+    store.path_of(args.key)  # a malformed key fails here, before anything is read
     entry = store.require(args.key)
     if args.hook not in entry.hooks:
         raise HookError(f"entry {args.key} has no hook {args.hook!r}; it holds: {', '.join(entry.hooks)}.")
@@ -124,11 +172,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_dataset_args(b)
     add_store_args(b)
     add_json_arg(b)
-    b.add_argument("--hooks", nargs="*", default=None, help="hook names or families (embed resid_pre resid_mid resid_post attn_out mlp_out mlp_post); default: embed + resid_*")
-    b.add_argument("--max-tokens", type=int, default=20_000, help="cap on tokens extracted (default 20000)")
-    b.add_argument("--max-len", type=int, default=128, help="tokens per row (default 128)")
-    b.add_argument("--batch-size", type=int, default=16)
+    b.add_argument("--hooks", nargs="*", default=None, type=nonempty, help="hook names or families (embed resid_pre resid_mid resid_post attn_out mlp_out mlp_post); default: embed + resid_*")
+    b.add_argument("--max-tokens", type=positive_int, default=20_000, help="cap on tokens extracted (default 20000)")
+    b.add_argument("--max-len", type=int_range(2, 1_000_000), default=128, help="tokens per row (default 128)")
+    b.add_argument("--batch-size", type=int_range(1, 1_000_000), default=16, help="rows per forward pass (default 16)")
     b.add_argument("--store-dtype", default="float32", choices=["float32", "float16"])
+    b.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local: this process; ray: row ranges over a Ray actor pool, written as shards (docs/scale.md)")
+    b.add_argument("--address", default=None, help="Ray cluster address host:port (default: $RAY_ADDRESS, else a local cluster)")
+    b.add_argument("--workers", type=int, default=2, help="Ray actors (each loads the model once; default 2)")
+    b.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs reserved per Ray actor (0 = CPU actors)")
+    b.add_argument("--ray-write", default="worker", choices=["worker", "driver"],
+                   help="worker: actors write shards into the store (shared filesystem); driver: arrays come back and this process writes them")
+    b.add_argument("--rows-per-shard", type=int, default=None, help="rows per shard, whole batches (default: about 131k tokens)")
     b.set_defaults(func=_build)
 
     ls = csub.add_parser("ls", help="list entries")
@@ -138,12 +194,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     rm = csub.add_parser("rm", help="delete entries")
     add_store_args(rm)
-    rm.add_argument("keys", nargs="+")
+    rm.add_argument("keys", nargs="+", type=nonempty)
     rm.set_defaults(func=_rm)
 
     ex = csub.add_parser("export", help="write one hook as .npy plus a token table (.tokens.tsv)")
     add_store_args(ex)
-    ex.add_argument("key")
-    ex.add_argument("--hook", required=True)
-    ex.add_argument("--out", required=True, help="output .npy path")
+    ex.add_argument("key", type=nonempty)
+    ex.add_argument("--hook", required=True, type=nonempty)
+    ex.add_argument("--out", required=True, type=out_file_arg, help="output .npy path (in an existing folder)")
     ex.set_defaults(func=_export)
+
+    ve = csub.add_parser("verify", help="check entries (sizes, headers, sampled checksums); broken ones are set aside")
+    add_store_args(ve)
+    add_json_arg(ve)
+    ve.add_argument("key", nargs="?", default=None, type=nonempty, help="one entry (default: every entry)")
+    ve.set_defaults(func=_verify)

@@ -10,6 +10,12 @@ from probing_core.cli._common import (
     add_json_arg,
     add_model_args,
     add_store_args,
+    fraction_open,
+    int_range,
+    positive_float,
+    nonempty,
+    positive_int,
+    seed_int,
     open_dataset,
     open_model,
     open_store,
@@ -35,6 +41,8 @@ def _run(args: argparse.Namespace) -> int:
             close()
         params = {"preset": "tree-edges", "n_samples": args.n_samples, "seed": args.seed, "C": args.C}
     else:
+        labels = [lp.parse_label(t, top_k=args.top_k_classes) for t in args.label]
+        pos = lp.parse_positions(args.positions, split=args.split_positions)
         dataset = open_dataset(args)
         hooks = resolve_hooks(model, args.hooks or ["embed", "resid_post"])
         update, close = tqdm_progress("cache build")
@@ -44,8 +52,6 @@ def _run(args: argparse.Namespace) -> int:
         finally:
             close()
         acts = open_entry(store, entry.key)
-        labels = [lp.parse_label(t, top_k=args.top_k_classes) for t in args.label]
-        pos = lp.parse_positions(args.positions, split=args.split_positions)
         res = lp.probe_layers(acts, hooks, labels, pos, C=args.C, test_fraction=args.test_fraction, seed=args.seed,
                               max_samples=args.max_samples)
         params = {"labels": args.label, "positions": args.positions, "entry": entry.key, "C": args.C}
@@ -55,9 +61,12 @@ def _run(args: argparse.Namespace) -> int:
     rows = res.table()
     print(f"label: {res.label} · positions: {res.position} · C = {res.C:g}")
     print_table(rows, list(rows[0].keys()))
-    print("chance (majority class): " + ", ".join(f"{c} {v:.3f}" for c, v in zip(res.columns, res.chance)))
+    print("chance (majority class of the test split): " + ", ".join(
+        f"{c} {v:.3f} (n_test {int(n)})" for c, v, n in zip(res.columns, res.chance, res.n_test)))
     if res.control_column:
-        print(f"control task on {res.control_column!r}: 'control' column; selectivity = accuracy − control")
+        print(f"control task on {res.control_column!r} (each type of the token the label is about gets a random class; "
+              f"majority {res.control_chance:.3f}, n_test {res.control_n_test}): 'control' column; "
+              "selectivity = accuracy − control")
     for note in res.notes:
         print(f"note: {note}")
     return 0
@@ -68,20 +77,20 @@ def register_probe(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_dataset_args(p)
     add_store_args(p)
-    p.add_argument("--label", action="append", default=None,
+    p.add_argument("--label", action="append", default=None, type=nonempty,
                    help="token-offset:N (token N positions away; 0 = current, -2 = two back) or column:NAME; repeat for more columns (default token-offset:0)")
     p.add_argument("--positions", default="all", help="all, at:0,1,-1 (fixed positions; -1 = last), every:K, or tokens:STR1,STR2 (default all)")
     p.add_argument("--split-positions", action="store_true", help="with at:…, one column per position")
-    p.add_argument("--hooks", nargs="+", default=None, help="hook families or names (default: embed resid_post)")
-    p.add_argument("--top-k-classes", type=int, default=20, help="keep the K most frequent classes (default 20)")
-    p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength (default 1)")
-    p.add_argument("--test-fraction", type=float, default=0.3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-samples", type=int, default=lp.DEFAULT_MAX_SAMPLES, help="seeded subsample per column above this")
-    p.add_argument("--max-len", type=int, default=128, help="tokens per row when building the cache")
-    p.add_argument("--max-tokens", type=int, default=20_000, help="token cap when building the cache")
+    p.add_argument("--hooks", nargs="+", default=None, type=nonempty, help="hook families or names (default: embed resid_post)")
+    p.add_argument("--top-k-classes", type=int_range(2, 1_000_000), default=20, help="keep the K most frequent classes (default 20)")
+    p.add_argument("--C", type=positive_float, default=1.0, help="inverse L2 strength (default 1)")
+    p.add_argument("--test-fraction", type=fraction_open, default=0.3)
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--max-samples", type=positive_int, default=lp.DEFAULT_MAX_SAMPLES, help="seeded subsample per column above this")
+    p.add_argument("--max-len", type=int_range(2, 1_000_000), default=128, help="tokens per row when building the cache")
+    p.add_argument("--max-tokens", type=positive_int, default=20_000, help="token cap when building the cache")
     p.add_argument("--preset", choices=["tree-edges"], default=None, help="tree-edges: the tree notebook's edge-probe table (--model tree)")
-    p.add_argument("--n-samples", type=int, default=400, help="trees for --preset tree-edges (default 400)")
+    p.add_argument("--n-samples", type=int_range(1, 10_000_000), default=400, help="trees for --preset tree-edges (default 400)")
     add_json_arg(p)
     p.set_defaults(func=_run_default)
 

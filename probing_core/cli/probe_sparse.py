@@ -12,6 +12,14 @@ from probing_core.cli._common import (
     add_json_arg,
     add_model_args,
     add_store_args,
+    fraction_open,
+    int_range,
+    nonempty,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    seed_int,
+    unit_interval,
     open_dataset,
     open_model,
     open_store,
@@ -33,31 +41,36 @@ def _run(args: argparse.Namespace) -> int:
     store = open_store(args)
     cb, close = tqdm_progress("extracting") if not args.json else (None, lambda: None)
     try:
-        entry, _ = build_cache(model, dataset, [hook], store=store, max_len=args.max_len, max_tokens=args.max_tokens,
-                               progress=cb)
+        # hook_embed too: the embed-only baseline is the same probe on it, at the same rows
+        entry, _ = build_cache(model, dataset, ["hook_embed", hook], store=store, max_len=args.max_len,
+                               max_tokens=args.max_tokens, progress=cb)
     finally:
         close()
     acts = open_entry(store, entry.key)
     classes = [[t for t in c.split(",")] for c in args.classes]
     ctx = sparse.contexts_for(acts, model.tokenizer.encode, model.tokenizer.decode_tokens, classes,
                               before=args.before, after=args.after, whole_word_next=not args.any_next,
-                              max_per_class=args.max_per_class, seed=args.seed)
+                              max_per_class=args.max_per_class, seed=args.seed, offset=args.offset)
     X = sparse.features(acts, hook, ctx)
     Cs = [args.C] if args.C is not None else (args.Cs or None)
     path = sparse.fit_sparse_path(X, ctx, Cs=Cs, penalty=args.penalty, l1_ratio=args.l1_ratio,
                                   test_fraction=args.test_fraction, seed=args.seed, cv=args.cv)
-    k = 0 if len(path.Cs) == 1 else (path.nearest_index(args.show_C) if args.show_C else int(
-        np.argmax(np.where(path.converged, path.test_accuracy, -1))))
+    # C chosen on CV folds of the training rows (never on the test rows), unless --show-C names one
+    k = 0 if len(path.Cs) == 1 else (path.nearest_index(args.show_C) if args.show_C else sparse.chosen_index(path))
+    summary = sparse.summarize(acts, hook, ctx, path, k=k, seed=args.seed)
     neurons = sparse.neuron_table(X, ctx, path, k, top=args.top)
     report = sparse.report_at(X, ctx, path, k)
     if args.json:
         print_json({"model": model.describe(), "hook": hook, "cache_key": entry.key, "classes": ctx.class_names,
-                    "counts": ctx.counts, "found": ctx.found, "path": path.table(), "chosen_index": k,
-                    "chosen": path.table()[k], "surviving_neurons": neurons, "classification_report": report,
-                    "samples": ctx.samples})
+                    "counts": ctx.counts, "found": ctx.found, "offset": ctx.offset, "question": ctx.question,
+                    "path": path.table(), "chosen_index": k, "chosen_on": "show-C" if args.show_C else "CV",
+                    "chosen": path.table()[k], "baselines": summary.rows(), "summary": summary.__dict__,
+                    "surviving_neurons": neurons, "classification_report": report, "samples": ctx.samples})
         return 0
+    print(f"question: {ctx.question}")
     print(f"{hook}: {', '.join(f'{n} {c}' for n, c in ctx.counts.items())} contexts "
-          f"({args.before} before / {args.after} after); penalty {args.penalty}, features standardized")
+          f"({args.before} before / {args.after} after, features read at offset {ctx.offset:+d}); "
+          f"penalty {args.penalty}, features standardized; {summary.n_train} train / {summary.n_test} test rows")
     print_table(path.table(), ["C", "lambda", "train_accuracy", "test_accuracy", "density_pct", "n_nonzero",
                                "kkt_residual", "converged"])
     row = path.table()[k]
@@ -65,6 +78,8 @@ def _run(args: argparse.Namespace) -> int:
           f"{row['n_nonzero']} neurons, KKT {row['kkt_residual']:.1e} ({'converged' if row['converged'] else 'NOT converged'})")
     if not path.converged.all():
         print(f"warning: {int((~path.converged).sum())} C value(s) did not converge; their figures are not the answer.")
+    print("\nthe probe beside its baselines (test split; 95 % Wilson intervals):")
+    print_table(summary.rows(), ["probe", "test_accuracy", "95% CI", "n_test"])
     print("\nsurviving neurons (by |coef|):")
     print_table(neurons, list(neurons[0]) if neurons else ["neuron"])
     return 0
@@ -76,26 +91,30 @@ def register_probe(sub: argparse._SubParsersAction) -> None:
     add_dataset_args(p)
     add_store_args(p)
     add_json_arg(p)
-    p.add_argument("--classes", nargs=2, required=True, metavar="TOKENS",
+    p.add_argument("--classes", nargs=2, required=True, type=nonempty, metavar="TOKENS",
                    help="two classes, each one token string or a comma-separated set (e.g. ' the' ' an')")
-    p.add_argument("--layer", type=int, required=True, help="layer index")
+    p.add_argument("--layer", type=nonneg_int, required=True, help="layer index")
     p.add_argument("--features", choices=["mlp_post", "resid_post"], default="mlp_post",
                    help="MLP post-activation neurons (default) or the residual stream, at the target position")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--C", type=float, default=None, help="one C = 1/λ")
-    g.add_argument("--Cs", type=float, nargs="+", default=None, help="a sweep of C values (default: 17 automatic)")
-    p.add_argument("--show-C", type=float, default=None, help="report neurons at the path point nearest this C "
-                   "(default: the best converged test accuracy)")
+    g.add_argument("--C", type=positive_float, default=None, help="one C = 1/λ")
+    g.add_argument("--Cs", type=positive_float, nargs="+", default=None, help="a sweep of C values (default: 17 automatic)")
+    p.add_argument("--show-C", type=positive_float, default=None, help="report neurons at the path point nearest this C "
+                   "(default: the best mean CV accuracy, converged)")
     p.add_argument("--penalty", choices=["l1", "l2", "elasticnet"], default="l1")
-    p.add_argument("--l1-ratio", type=float, default=0.5, help="elastic-net mixing (0 = L2, 1 = L1)")
-    p.add_argument("--before", type=int, default=14, help="tokens of context required before the target")
-    p.add_argument("--after", type=int, default=3, help="tokens required after the target")
+    p.add_argument("--l1-ratio", type=unit_interval, default=0.5, help="elastic-net mixing (0 = L2, 1 = L1)")
+    p.add_argument("--before", type=int_range(0, 100_000), default=14, help="tokens of context required before the target")
+    p.add_argument("--after", type=int_range(0, 100_000), default=3, help="tokens required after the target")
     p.add_argument("--any-next", action="store_true", help="do not require the next token to be a whole word")
-    p.add_argument("--max-per-class", type=int, default=None)
-    p.add_argument("--test-fraction", type=float, default=0.3)
-    p.add_argument("--cv", type=int, default=None, help="k folds for selection frequency")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--top", type=int, default=20, help="surviving neurons to list")
-    p.add_argument("--max-len", type=int, default=128)
-    p.add_argument("--max-tokens", type=int, default=20_000)
+    p.add_argument("--max-per-class", type=positive_int, default=None)
+    p.add_argument("--test-fraction", type=fraction_open, default=0.3)
+    p.add_argument("--cv", type=int_range(2, 1000), default=None,
+                   help=f"k folds of the training rows: choose C and give selection frequency (default {sparse.SELECT_CV})")
+    p.add_argument("--offset", type=int_range(-100_000, 0), default=-1,
+                   help="read features this many tokens from the class token: -1 (default) = the token before it "
+                        "(does the layer already know the next word?), 0 = the class token itself (the notebook)")
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--top", type=positive_int, default=20, help="surviving neurons to list")
+    p.add_argument("--max-len", type=int_range(2, 1_000_000), default=128)
+    p.add_argument("--max-tokens", type=positive_int, default=20_000)
     p.set_defaults(func=_run)

@@ -16,6 +16,9 @@ from typing import Any
 
 import torch
 
+from probing_core.cli._common import (
+    device_arg, existing_folder_arg, folder_arg, int_range, nonneg_int, positive_float, positive_int, seed_int, unit_interval,
+)
 from probing_core.errors import InputError
 
 
@@ -27,27 +30,27 @@ def register(subparsers: Any) -> None:
         description="Train the tree-search model (loss on path tokens only) and write "
         "model.safetensors + config.json + model_card.md into --out.",
     )
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (default 3000)")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights and data (default 0)")
-    p.add_argument("--n-nodes", type=int, default=16, help="tree size, 2…16 (default 16)")
-    p.add_argument("--out", default="probing_core/tree/checkpoints/tree_search", help="output folder")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--eval-samples", type=int, default=1000, help="held-out trees for the final evaluation (0 = skip)")
-    p.add_argument("--eval-seed", type=int, default=10_000, help="seed of the held-out trees")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--n-layers", type=int, default=6)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--n-heads", type=int, default=1)
-    p.add_argument("--d-mlp", type=int, default=512)
-    p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--natural-fraction", type=float, default=0.5, help="share of unconstrained trees per batch")
-    p.add_argument("--curriculum-start-depth", type=int, default=3)
-    p.add_argument("--min-nodes", type=int, default=0, help="tree-size curriculum start (0 = off; smaller trees are left-padded)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop early after this wall time, keeping the weights")
-    p.add_argument("--checkpoint-every", type=int, default=500, help="save to --out every N steps (0 = only at the end)")
-    p.add_argument("--init-from", default=None, help="checkpoint folder to continue from (same architecture)")
+    p.add_argument("--steps", type=positive_int, default=3000, help="optimizer steps (default 3000)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of weights and data (default 0)")
+    p.add_argument("--n-nodes", type=int_range(2, 16), default=16, help="tree size, 2…16 (default 16)")
+    p.add_argument("--out", default="probing_core/tree/checkpoints/tree_search", type=folder_arg, help="output folder")
+    p.add_argument("--device", default="cpu", type=device_arg, help="torch device (default cpu)")
+    p.add_argument("--eval-samples", type=int_range(0, 10_000_000), default=1000, help="held-out trees for the final evaluation (0 = skip)")
+    p.add_argument("--eval-seed", type=int_range(0, 2**32 - 2), default=10_000, help="seed of the held-out trees")
+    p.add_argument("--batch-size", type=int_range(1, 1_000_000), default=64)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--n-layers", type=int_range(1, 1000), default=6)
+    p.add_argument("--d-model", type=int_range(1, 65536), default=128)
+    p.add_argument("--n-heads", type=int_range(1, 1024), default=1)
+    p.add_argument("--d-mlp", type=int_range(1, 1_000_000), default=512)
+    p.add_argument("--warmup-steps", type=nonneg_int, default=100)
+    p.add_argument("--natural-fraction", type=unit_interval, default=0.5, help="share of unconstrained trees per batch")
+    p.add_argument("--curriculum-start-depth", type=int_range(1, 16), default=3)
+    p.add_argument("--min-nodes", type=int_range(0, 16), default=0, help="tree-size curriculum start (0 = off; smaller trees are left-padded)")
+    p.add_argument("--threads", type=int_range(1, 4096), default=1, help="torch CPU threads (default 1: the machine is shared)")
+    p.add_argument("--max-minutes", type=positive_float, default=None, help="stop early after this wall time, keeping the weights")
+    p.add_argument("--checkpoint-every", type=nonneg_int, default=500, help="save to --out every N steps (0 = only at the end)")
+    p.add_argument("--init-from", default=None, type=existing_folder_arg, help="checkpoint folder to continue from (same architecture)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.set_defaults(func=run_train_tree)
 
@@ -56,8 +59,10 @@ def run_train_tree(args: argparse.Namespace) -> int:
     """Handler: train, evaluate by depth, save. Returns the exit status."""
     from probing_core.tree import model as tree_model, task as tree_task, train as tree_train
 
-    if args.threads < 1:
-        raise InputError("--threads must be ≥ 1.")
+    if args.d_model % args.n_heads:
+        raise InputError(f"--d-model {args.d_model} must be a multiple of --n-heads {args.n_heads}.")
+    if args.min_nodes and args.min_nodes > args.n_nodes:
+        raise InputError(f"--min-nodes {args.min_nodes} is above --n-nodes {args.n_nodes}.")
     if args.device != "cpu" and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {args.device} asked for but no CUDA GPU is visible; use --device cpu.")
     torch.set_num_threads(args.threads)

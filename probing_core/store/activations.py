@@ -219,6 +219,10 @@ def build_cache(
     if not hooks:
         raise HookError("pick at least one hook to cache.")
     model.check_hooks(hooks)
+    per_token = set(model.all_hook_names())
+    if any(h not in per_token for h in hooks):
+        raise HookError(f"hook(s) {[h for h in hooks if h not in per_token]} are not per-token activations the store can "
+                        "hold (attention patterns are [head, query, key]): see them on the Attention page or with `attention`.")
     if dtype not in STORE_DTYPES:
         raise InputError(f"storage dtype {dtype!r} is not supported; choose float32 or float16.")
     check_count("max tokens", max_tokens, 1, 10**12, allow_none=True)

@@ -30,6 +30,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -531,6 +532,26 @@ def builder_is_gone(folder: Path) -> bool:
     finally:
         os.close(fd)
 
+
+
+def size_limit_from_env() -> int:
+    """The store size limit in bytes from ``PROBING_CACHE_LIMIT_GB`` (default 20 GB).
+
+    Raises:
+        StoreError: the variable is set but is not a finite positive number (empty, ``abc``,
+            ``nan``, ``inf``, ``-1``, ``0``).
+    """
+    raw = os.environ.get("PROBING_CACHE_LIMIT_GB")
+    if raw is None:
+        return DEFAULT_SIZE_LIMIT
+    try:
+        gb = float(raw.strip())
+    except ValueError:
+        gb = math.nan
+    if not math.isfinite(gb) or gb <= 0 or gb > 1e9:
+        raise StoreError(f"PROBING_CACHE_LIMIT_GB={raw!r} is not a size in GB; set a positive number such as 20, "
+                         "or unset it for the default of 20.")
+    return int(gb * 1024**3)
 
 
 def _os_store_error(e: OSError, root: Path) -> Exception:
