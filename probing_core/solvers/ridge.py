@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +40,8 @@ __all__ = [
     "TransferResult",
     "make_split",
     "decompose_ridge",
+    "decompose_ridge_streamed",
+    "iter_row_chunks",
     "fit_ridge_path",
     "score_transfer",
     "check_alphas",
@@ -438,6 +440,43 @@ def _truncate(w: np.ndarray, V: np.ndarray, rcond: float) -> tuple[np.ndarray, n
     return np.ascontiguousarray(w[keep]), np.ascontiguousarray(V[:, keep])
 
 
+def _model_specs(split: RidgeSplit, counts: np.ndarray) -> list[tuple[tuple[int, ...], int | None]]:
+    """(training blocks, scored block) of every model: all training rows on the test block, then each fold."""
+    train_blocks = tuple(range(1, split.n_blocks))
+    specs: list[tuple[tuple[int, ...], int | None]] = [(train_blocks, 0 if counts[0] > 0 else None)]
+    if split.n_folds:
+        for k in train_blocks:
+            specs.append((tuple(j for j in train_blocks if j != k), k))
+    return specs
+
+
+def _primal_models(specs: list[tuple[tuple[int, ...], int | None]], counts: np.ndarray, block_sum: np.ndarray,
+                   block_gram: np.ndarray, rc: float) -> list[_Model]:
+    """Each model's eigendecomposition from the per-block sums and Gram matrices (no data pass)."""
+    out: list[_Model] = []
+    mats, means, ns = [], [], []
+    for T, _q in specs:
+        nm = int(counts[list(T)].sum())
+        mu = block_sum[list(T)].sum(0) / nm
+        G = block_gram[list(T)].sum(0) - nm * np.outer(mu, mu)
+        mats.append((G + G.T) * 0.5)
+        means.append(mu)
+        ns.append(nm)
+    for (T, q), mu, nm, (w, V) in zip(specs, means, ns, _eigh(mats)):
+        w, V = _truncate(w, V, rc)
+        H = None
+        if q is not None:
+            # Gram of the scored block about this model's mean, in its eigenbasis: the held-out
+            # Σ (ŷ - ȳ)² of any coefficients c is then cᵀ H c (r² per α, no d² products).
+            Sq = block_sum[q]
+            Gq = block_gram[q] - np.outer(mu, Sq) - np.outer(Sq, mu) + counts[q] * np.outer(mu, mu)
+            V32 = V.astype(np.float32)
+            H = V32.T @ (Gq.astype(np.float32) @ V32)  # fp32 products: half the time of fp64
+            H = (H + H.T) * np.float32(0.5)
+        out.append(_Model(T, q, nm, mu, w, V, None, H))
+    return out
+
+
 def decompose_ridge(
     X: np.ndarray,
     split: RidgeSplit,
@@ -501,35 +540,10 @@ def decompose_ridge(
             A = Xj if gdt == np.float32 else Xj.astype(np.float64)
             block_gram[j] = A.T @ A
 
-    specs: list[tuple[tuple[int, ...], int | None]] = []
-    train_blocks = tuple(range(1, n_blocks))
-    specs.append((train_blocks, 0 if counts[0] > 0 else None))
-    if split.n_folds:
-        for k in train_blocks:
-            specs.append((tuple(j for j in train_blocks if j != k), k))
-
+    specs = _model_specs(split, counts)
     models: list[_Model] = []
     if not use_dual:
-        mats, means, ns = [], [], []
-        for T, _q in specs:
-            nm = int(counts[list(T)].sum())
-            mu = block_sum[list(T)].sum(0) / nm
-            G = block_gram[list(T)].sum(0) - nm * np.outer(mu, mu)
-            mats.append((G + G.T) * 0.5)
-            means.append(mu)
-            ns.append(nm)
-        for (T, q), mu, nm, (w, V) in zip(specs, means, ns, _eigh(mats)):
-            w, V = _truncate(w, V, rc)
-            H = None
-            if q is not None:
-                # Gram of the scored block about this model's mean, in its eigenbasis: the held-out
-                # Σ (ŷ - ȳ)² of any coefficients c is then cᵀ H c (r² per α, no d² products).
-                Sq = block_sum[q]
-                Gq = block_gram[q] - np.outer(mu, Sq) - np.outer(Sq, mu) + counts[q] * np.outer(mu, mu)
-                V32 = V.astype(np.float32)
-                H = V32.T @ (Gq.astype(np.float32) @ V32)  # fp32 products: half the time of fp64
-                H = (H + H.T) * np.float32(0.5)
-            models.append(_Model(T, q, nm, mu, w, V, None, H))
+        models = _primal_models(specs, counts, block_sum, block_gram, rc)
     else:
         for T, q in specs:
             R = np.concatenate([rows[j] for j in T])
@@ -557,6 +571,130 @@ def decompose_ridge(
         rcond=rc,
         gram_dtype=gdt.name,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Streamed: entries larger than memory, one shard (chunk of rows) at a time
+# --------------------------------------------------------------------------------------------
+#: Rows per chunk when a plain array is streamed (``stream=True``): 64k rows × d=576 fp32 ≈ 150 MB.
+STREAM_ROWS = 65_536
+
+
+def _streams(X: object) -> bool:
+    """Whether ``X`` hands out its rows in chunks (a sharded store hook: ``X.iter_chunks()``)."""
+    return callable(getattr(X, "iter_chunks", None))
+
+
+def iter_row_chunks(X: np.ndarray, chunk_rows: int = STREAM_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first row, rows)`` blocks of ``X`` in order: a sharded hook's own shards, else consecutive
+    slices of ``chunk_rows`` rows (views of a memmap: no copy)."""
+    if _streams(X):
+        yield from X.iter_chunks()  # type: ignore[attr-defined]
+        return
+    for a in range(0, int(np.shape(X)[0]), chunk_rows):
+        yield a, X[a : a + chunk_rows]
+
+
+class _Selection:
+    """Which rows of the full array are the samples, chunk by chunk (``rows=None``: every row)."""
+
+    def __init__(self, rows: np.ndarray | None) -> None:
+        self.rows = rows
+        if rows is not None:
+            self.order = np.argsort(rows, kind="stable")
+            self.sorted = rows[self.order]
+
+    def in_chunk(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(sample indices, their rows within the chunk — None for all of them, in order)."""
+        if self.rows is None:
+            return np.arange(start, stop), None
+        lo, hi = np.searchsorted(self.sorted, [start, stop])
+        return self.order[lo:hi], self.sorted[lo:hi] - start
+
+
+def _chunk_rows_f32(C: np.ndarray, local: np.ndarray | None, hook: str) -> np.ndarray:
+    return _as_f32(np.asarray(C) if local is None else np.asarray(C)[local], hook)
+
+
+def decompose_ridge_streamed(
+    X: np.ndarray,
+    split: RidgeSplit,
+    *,
+    rows: np.ndarray | None = None,
+    hook: str = "",
+    gram_dtype: str | np.dtype = "float32",
+    rcond: float | None = None,
+    chunk_rows: int = STREAM_ROWS,
+) -> RidgeDecomposition:
+    """:func:`decompose_ridge` reading ``X`` one chunk at a time (a sharded hook's shards).
+
+    Memory: one chunk plus the per-block ``d×d`` Gram matrices, whatever the number of rows. Two
+    passes (the mean, then the centred per-block sums and Grams: fp32 products per chunk,
+    accumulated in fp64). With fewer training rows than features the selected rows are small
+    (n < d) and go to the in-memory dual form.
+
+    Args:
+        X: ``(n_rows, d_model)`` with ``iter_chunks()`` or any array (sliced in ``chunk_rows``).
+        rows: the samples are these rows of ``X`` (default: every row, ``n_rows == split.n_samples``).
+    Raises:
+        ProbeError: as :func:`decompose_ridge`.
+    """
+    n_full, d = (int(v) for v in np.shape(X))
+    n = split.n_samples
+    if (rows is None and n_full != n) or (rows is not None and rows.shape[0] != n):
+        raise ProbeError(f"hook {hook!r}: {n_full if rows is None else rows.shape[0]} activation rows but the split has {n}.")
+    gdt = np.dtype(gram_dtype)
+    rc = float(rcond) if rcond is not None else _DEFAULT_RCOND[gdt]
+    n_blocks = split.n_blocks
+    counts = np.bincount(split.block.astype(np.intp), minlength=n_blocks).astype(np.int64)
+    n_train_min = min(split.n_train - (counts[j] if split.n_folds else 0) for j in range(1, n_blocks))
+    if n_train_min < d:
+        Xs = np.take(X, rows, axis=0) if rows is not None else np.asarray(X)
+        return decompose_ridge(Xs, split, hook=hook, gram_dtype=gdt, rcond=rcond, form="dual")
+    sel = _Selection(rows)
+    total = np.zeros(d)
+    for start, C in iter_row_chunks(X, chunk_rows):
+        samples, local = sel.in_chunk(start, start + C.shape[0])
+        if samples.size:
+            total += _chunk_rows_f32(C, local, hook).sum(axis=0, dtype=np.float64)
+    x_mean = total / n
+    if not np.all(np.isfinite(x_mean)):
+        raise ProbeError(f"hook {hook!r}: activations contain NaN or inf ({int(np.count_nonzero(~np.isfinite(x_mean)))} "
+                         f"of {d} dimensions affected). This usually means fp16 overflow: store activations as float32 and re-extract.")
+    mean32 = x_mean.astype(np.float32)
+    block_sum = np.zeros((n_blocks, d))
+    block_gram = np.zeros((n_blocks, d, d))
+    for start, C in iter_row_chunks(X, chunk_rows):
+        samples, local = sel.in_chunk(start, start + C.shape[0])
+        if not samples.size:
+            continue
+        A = _chunk_rows_f32(C, local, hook) - mean32
+        blk = split.block[samples]
+        for j in np.unique(blk):
+            Aj = A[blk == j]
+            block_sum[j] += Aj.sum(axis=0, dtype=np.float64)
+            B = Aj if gdt == np.float32 else Aj.astype(np.float64)
+            block_gram[j] += B.T @ B
+        del A
+    models = _primal_models(_model_specs(split, counts), counts, block_sum, block_gram, rc)
+    return RidgeDecomposition(hook=hook, split=split, n_features=d, form="primal", x_mean=x_mean, block_count=counts,
+                              block_sum=block_sum, models=tuple(models), rcond=rc, gram_dtype=gdt.name)
+
+
+def _stats_from_chunks(dec: RidgeDecomposition, X: np.ndarray, design: "_BlockDesign", rows: np.ndarray | None,
+                       chunk_rows: int = STREAM_ROWS) -> _LabelStats:
+    """:meth:`RidgeDecomposition._stats_from_design` one chunk at a time (``design`` per sample)."""
+    dt = design.Yblk.dtype
+    n_blocks, L = design.y1.shape
+    sel = _Selection(rows)
+    raw = np.zeros((design.Yblk.shape[1], dec.n_features))
+    for start, C in iter_row_chunks(X, chunk_rows):
+        samples, local = sel.in_chunk(start, start + C.shape[0])
+        if samples.size:
+            A = np.ascontiguousarray(_chunk_rows_f32(C, local, dec.hook).astype(dt, copy=False))
+            raw += _xty(A, np.ascontiguousarray(design.Yblk[samples]))
+    xy = raw.reshape(n_blocks, L, dec.n_features) - design.y1[:, :, None] * dec.x_mean[None, None, :]
+    return _LabelStats(shift=design.shift, xy=xy, y1=design.y1, y2=design.y2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -680,6 +818,7 @@ def fit_ridge_path(
     decompositions: Mapping[str, RidgeDecomposition] | None = None,
     rows: np.ndarray | None = None,
     progress: Callable[[float, str], None] | None = None,
+    stream: bool | None = None,
 ) -> RidgePathResult:
     """Fit ridge probes for every α and every hook at once.
 
@@ -699,6 +838,9 @@ def fit_ridge_path(
             memmap of every token): a new label then reads each hook in place, without copying
             the selected rows out first.
         progress: called as ``progress(fraction, message)`` after each hook, on the calling thread.
+        stream: read each hook one chunk at a time (memory bounded by a chunk, not the entry:
+            :func:`decompose_ridge_streamed`); None = when a hook hands out chunks (a sharded store
+            entry), True = also plain arrays (memmaps) in chunks of ``STREAM_ROWS`` rows.
 
     Returns:
         RidgePathResult.
@@ -740,12 +882,18 @@ def fit_ridge_path(
             cand = decompositions[h]
             if cand.split.same_as(split) and cand.n_features == np.shape(X)[1]:
                 dec = cand
-        if dec is None:
+        streamed = _streams(X) if stream is None else bool(stream)
+        if dec is None and streamed:
+            dec = decompose_ridge_streamed(X, split, rows=rows, hook=h, gram_dtype=gram_dtype)
+        elif dec is None:
             dec = decompose_ridge(X if rows is None else np.take(X, rows, axis=0), split, hook=h, gram_dtype=gram_dtype)
-        dkey = (dec.gram_dtype, n_x)
+        dkey = (dec.gram_dtype, -1 if streamed else n_x)
         if dkey not in designs:  # the same for every hook: build it once
-            designs.setdefault(dkey, _block_design(split, Y, dec.gram_dtype, rows, n_x))
-        st = dec._stats_from_design(_as_f32(X, h), designs[dkey])
+            designs.setdefault(dkey, _block_design(split, Y, dec.gram_dtype, None if streamed else rows, n_x))
+        if streamed:
+            st = _stats_from_chunks(dec, X, designs[dkey], rows)
+        else:
+            st = dec._stats_from_design(_as_f32(X, h), designs[dkey])
         if not (np.all(np.isfinite(st.xy))):
             raise ProbeError(f"hook {h!r}: activations contain NaN or inf (float16 overflow?); store them as float32 "
                              "and rebuild the cache entry.")
