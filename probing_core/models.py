@@ -255,6 +255,8 @@ class LoadedModel:
         lock: held around every forward pass.
         load_seconds: wall time of the load.
         notes: facts to show the user (e.g. "converted from GGUF in 23 s").
+        processed_cache: how compatibility-mode weights were obtained: "hit" (read from the
+            processed-weights cache), "written" (processed now and cached), "unwritable", "off".
     """
 
     bridge: Any
@@ -265,6 +267,7 @@ class LoadedModel:
     lock: threading.RLock = field(default_factory=threading.RLock)
     load_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    processed_cache: str = "off"
 
     # ---- shape facts --------------------------------------------------------------------
     @property
@@ -353,18 +356,37 @@ class LoadedModel:
     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """One locked, gradient-free forward pass keeping only ``names``.
 
+        Without ``return_logits`` the pass stops after the deepest block a hook asks for
+        (TransformerLens's ``stop_at_layer``): ``hook_embed`` alone runs no block at all.
+
         Args:
             tokens: [batch, pos] int64 token ids (moved to the model's device here).
         Returns:
             (logits [batch, pos, d_vocab] or None, {hook: tensor on the model's device}).
         """
         names_set = set(names)
+        stop = None if return_logits else self.stop_layer(names)
         with self.lock, torch.inference_mode():
             logits, cache = self.bridge.run_with_cache(
-                tokens.to(self.device), names_filter=lambda n: n in names_set
+                tokens.to(self.device), names_filter=lambda n: n in names_set, stop_at_layer=stop
             )
             acts = {n: cache[n] for n in names}
         return (logits if return_logits else None), acts
+
+    def stop_layer(self, names: Sequence[str]) -> int | None:
+        """The first block a forward pass for ``names`` need not run (None: run them all).
+
+        ``hook_embed``/``hook_pos_embed`` need no block; ``blocks.{i}.…`` needs blocks 0…i;
+        any other hook (e.g. ``ln_final.…``) needs the whole model.
+        """
+        deepest = -1
+        for n in names:
+            m = re.match(r"blocks\.(\d+)\.", n)
+            if m:
+                deepest = max(deepest, int(m.group(1)))
+            elif n not in ("hook_embed", "hook_pos_embed"):
+                return None
+        return None if deepest + 1 >= self.n_layers else deepest + 1
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Locked forward pass. [batch, pos] → [batch, pos, d_vocab] (on the model's device)."""
@@ -408,6 +430,199 @@ def weight_fingerprint(module: torch.nn.Module, max_elems_per_tensor: int = 6553
             flat = flat[::step]
         h.update(flat.to("cpu", torch.float32).numpy().tobytes())
     return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Processed-weights cache: compatibility mode folds LayerNorms and centres weights, which took
+# 3–10 s of every warm start of the embedded model (most of it). The processed tensors are saved
+# once as safetensors (never pickle) and handed back to the bridge on later starts.
+# --------------------------------------------------------------------------------------------
+
+#: HookedTransformer-equivalent processing options (TransformerLens's defaults); part of the cache key.
+COMPAT_OPTIONS: dict[str, bool] = {
+    "fold_ln": True,
+    "center_writing_weights": True,
+    "center_unembed": True,
+    "fold_value_biases": True,
+    "refactor_factored_attn_matrices": False,
+}
+#: Bumped when the processed-weights file layout changes.
+PROCESSED_FORMAT_VERSION = 1
+#: TransformerLens versions whose ``TransformerBridge.process_weights`` the split below mirrors
+#: (tests/unit/test_model_cache.py checks it against the library's own processing); any other
+#: version processes the weights the library's way, uncached.
+_PROCESSING_MIRRORED_FOR = ("4.3.",)
+
+
+def _package_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def processed_cache_supported() -> bool:
+    """True when this TransformerLens version's weight processing is the one mirrored here."""
+    return _package_version("transformer-lens").startswith(_PROCESSING_MIRRORED_FOR)
+
+
+def processed_weights_key(ident: str, dtype: str, device: str, raw_fingerprint: str) -> str:
+    """Key of a processed-weights file: the model's identity and raw-weight fingerprint, dtype,
+    device type, TransformerLens and torch versions, processing options and format version.
+
+    Returns:
+        16 hex characters.
+    """
+    payload = {
+        "ident": ident,
+        "dtype": dtype,
+        "device": torch.device(device).type,
+        "raw_fingerprint": raw_fingerprint,
+        "transformer_lens": _package_version("transformer-lens"),
+        "torch": torch.__version__,
+        "options": COMPAT_OPTIONS,
+        "format": PROCESSED_FORMAT_VERSION,
+    }
+    return hashlib.blake2b(json.dumps(payload, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
+def _process_weights(bridge: Any) -> dict[str, torch.Tensor]:
+    """Compute the compatibility-mode weights of an unprocessed bridge, without installing them.
+
+    The same steps as TransformerLens 4.3's ``TransformerBridge.process_weights`` up to its
+    ``distribute_weights_to_components`` call, whose input this returns (TL-format keys).
+    """
+    from transformer_lens.utilities.activation_functions import softcap_enabled
+    from transformer_lens.utilities.quantization import require_readable_weight
+    from transformer_lens.weight_processing import ProcessWeights
+
+    for name, param in bridge.original_model.named_parameters():
+        require_readable_weight(param, operation=f"process weights ({name})", owner=bridge.original_model,
+                                remedy="Load the model dequantized.")
+    bridge._weights_processed = True
+    opts = dict(COMPAT_OPTIONS)
+    if opts["center_unembed"] and softcap_enabled(getattr(bridge.cfg, "output_logits_soft_cap", None)):
+        opts["center_unembed"] = False  # tanh soft-capping is not translation-invariant (as TransformerLens does)
+    state = bridge.state_dict()
+    if "embed.weight" in state and "unembed.weight" in state and state["embed.weight"].data_ptr() == state["unembed.weight"].data_ptr():
+        state["unembed.weight"] = state["unembed.weight"].clone()  # untie, so centring touches only the unembedding
+    adapter = bridge.adapter
+    if adapter is not None and hasattr(adapter, "preprocess_weights"):
+        adapter._fold_ln_requested = opts["fold_ln"]
+        state = adapter.preprocess_weights(state)
+    state = ProcessWeights.process_weights(state, bridge.cfg, adapter=adapter, **opts)
+    hf_to_tl = {remote: tl for tl, (remote, _c) in bridge.real_components.items() if remote and remote != tl}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for hf_prefix, tl_prefix in hf_to_tl.items():
+            if key.startswith(hf_prefix + "."):
+                key = f"{tl_prefix}.{key[len(hf_prefix) + 1:]}"
+                break
+        out[key] = value
+    return out
+
+
+def _install_processed(bridge: Any, state: dict[str, torch.Tensor]) -> None:
+    """Hand processed weights to the bridge's components: the rest of TransformerLens 4.3's
+    ``process_weights`` (the same calls, so the model ends in the same state either way)."""
+    from transformer_lens.weight_processing import ProcessWeights
+
+    bridge._weights_processed = True
+    if bridge.adapter is not None:
+        bridge.adapter._fold_ln_requested = COMPAT_OPTIONS["fold_ln"]
+    ProcessWeights.distribute_weights_to_components(state_dict=state, component_mapping=bridge.real_components)
+    if COMPAT_OPTIONS["fold_ln"]:
+        bridge._fold_layer_norms_into_batched_experts()
+    if bridge.adapter is not None:
+        bridge.adapter.postprocess_weights(bridge)
+
+
+def _write_processed(path: Path, state: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """Save ``state`` as safetensors under a temp name, then rename it into place."""
+    from safetensors.torch import save_file
+
+    seen: set[int] = set()
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        t = v.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:  # safetensors refuses tensors that share memory; a copy keeps both keys
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        tensors[k] = t
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.stem}-{os.getpid()}-{threading.get_ident()}.safetensors")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    for old in path.parent.glob(path.name.split("-")[0] + "-*.safetensors"):
+        if old != path:  # the same model under older versions/options: superseded
+            old.unlink(missing_ok=True)
+
+
+def _read_processed(path: Path, device: str, expect: dict[str, str]) -> dict[str, torch.Tensor] | None:
+    """The processed weights at ``path``, or None when absent, unreadable or written for another key."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if any(meta.get(k) != v for k, v in expect.items()):
+            return None
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return None  # damaged or foreign: process again and overwrite it
+
+
+def enable_compat_cached(
+    bridge: Any,
+    ident: str,
+    *,
+    dtype: str,
+    device: str,
+    cache_root: Path | None,
+    progress: Callable[[str], None] | None = None,
+) -> str:
+    """Put ``bridge`` in compatibility mode, reading its processed weights from the cache when
+    present and writing them there when not.
+
+    Args:
+        bridge: a freshly built, unprocessed TransformerBridge.
+        ident: the model's identity (as in its key); cache_root: None = no cache (process only).
+
+    Returns:
+        "hit" (read from the cache), "written", "off" (no cache here or another TransformerLens
+        version) or "unwritable" (processed, but the file could not be saved).
+    """
+    if cache_root is None or not processed_cache_supported():
+        bridge.enable_compatibility_mode()
+        return "off"
+    key = processed_weights_key(ident, dtype, device, weight_fingerprint(bridge))
+    name = hashlib.blake2b(ident.encode(), digest_size=4).hexdigest()
+    path = Path(cache_root) / "models" / "processed" / f"{name}-{key}.safetensors"
+    meta = {"key": key, "ident": ident, "format": str(PROCESSED_FORMAT_VERSION)}
+    bridge.enable_compatibility_mode(no_processing=True)  # hook aliases and flags; weights come next
+    state = _read_processed(path, device, meta)
+    if state is not None:
+        _install_processed(bridge, state)
+        return "hit"
+    if progress:
+        progress("processing the weights for TransformerLens (fold LayerNorm, centre) once; later starts read them back…")
+    state = _process_weights(bridge)
+    try:
+        _write_processed(path, state, meta)
+        status = "written"
+    except OSError:
+        status = "unwritable"  # a full or read-only disk costs the next start time, not this one
+    _install_processed(bridge, state)
+    return status
 
 
 # --------------------------------------------------------------------------------------------
@@ -569,13 +784,22 @@ def load_model(
     else:
         raise ModelError(f"unknown model kind {spec.kind!r}; choose embedded, hf, local, native or tree.")
 
-    bridge.enable_compatibility_mode()
+    # Native and tree models are small enough that processing costs milliseconds: no cache file.
+    tp = time.perf_counter()
+    cached = enable_compat_cached(bridge, ident, dtype=spec.dtype, device=device, progress=progress,
+                                  cache_root=cache_root if spec.kind in ("embedded", "local", "hf") else None)
     bridge.train(False)
     fp = weight_fingerprint(bridge)
     key = hashlib.blake2b(f"{ident}|{spec.dtype}|{fp}".encode(), digest_size=8).hexdigest()
     secs = time.perf_counter() - t0
+    if cached == "hit":
+        notes.append(f"processed weights read from the cache in {time.perf_counter() - tp:.1f} s")
+    elif cached in ("written", "unwritable"):
+        notes.append(f"weights processed in {time.perf_counter() - tp:.1f} s"
+                     + (" and cached for the next start" if cached == "written" else " (the cache folder is not writable)"))
     notes.append(f"loaded in {secs:.1f} s on {device}")
-    return LoadedModel(bridge=bridge, spec=spec, key=key, tokenizer=tokenizer, device=device, load_seconds=secs, notes=notes)
+    return LoadedModel(bridge=bridge, spec=spec, key=key, tokenizer=tokenizer, device=device, load_seconds=secs,
+                       notes=notes, processed_cache=cached)
 
 
 def _load_hub_model(spec: ModelSpec, dtype: torch.dtype, device: str) -> tuple[Any, Tokenizer, str]:
