@@ -151,7 +151,7 @@ def test_embedded_model_is_baked_into_the_runtime_cache_path(dockerfile):
 
 def test_compose_reserves_a_gpu_and_keeps_the_cache():
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
-    (svc,) = compose["services"].values()
+    svc = compose["services"]["probing"]  # the app (ray-head/ray-worker: the optional `ray` profile)
     devices = svc["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert svc["restart"] == "unless-stopped"
@@ -249,7 +249,7 @@ def test_app_code_is_roots_and_only_the_volumes_are_writable(dockerfile):
 def test_image_limits_local_model_folders_and_compose_mounts_them_read_only(dockerfile):
     assert _env(dockerfile)["PROBING_MODEL_ROOTS"] == "/data/models"
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
-    (svc,) = compose["services"].values()
+    svc = compose["services"]["probing"]  # the app (ray-head/ray-worker: the optional `ray` profile)
     models = [v for v in svc["volumes"] if re.sub(r"\$\{[^}]*\}", "HOST", v).split(":")[1] == "/data/models"]
     assert len(models) == 1 and models[0].endswith(":ro"), models
     assert "PROBING_AUTH" in svc["environment"], "compose passes the sign-in switch through"
