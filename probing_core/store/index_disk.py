@@ -49,9 +49,9 @@ class JSONOnlyDisk(diskcache.Disk):
         return sqlite3.Binary(data), True
 
     def get(self, key: Any, raw: bool) -> Any:
-        if not raw or not isinstance(key, bytes):
+        if not raw or not isinstance(key, (bytes, memoryview)):
             raise self._refuse("a key that is not JSON (a pickled key)")
-        return self._decode(key)
+        return self._decode(bytes(key))
 
     def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> tuple[int, int, None, Any]:
         if read:
@@ -66,9 +66,9 @@ class JSONOnlyDisk(diskcache.Disk):
         if mode != diskcache.core.MODE_RAW:
             kind = {diskcache.core.MODE_PICKLE: "a pickled value (mode 4)"}.get(mode, f"a value of mode {mode}")
             raise self._refuse(kind)
-        if filename is not None or read or not isinstance(value, bytes):
+        if filename is not None or read or not isinstance(value, (bytes, memoryview)):
             raise self._refuse("a value that is not JSON bytes")
-        return self._decode(value)
+        return self._decode(bytes(value))
 
     def _decode(self, data: bytes) -> Any:
         try:
