@@ -24,12 +24,13 @@ Nothing here imports streamlit; every array returned is CPU numpy.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 
 from probing_core.solvers import multiclass, splits
+from probing_core.store.shards import check_fits_in_memory
 from probing_core.store.activations import CachedActivations, build_cache, open_entry
 from probing_core.data.datasets import DatasetSpec, make_dataset
 from probing_core.errors import HookError, InputError, LabelError, ProbeError
@@ -52,6 +53,7 @@ __all__ = [
     "build_tree_cache",
     "probe_tree_edges",
     "run_tree_edge_preset",
+    "chance_note",
     "DEFAULT_MAX_SAMPLES",
 ]
 
@@ -243,6 +245,17 @@ def compute_layer_labels(acts: CachedActivations, rows: np.ndarray, spec: LayerL
     raise LabelError(f"label kind {spec.kind!r} unknown; use token or column.")
 
 
+def _label_types(acts: CachedActivations, rows: np.ndarray, spec: LayerLabelSpec) -> np.ndarray:
+    """The type the label of each row is about (the control task's unit, Hewitt & Liang): the token
+    at the label's offset for token labels; the probed token itself for column labels (a document
+    label is about the whole row, so the probed token is the "word" whose identity a probe could
+    memorise)."""
+    ids = np.asarray(acts.token_ids)
+    if spec.kind == "token":
+        return ids[np.clip(np.asarray(rows, dtype=np.int64) + int(spec.offset), 0, acts.n_tokens - 1)]
+    return ids[np.asarray(rows, dtype=np.int64)]
+
+
 def keep_top_classes(labels: np.ndarray, top_k: int, min_count: int = 2) -> tuple[np.ndarray, list[str], str | None]:
     """Mask keeping the ``top_k`` most frequent classes that have at least ``min_count`` rows.
 
@@ -280,11 +293,13 @@ class LayerAccuracyResult:
         columns: [K] column names (label × position group).
         test_accuracy, train_accuracy: [H, K].
         converged: [H, K] bool (L-BFGS gradient criterion).
-        chance: [K] majority-class rate on each column's test split.
-        n_samples: [K] probe samples (train + test).
+        chance: [K] majority-class rate on each column's test split (measured, the baseline).
+        n_samples: [K] probe samples (train + test); n_test: [K] of them in the test split.
+        test_accuracy_ci: [H, K, 2] 95 % Wilson interval of each test accuracy over its n_test rows.
         classes: per column, the class names kept.
         control_accuracy: [H] test accuracy on the Hewitt–Liang control task of ``control_column``
-            (each token type gets one random class), NaN when it could not be formed.
+            (each type of the token the label is about gets one random class), NaN when it could not be formed.
+        control_accuracy_ci: [H, 2] its Wilson interval; control_chance: its majority rate; control_n_test.
         selectivity: [H] real − control accuracy on ``control_column``.
         control_column: the column the control task was run on (None: no control).
         C: inverse L2 strength.
@@ -307,6 +322,11 @@ class LayerAccuracyResult:
     label: str
     position: str
     notes: list[str] = field(default_factory=list)
+    n_test: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    test_accuracy_ci: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 2)))
+    control_accuracy_ci: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+    control_chance: float = float("nan")
+    control_n_test: int = 0
 
     def table(self) -> list[dict[str, Any]]:
         """One row per hook: test accuracy per column, then control and selectivity."""
@@ -315,6 +335,9 @@ class LayerAccuracyResult:
             r: dict[str, Any] = {"hook": h}
             for j, c in enumerate(self.columns):
                 r[c] = float(self.test_accuracy[i, j])
+                if self.test_accuracy_ci.shape[:2] == self.test_accuracy.shape:
+                    lo, hi = self.test_accuracy_ci[i, j]
+                    r[f"{c} 95% CI"] = f"{lo:.3f}–{hi:.3f} (n={int(self.n_test[j])})"
             if self.control_column is not None:
                 r["control"] = float(self.control_accuracy[i])
                 r["selectivity"] = float(self.selectivity[i])
@@ -330,6 +353,9 @@ class LayerAccuracyResult:
             "converged": self.converged.tolist(),
             "chance": dict(zip(self.columns, self.chance.round(6).tolist())),
             "n_samples": dict(zip(self.columns, self.n_samples.tolist())),
+            "n_test": dict(zip(self.columns, np.asarray(self.n_test).tolist())),
+            "test_accuracy_ci95": np.round(self.test_accuracy_ci, 6).tolist(),
+            "control_chance": None if self.control_column is None else round(float(self.control_chance), 6),
             "n_classes": dict(zip(self.columns, [len(c) for c in self.classes])),
             "control_column": self.control_column,
             "control_accuracy": None if self.control_column is None else np.round(self.control_accuracy, 6).tolist(),
@@ -351,7 +377,9 @@ class ProbeTask:
         name: column name.
         rows: [m] row indices into the entry's token table.
         labels: [m] class labels.
-        token_types: [m] token id at each row (the control task's "word type").
+        token_types: [m] the type of the thing the label is about (the control task's "word type",
+            Hewitt & Liang): the token at the label's offset for token labels, the current token for
+            column labels, the node for the tree preset.
     """
 
     name: str
@@ -375,8 +403,8 @@ def _check_hooks(acts: CachedActivations, hooks: Sequence[str]) -> list[str]:
 
 def _fit_by_width(acts: CachedActivations, hooks: list[str], rows: np.ndarray, y: np.ndarray, *, C: float,
                   test_fraction: float, seed: int, progress: Progress | None = None
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Fit all hooks (one fit per feature width). Returns train, test, converged [H], chance.
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, int]:
+    """Fit all hooks (one fit per feature width). Returns train, test, converged [H], chance, n_test.
 
     ``progress(fraction, message)`` once per fitted hook (fraction of ``hooks``).
     """
@@ -385,6 +413,7 @@ def _fit_by_width(acts: CachedActivations, hooks: list[str], rows: np.ndarray, y
     te = np.zeros(len(hooks))
     conv = np.zeros(len(hooks), dtype=bool)
     chance = float("nan")
+    n_test = 0
     order = np.argsort(rows, kind="stable")  # memmap gathers in ascending order read sequentially
     rows_s, y_s = rows[order], y[order]
     done = 0
@@ -397,12 +426,16 @@ def _fit_by_width(acts: CachedActivations, hooks: list[str], rows: np.ndarray, y
         # The stored memmaps are read in place, a hook at a time (no stacked copy). No
         # eigen-preconditioner: on SmolLM2's activations it cost more iterations, not fewer.
         X = {hooks[i]: acts.hook(hooks[i]) for i in idx}
+        # The L-BFGS fit holds a hook's selected rows in memory (two hooks in flight): refuse
+        # clearly rather than swap when an entry is larger than memory (the ridge probe streams).
+        check_fits_in_memory(2 * len(rows_s) * int(w) * 4, "the per-layer multiclass probe")
         res = multiclass.fit_multiclass_all_hooks(X, y_s, C=C, test_fraction=test_fraction, seed=seed, rows=rows_s,
                                                 progress=tick)
         tr[idx], te[idx], conv[idx] = res.train_accuracy, res.test_accuracy, res.converged
         chance = res.chance
+        n_test = int(len(res.test_idx))
         done += len(idx)
-    return tr, te, conv, chance
+    return tr, te, conv, chance, n_test
 
 
 def probe_tasks(
@@ -431,7 +464,10 @@ def probe_tasks(
         test_fraction, seed: stratified split (also the subsample and control-task seed).
         C: inverse L2 strength.
         max_samples: per column, a seeded subsample above this many samples.
-        control: run the Hewitt–Liang control task on the first column.
+        control: run the Hewitt–Liang control task on the first column: every type in its
+            ``token_types`` (all of them, also those of rows whose class is not among the top-K)
+            gets one random class drawn from the kept classes' distribution (rows capped at
+            ``max_samples``). A probe can only score on it by memorising types.
         label, position, notes: descriptions carried into the result.
         progress: ``cb(fraction, message)``.
 
@@ -455,12 +491,15 @@ def probe_tasks(
     conv = np.zeros((H, K), dtype=bool)
     chance = np.zeros(K)
     n_samples = np.zeros(K, dtype=np.int64)
+    n_test = np.zeros(K, dtype=np.int64)
     classes: list[list[str]] = []
     notes_out = list(notes)
     control_acc = np.full(H, np.nan)
     control_col: str | None = None
     rng = np.random.default_rng(seed)
-    first_kept: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    first_kept: tuple[np.ndarray, np.ndarray, int] | None = None
+    control_ci = np.full((H, 2), np.nan)
+    control_chance, control_n_test = float("nan"), 0
     for k, task in enumerate(tasks):
         if progress:
             progress(k / (K + (1 if control else 0)), f"fitting {task.name} ({H} hooks)")
@@ -491,17 +530,28 @@ def probe_tasks(
         if progress:
             def tick(f: float, msg: str, k: int = k, name: str = task.name) -> None:
                 progress((k + f) / slots, f"{name}: {msg}")
-        tr, te, cv, ch = _fit_by_width(acts, hooks, rows, y, C=C, test_fraction=test_fraction, seed=seed,
-                                       progress=tick)
-        train[:, k], test[:, k], conv[:, k], chance[k] = tr, te, cv, ch
+        tr, te, cv, ch, nt = _fit_by_width(acts, hooks, rows, y, C=C, test_fraction=test_fraction, seed=seed,
+                                           progress=tick)
+        train[:, k], test[:, k], conv[:, k], chance[k], n_test[k] = tr, te, cv, ch, nt
         n_samples[k] = idx.size
         classes.append(sorted(set(y.tolist())))
         if first_kept is None:
-            first_kept = (rows, y, types)
+            first_kept = (np.asarray(task.rows), np.asarray(task.token_types), k)
+            first_y = y
     selectivity = np.full(H, np.nan)
     if control and first_kept is not None:
-        rows, y, types = first_kept
-        yc = splits.control_labels(types, y, seed=seed)
+        all_rows, all_types, k0 = first_kept
+        # Every type the label is about gets one class drawn from the real task's class
+        # distribution, over all rows of the column (types outside the top-K too, capped like the
+        # real task at max_samples): a task solvable only by memorising types.
+        yc_all = splits.control_labels(all_types, first_y, seed=seed)
+        pick = np.arange(all_rows.size)
+        if pick.size > max_samples:
+            pick = np.sort(np.random.default_rng(seed + 7).choice(pick, size=max_samples, replace=False))
+        rows, yc = all_rows[pick], yc_all[pick]
+        cls_c, cnt_c = np.unique(yc, return_counts=True)
+        usable = np.isin(yc, cls_c[cnt_c >= 2])  # a class drawn for rare types only: too few rows to split
+        rows, yc = rows[usable], yc[usable]
         _, cnt = np.unique(yc, return_counts=True)
         if cnt.size >= 2 and cnt.min() >= 2:
             if progress:
@@ -510,10 +560,14 @@ def probe_tasks(
             if progress:
                 def tick(f: float, msg: str) -> None:
                     progress((K + f) / (K + 1), f"control task: {msg}")
-            _, control_acc, _, _ = _fit_by_width(acts, hooks, rows, yc, C=C, test_fraction=test_fraction, seed=seed,
-                                                 progress=tick)
+            _, control_acc, _, control_chance, control_n_test = _fit_by_width(
+                acts, hooks, rows, yc, C=C, test_fraction=test_fraction, seed=seed, progress=tick)
             control_col = tasks[0].name
             selectivity = test[:, 0] - control_acc
+            control_ci = splits.accuracy_ci(np.round(control_acc * control_n_test), control_n_test)
+            notes_out.append(
+                f"control task ({tasks[0].name}): each of {np.unique(all_types).size:,} types of the token the label "
+                f"is about got a random class; {rows.size:,} rows, majority {control_chance:.3f}.")
         else:
             notes_out.append(
                 f"no control task for {tasks[0].name}: too few distinct token types at the probed positions "
@@ -525,6 +579,8 @@ def probe_tasks(
         hooks=hooks, columns=[t.name for t in tasks], test_accuracy=test, train_accuracy=train, converged=conv,
         chance=chance, n_samples=n_samples, classes=classes, control_accuracy=control_acc, selectivity=selectivity,
         control_column=control_col, C=float(C), label=label, position=position, notes=notes_out,
+        n_test=n_test, test_accuracy_ci=splits.accuracy_ci(np.round(test * n_test[None, :]), n_test[None, :]),
+        control_accuracy_ci=control_ci, control_chance=control_chance, control_n_test=control_n_test,
     )
 
 
@@ -585,7 +641,7 @@ def probe_layers(
                     "two classes — widen the position rule or pick another label."
                 )))
                 continue
-            tasks.append(ProbeTask(name, rows[ok], y[ok], np.asarray(acts.token_ids)[rows[ok]]))
+            tasks.append(ProbeTask(name, rows[ok], y[ok], _label_types(acts, rows[ok], spec)))
     if not tasks:
         raise skipped[0][1]
     # With several columns, one unusable column (e.g. an offset reaching before the row) is left
@@ -695,16 +751,28 @@ def probe_tree_edges(
         want = np.array([samples[int(i)].prompt_ids[int(q)] for i, q in zip(s_idx, p)])
         if not np.array_equal(np.asarray(acts.token_ids)[rows], want):
             raise InputError(f"cache entry {acts.key[:8]} does not hold these tree prompts; rebuild it for the same seed.")
-        tasks.append(ProbeTask(f"{_NODE[who]} @ {_OFFSET_TOKEN[off]}", rows, lab.astype(str),
-                               np.asarray(acts.token_ids)[rows]))
-    return probe_tasks(
+        # The label is the node's identity, so the control's type is that node (the node token the
+        # label is about), not the token read at the probed position.
+        tasks.append(ProbeTask(f"{_NODE[who]} @ {_OFFSET_TOKEN[off]}", rows, lab.astype(str), lab.astype(str)))
+    res = probe_tasks(
         acts, hooks, tasks, top_k=tree_task.MAX_NODES, test_fraction=test_fraction, seed=seed, C=C,
         max_samples=max_samples, label="edge source (node 0) / target (node 1)",
         position="2nd, 3rd, 4th token of each edge",
         notes=[f"{len(samples)} seeded trees of {samples[0].n_nodes} nodes; 'node 0' = an edge's source, "
-               "'node 1' = its target; chance ≈ 1/16."],
+               "'node 1' = its target."],
         progress=progress,
     )
+    return replace(res, notes=[*res.notes, chance_note(res)])
+
+
+def chance_note(res: LayerAccuracyResult) -> str:
+    """The chance level as measured: the majority class of each column's test split (the baseline
+    drawn beside the scores), with the number of classes and test rows."""
+    lo, hi = float(np.min(res.chance)), float(np.max(res.chance))
+    k = max(len(c) for c in res.classes) if res.classes else 0
+    span = f"{lo:.3f}" if abs(hi - lo) < 5e-4 else f"{lo:.3f}–{hi:.3f}"
+    return (f"chance (majority class of the test split, measured): {span} over {k} classes "
+            f"(uniform would be 1/{k} = {1 / max(k, 1):.3f}); n_test {int(np.min(res.n_test)):,}–{int(np.max(res.n_test)):,}.")
 
 
 def run_tree_edge_preset(

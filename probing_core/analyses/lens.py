@@ -6,7 +6,12 @@ dataclass of CPU numpy arrays. Figures live in :mod:`probing_core.plots.lens`.
 
 Conventions (documented choices):
 
-* Prompts get the model's BOS token prepended (as ``utils.test_prompt(..., prepend_bos=True)``).
+* Prompts get the model's BOS token prepended (as ``utils.test_prompt(..., prepend_bos=True)``)
+  unless ``prepend_bos=False``. Results depend on it (the BOS position is an attention sink): the
+  pages and the CLI (``--no-bos``) show the choice.
+* Logits are the compatibility-mode logits: the unembedding is centred, so every logit is the raw
+  logit minus its mean over the vocabulary at that position. Probabilities, ranks and logit
+  differences are unchanged by that shift; the tables call the column ``logit (centred)``.
 * Ranks are **0-based** over the full vocabulary (0 = the top token; ties count only strictly
   larger logits), as TransformerLens's own logit-lens tools report them.
 * An answer must be **one token**. A multi-token answer is refused, and the message shows what it
@@ -158,15 +163,18 @@ def _answer_text(raw: str, line: int) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def encode_prompt(model: LoadedModel, prompt: str, *, max_tokens: int | None = None, what: str = "prompt") -> list[int]:
-    """Tokenize ``prompt`` with BOS and check it fits the model.
+def encode_prompt(model: LoadedModel, prompt: str, *, max_tokens: int | None = None, what: str = "prompt",
+                  prepend_bos: bool = True) -> list[int]:
+    """Tokenize ``prompt`` (with BOS first unless ``prepend_bos=False``) and check it fits the model.
 
     Raises:
         InputError: empty prompt, or longer than ``n_ctx`` / ``max_tokens``.
     """
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError(f"the {what} is empty; type some text.")
-    ids = model.encode(prompt, prepend_bos=True)
+    ids = model.encode(prompt, prepend_bos=bool(prepend_bos))
+    if not ids:
+        raise InputError(f"the {what} encodes to no tokens; type some text.")
     if len(ids) > model.n_ctx:
         raise InputError(
             f"the {what} is {len(ids)} tokens (with BOS) but the model's context is {model.n_ctx} tokens; shorten it."
@@ -230,7 +238,9 @@ class NextTokenResult:
         token_ids: [pos] int64.
         top_ids: [k] int64, best first.
         top_tokens: [k] token texts.
-        top_logits: [k] float32 logits (compatibility mode: centred unembedding).
+        top_logits: [k] float32 centred logits (raw logit − its mean over the vocabulary; compatibility
+            mode centres the unembedding). ``answer_logit`` is centred the same way.
+        prepend_bos: whether BOS was prepended to the prompt.
         top_probs: [k] float32 softmax probabilities.
         answer: the answer asked about, if any; ``answer_id``, ``answer_logit``,
             ``answer_prob`` and ``answer_rank`` (0-based) describe it.
@@ -248,27 +258,30 @@ class NextTokenResult:
     answer_logit: float | None = None
     answer_prob: float | None = None
     answer_rank: int | None = None
+    prepend_bos: bool = True
 
     def rows(self) -> list[dict[str, Any]]:
-        """One dict per top-k token (for tables and CSV)."""
+        """One dict per top-k token (for tables and CSV); the logit column is centred (see the class doc)."""
         return [
-            {"rank": i, "token": t, "token_id": int(tid), "logit": float(lg), "prob": float(p)}
+            {"rank": i, "token": t, "token_id": int(tid), "logit (centred)": float(lg), "prob": float(p)}
             for i, (t, tid, lg, p) in enumerate(zip(self.top_tokens, self.top_ids, self.top_logits, self.top_probs))
         ]
 
     def to_json(self) -> dict[str, Any]:
         return {
             "prompt": self.prompt,
+            "prepend_bos": self.prepend_bos,
             "tokens": self.tokens,
             "top_k": self.rows(),
             "answer": None if self.answer is None else {
-                "text": self.answer, "token_id": self.answer_id, "logit": self.answer_logit,
+                "text": self.answer, "token_id": self.answer_id, "logit (centred)": self.answer_logit,
                 "prob": self.answer_prob, "rank": self.answer_rank,
             },
         }
 
 
-def next_token_topk(model: LoadedModel, prompt: str, *, k: int = 10, answer: str | None = None) -> NextTokenResult:
+def next_token_topk(model: LoadedModel, prompt: str, *, k: int = 10, answer: str | None = None,
+                    prepend_bos: bool = True) -> NextTokenResult:
     """Top-k next tokens after ``prompt`` with logits and probabilities.
 
     Args:
@@ -276,6 +289,7 @@ def next_token_topk(model: LoadedModel, prompt: str, *, k: int = 10, answer: str
         prompt: the text (BOS is prepended).
         k: how many tokens to list (1…d_vocab).
         answer: optional one-token answer whose logit, probability and rank to report.
+        prepend_bos: put the BOS token first (the default, as TransformerLens does).
 
     Returns:
         A :class:`NextTokenResult`.
@@ -284,7 +298,7 @@ def next_token_topk(model: LoadedModel, prompt: str, *, k: int = 10, answer: str
         InputError: empty or too-long prompt, bad k, multi-token answer.
     """
     k = _check_k(model, k)
-    ids = encode_prompt(model, prompt)
+    ids = encode_prompt(model, prompt, prepend_bos=prepend_bos)
     answer_id = single_token_id(model, answer) if answer is not None else None
     logits = model.logits(torch.tensor([ids]))[0, -1].to(torch.float32)  # [d_vocab]
     log_probs = logits.log_softmax(-1)
@@ -308,6 +322,7 @@ def next_token_topk(model: LoadedModel, prompt: str, *, k: int = 10, answer: str
         top_tokens=model.to_str_tokens(top_ids.tolist()),
         top_logits=as_numpy(top.values),
         top_probs=as_numpy(log_probs[top.indices].exp()),
+        prepend_bos=bool(prepend_bos),
         **out,
     )
 
@@ -349,6 +364,7 @@ class LogitLensResult:
     next_prob: np.ndarray
     next_rank: np.ndarray
     input_prob: np.ndarray
+    prepend_bos: bool = True
 
     @property
     def k(self) -> int:
@@ -370,7 +386,8 @@ class LogitLensResult:
 
 
 def logit_lens(
-    model: LoadedModel, prompt: str, *, k: int = 5, incl_mid: bool = False, max_tokens: int | None = DEFAULT_MAX_TOKENS
+    model: LoadedModel, prompt: str, *, k: int = 5, incl_mid: bool = False, max_tokens: int | None = DEFAULT_MAX_TOKENS,
+    prepend_bos: bool = True,
 ) -> LogitLensResult:
     """Read every layer's residual stream through ``ln_final`` and the unembedding.
 
@@ -380,6 +397,7 @@ def logit_lens(
         k: top tokens kept per layer and position.
         incl_mid: also read ``resid_mid`` (after attention, before the MLP) of every block.
         max_tokens: refuse prompts longer than this (None: only the context limit).
+        prepend_bos: put the BOS token first (the default).
 
     Returns:
         A :class:`LogitLensResult` with ``n_layers + 1`` rows (``2 * n_layers + 1`` with mids).
@@ -388,7 +406,7 @@ def logit_lens(
         InputError: empty or too-long prompt, bad k.
     """
     k = _check_k(model, k)
-    ids = encode_prompt(model, prompt, max_tokens=max_tokens)
+    ids = encode_prompt(model, prompt, max_tokens=max_tokens, prepend_bos=prepend_bos)
     T = len(ids)
     n = model.n_layers
     names = [f"blocks.{i}.hook_resid_pre" for i in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
@@ -440,6 +458,7 @@ def logit_lens(
         next_prob=torch.cat(next_prob).reshape(L, T).numpy(),
         next_rank=torch.cat(next_rank).reshape(L, T).numpy().astype(np.int64),
         input_prob=torch.cat(input_prob).reshape(L, T).numpy(),
+        prepend_bos=bool(prepend_bos),
     )
 
 
@@ -463,6 +482,7 @@ def _prepare(
     answers: Sequence[tuple[str, str]] | tuple[str, str] | None,
     require_same_length: bool,
     max_tokens: int | None,
+    prepend_bos: bool = True,
 ) -> _Prepared:
     classes: tuple[str, ...] = ()
     if isinstance(prompts, PromptSet):
@@ -484,7 +504,8 @@ def _prepare(
         raise InputError(f"{len(prompts)} prompts but {len(answers)} answer pairs; give one pair per prompt or one for all.")
     token_ids = []
     for i, p in enumerate(prompts):
-        token_ids.append(encode_prompt(model, p, max_tokens=max_tokens, what=f"prompt {i + 1}" if len(prompts) > 1 else "prompt"))
+        token_ids.append(encode_prompt(model, p, max_tokens=max_tokens, what=f"prompt {i + 1}" if len(prompts) > 1 else "prompt",
+                                       prepend_bos=prepend_bos))
     if require_same_length:
         n0 = len(token_ids[0])
         for i, t in enumerate(token_ids[1:], start=1):
@@ -531,7 +552,9 @@ class LogitDiffResult:
         correct_prob, incorrect_prob: [prompt] float32.
         logit_diff: [prompt] float32 = correct_logit − incorrect_logit.
         mean: mean of ``logit_diff``.
-        n_tokens: [prompt] token counts (with BOS).
+        n_tokens: [prompt] token counts (with BOS when ``prepend_bos``).
+        prepend_bos: whether BOS was prepended.
+        logit_diff_ci: 95 % bootstrap interval of ``mean`` over the prompts (NaN for one prompt).
     """
 
     prompts: tuple[str, ...]
@@ -545,6 +568,8 @@ class LogitDiffResult:
     logit_diff: np.ndarray
     mean: float
     n_tokens: np.ndarray
+    prepend_bos: bool = True
+    logit_diff_ci: tuple[float, float] = (float("nan"), float("nan"))
 
     def rows(self) -> list[dict[str, Any]]:
         return [
@@ -564,6 +589,7 @@ def logit_difference(
     *,
     require_same_length: bool = False,
     max_tokens: int | None = DEFAULT_MAX_TOKENS,
+    prepend_bos: bool = True,
 ) -> LogitDiffResult:
     """Logit of the correct minus the incorrect answer after each prompt.
 
@@ -573,6 +599,7 @@ def logit_difference(
         answers: one (correct, incorrect) pair for all prompts, or one pair per prompt.
         require_same_length: refuse prompts of different token lengths.
         max_tokens: per-prompt length cap.
+        prepend_bos: put the BOS token first (the default; the difference depends on it).
 
     Returns:
         A :class:`LogitDiffResult`.
@@ -580,7 +607,7 @@ def logit_difference(
     Raises:
         InputError: empty prompt, multi-token or identical answers, length mismatch.
     """
-    prep = _prepare(model, prompts, answers, require_same_length, max_tokens)
+    prep = _prepare(model, prompts, answers, require_same_length, max_tokens, prepend_bos)
     n = len(prep.prompts)
     cl, il, cp, ip = (np.zeros(n, np.float32) for _ in range(4))
     for group in _length_groups(prep.token_ids):
@@ -597,7 +624,18 @@ def logit_difference(
         prompts=prep.prompts, answers=prep.answers, classes=prep.classes, answer_ids=prep.answer_ids,
         correct_logit=cl, incorrect_logit=il, correct_prob=cp, incorrect_prob=ip,
         logit_diff=diff, mean=float(diff.mean()), n_tokens=np.asarray([len(t) for t in prep.token_ids]),
+        prepend_bos=bool(prepend_bos), logit_diff_ci=_mean_ci(diff),
     )
+
+
+def _mean_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile bootstrap interval of the mean over prompts ((nan, nan) below 2 prompts)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size < 2:
+        return float("nan"), float("nan")
+    means = v[np.random.default_rng(seed).integers(0, v.size, size=(n_boot, v.size))].mean(1)
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    return float(lo), float(hi)
 
 
 @dataclass(frozen=True)
@@ -643,6 +681,7 @@ class AttributionResult:
     decomposition_sum: float
     max_abs_error: float
     notes: list[str] = field(default_factory=list)
+    prepend_bos: bool = True
 
     @property
     def accumulated_x(self) -> np.ndarray:
@@ -690,6 +729,7 @@ def logit_attribution(
     incl_mid: bool = True,
     require_same_length: bool = False,
     max_tokens: int | None = DEFAULT_MAX_TOKENS,
+    prepend_bos: bool = True,
 ) -> AttributionResult:
     """Accumulated-residual logit lens, per-layer decomposition and per-head DLA of the logit difference.
 
@@ -700,6 +740,7 @@ def logit_attribution(
         incl_mid: include ``resid_mid`` points in the accumulated curve.
         require_same_length: refuse prompts of different token lengths.
         max_tokens: per-prompt length cap.
+        prepend_bos: put the BOS token first (the default).
 
     Returns:
         An :class:`AttributionResult`; ``max_abs_error`` says how well the parts add up.
@@ -707,7 +748,7 @@ def logit_attribution(
     Raises:
         InputError: as :func:`logit_difference`.
     """
-    prep = _prepare(model, prompts, answers, require_same_length, max_tokens)
+    prep = _prepare(model, prompts, answers, require_same_length, max_tokens, prepend_bos)
     n_p = len(prep.prompts)
     bridge = model.bridge
     L, H = model.n_layers, model.n_heads
@@ -769,4 +810,5 @@ def logit_attribution(
         head_remainder=float((model_ld - head_dla_pp.sum((0, 1))).mean()),
         model_logit_diff_per_prompt=model_ld, model_logit_diff=float(model_ld.mean()),
         decomposition_sum=float(dec_all.mean(1).sum()), max_abs_error=err, notes=notes,
+        prepend_bos=bool(prepend_bos),
     )

@@ -24,21 +24,26 @@ import numpy as np
 
 from probing_core.store.activations import CachedActivations
 from probing_core.errors import HookError, LabelError, ProbeError, ProbingError
-from probing_core.data.labels import LABELS, LabelSpec, compute_labels
+from probing_core.data.labels import LABELS, LabelSpec, compute_labels, number_token_counts
 from probing_core.models import LoadedModel
 from probing_core.solvers.ridge import (
     DEFAULT_ALPHAS,
     RidgeDecomposition,
     RidgePathResult,
+    RidgeSplit,
     TransferResult,
     fit_ridge_path,
     make_split,
     score_transfer,
 )
+from probing_core.solvers.splits import bootstrap_r2_ci, grouped_blocks, r2_score, seen_in_training
 
 __all__ = [
     "PositionRule",
     "SelectionInfo",
+    "SPLITS",
+    "HeldOut",
+    "resolve_split",
     "HookRows",
     "ReusableDecompositions",
     "RegressionRun",
@@ -261,6 +266,80 @@ def regression_data(
 
 
 # --------------------------------------------------------------------------------------------
+# Splits: random tokens or token types
+# --------------------------------------------------------------------------------------------
+#: Split name → what is held out (said on the page, the CLI and in the manifest).
+SPLITS: dict[str, str] = {
+    "type": "new token types: no token type of the test set (or of a CV fold) occurs in training",
+    "tokens": "random tokens: test tokens are mostly token types also seen in training",
+}
+
+
+def resolve_split(split_by: str, label_spec: LabelSpec) -> str:
+    """"auto" → "type" for labels the token's identity decides (``LABELS[...].by_type``), else "tokens".
+
+    Raises:
+        ProbeError: an unknown split name.
+    """
+    if split_by == "auto":
+        info = LABELS.get(label_spec.name)
+        return "type" if info is not None and info.by_type else "tokens"
+    if split_by not in SPLITS:
+        raise ProbeError(f"unknown split {split_by!r}; use auto, type (new token types) or tokens (random tokens).")
+    return split_by
+
+
+def _build_split(split_by: str, groups: np.ndarray, test_fraction: float, cv: int, seed: int) -> RidgeSplit:
+    if split_by == "tokens":
+        return make_split(groups.size, test_fraction=test_fraction, cv=cv, seed=seed)
+    block = grouped_blocks(groups, test_fraction=test_fraction, cv=cv, seed=seed)
+    return RidgeSplit(block=block, n_folds=int(cv) if int(cv) >= 2 else 0, test_fraction=float(test_fraction),
+                      seed=int(seed))
+
+
+@dataclass(frozen=True, eq=False)
+class HeldOut:
+    """Held-out R² at each hook's chosen α, split by whether the test token's type was seen in training.
+
+    Attributes (``(hook,)`` arrays; CIs ``(hook, 2)`` 95 % percentile bootstrap over the test rows):
+        r2, r2_ci: every test row (the same number as ``r2_test`` at the best α).
+        r2_seen, r2_seen_ci: test rows whose token type also occurs in training (NaN if < 3 rows).
+        r2_new, r2_new_ci: test rows of token types never seen in training (NaN if < 3 rows).
+        n_test, n_seen, n_new: row counts (the same for every hook).
+    """
+
+    r2: np.ndarray
+    r2_ci: np.ndarray
+    r2_seen: np.ndarray
+    r2_seen_ci: np.ndarray
+    r2_new: np.ndarray
+    r2_new_ci: np.ndarray
+    n_test: int
+    n_seen: int
+    n_new: int
+
+
+def _held_out(acts: CachedActivations, r: RidgePathResult, rows: np.ndarray, y: np.ndarray, split: RidgeSplit,
+              seed: int) -> HeldOut | None:
+    test = split.block == 0
+    if not test.any():
+        return None
+    groups = acts.token_ids[rows]
+    seen = seen_in_training(groups, split.block)[test]
+    test_rows, yt = rows[test], y[test]
+    out: dict[str, list] = {k: [] for k in ("r2", "r2_ci", "r2_seen", "r2_seen_ci", "r2_new", "r2_new_ci")}
+    nan2 = (float("nan"), float("nan"))
+    for h in r.hooks:
+        pred = r.predict(h, np.asarray(acts.hook(h)[test_rows], dtype=np.float32))
+        for key, m in (("r2", np.ones_like(seen)), ("r2_seen", seen), ("r2_new", ~seen)):
+            ok = int(m.sum()) >= 3
+            out[key].append(r2_score(yt[m], pred[m]) if ok else float("nan"))
+            out[key + "_ci"].append(bootstrap_r2_ci(yt[m], pred[m], seed=seed) if ok else nan2)
+    arr = {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
+    return HeldOut(**arr, n_test=int(test.sum()), n_seen=int(seen.sum()), n_new=int((~seen).sum()))
+
+
+# --------------------------------------------------------------------------------------------
 # Fresh probe per hook
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
@@ -269,7 +348,7 @@ class ReusableDecompositions:
     :func:`run_regression` to fit another label without a new eigendecomposition)."""
 
     rows_digest: str
-    split: tuple[float, int, int]  # (test_fraction, cv, seed)
+    split: tuple  # (test_fraction, cv, seed, split_by)
     by_hook: Mapping[str, RidgeDecomposition] = field(repr=False)
 
 
@@ -283,6 +362,9 @@ class RegressionRun:
         y_mean, y_std: label statistics over the selected rows.
         manifest: JSON-able run description (model, dataset fingerprint, label, α grid, split, versions).
         decompositions: reusable for another label on the same rows (see :class:`ReusableDecompositions`).
+        split_by: "type" (test and CV folds hold token types never seen in training) or "tokens"
+            (random tokens; most test tokens are types seen in training); held_out: R² at the best α
+            on seen and new types with bootstrap CIs (None without a test split).
     """
 
     result: RidgePathResult
@@ -293,19 +375,31 @@ class RegressionRun:
     y_std: float
     manifest: dict[str, Any]
     decompositions: ReusableDecompositions = field(repr=False)
+    split_by: str = "tokens"
+    held_out: HeldOut | None = None
+
+    @property
+    def test_name(self) -> str:
+        """What the test curve is: "new token types" or "random tokens (mostly seen types)"."""
+        return "new token types" if self.split_by == "type" else "random tokens (mostly seen types)"
 
     def table(self, alpha_index: int | None = None) -> list[dict[str, Any]]:
         """One row per hook at one α of the grid (None = each hook's best α)."""
-        r = self.result
+        r, ho = self.result, self.held_out
         out = []
         for i, h in enumerate(r.hooks):
             j = int(r.best_index[i]) if alpha_index is None else int(alpha_index)
-            out.append({
+            row = {
                 "hook": h, "alpha": float(r.alphas[j]), "best_alpha": float(r.best_alpha[i]),
-                "r2_train": float(r.r2_train[i, j]), "r2_test": float(r.r2_test[i, j]),
+                "r2_train": float(r.r2_train[i, j]), "r2_test": float(r.r2_test[i, j]), "n_test": r.n_test,
                 "r2_cv_mean": float(r.r2_cv_mean[i, j]), "r2_cv_std": float(r.r2_cv_std[i, j]),
                 "baseline_r2": float(r.baseline_r2[i]),
-            })
+            }
+            if ho is not None and alpha_index is None:
+                row |= {"r2_test_ci_low": float(ho.r2_ci[i, 0]), "r2_test_ci_high": float(ho.r2_ci[i, 1]),
+                        "r2_seen_types": float(ho.r2_seen[i]), "n_seen_types": ho.n_seen,
+                        "r2_new_types": float(ho.r2_new[i]), "n_new_types": ho.n_new}
+            out.append(row)
         return out
 
     def weights(self, alpha: float | None = None) -> dict[str, np.ndarray]:
@@ -324,15 +418,22 @@ def run_regression(
     cv: int = 5,
     test_fraction: float = 0.2,
     seed: int = 0,
+    split_by: str = "auto",
     decompositions: ReusableDecompositions | Sequence[ReusableDecompositions] | None = None,
     model_description: Mapping[str, Any] | None = None,
     progress: Callable[[float, str], None] | None = None,
 ) -> RegressionRun:
     """Fit the ridge path of ``label_spec`` on every hook (fresh probe per hook).
 
+    α is chosen on the CV folds of the training rows (on the test split only with ``cv`` < 2), and
+    the test R² is reported at that α.
+
     Args:
         acts, hooks, label_spec, position_rule: see :func:`regression_data`.
         alphas: α grid (> 0). cv: CV folds (0/1 = none). test_fraction: held-out share. seed: split seed.
+        split_by: "type" (grouped by token type: test set and CV folds hold only types never seen in
+            training), "tokens" (random tokens) or "auto" ("type" for labels the token's identity
+            decides, see ``LabelInfo.by_type``).
         decompositions: from earlier runs (one or several); one built for exactly these rows and split is reused.
         model_description: ``LoadedModel.describe()`` for the manifest (default: the entry's model fields).
         progress: ``progress(fraction, message)`` after each hook (on the calling thread).
@@ -344,17 +445,25 @@ def run_regression(
         ProbeError, LabelError, HookError: see :func:`regression_data` and ``fit_ridge_path``.
     """
     _, y, info = regression_data(acts, hooks, label_spec, position_rule)
-    split = (float(test_fraction), int(cv), int(seed))
+    how = resolve_split(split_by, label_spec)
+    split_key = (float(test_fraction), int(cv), int(seed), how)
+    split = _build_split(how, acts.token_ids[info.rows], float(test_fraction), int(cv), int(seed))
     cands = [decompositions] if isinstance(decompositions, ReusableDecompositions) else list(decompositions or [])
-    reuse = next((d.by_hook for d in cands if d.rows_digest == info.rows_digest and d.split == split), None)
+    reuse = next((d.by_hook for d in cands if d.rows_digest == info.rows_digest and d.split == split_key), None)
     # The stored arrays themselves (memmaps): a label change then reads each hook once, in place.
     full = {h: acts.hook(h) for h in dict.fromkeys(hooks)}
     result = fit_ridge_path(full, y, alphas=alphas, test_fraction=test_fraction, cv=cv, seed=seed,
-                            decompositions=reuse, rows=info.rows, progress=progress)
-    decs = ReusableDecompositions(info.rows_digest, split, result.decompositions)
+                            decompositions=reuse, rows=info.rows, progress=progress, split=split)
+    held = _held_out(acts, result, info.rows, y, split, int(seed))
+    decs = ReusableDecompositions(info.rows_digest, split_key, result.decompositions)
     manifest = _manifest(acts, info, result, model_description)
+    manifest["split"] |= {"by": how, "held_out": SPLITS[how], "alpha_chosen_on": "CV folds of the training rows"
+                          if result.n_folds else "the test split (no CV: the test R² is optimistic)"}
+    if held is not None:
+        manifest["split"] |= {"n_test_seen_types": held.n_seen, "n_test_new_types": held.n_new}
     return RegressionRun(result=result, info=info, label=label_spec, description=info.description,
-                         y_mean=float(y.mean()), y_std=float(y.std()), manifest=manifest, decompositions=decs)
+                         y_mean=float(y.mean()), y_std=float(y.std()), manifest=manifest, decompositions=decs,
+                         split_by=how, held_out=held)
 
 
 def _versions() -> dict[str, str]:
@@ -440,10 +549,16 @@ EMBEDDING_TASKS: dict[str, tuple[str, bool, bool]] = {
 class EmbeddingTask:
     """One vocabulary regression task. ``note`` is set (and the arrays empty) when it could not run.
 
+    Each vocabulary row is its own token type, so the random split of ``W_E`` rows is already a
+    split by type: every test token is a type the probe never saw.
+
     Attributes:
-        name, description; n_tokens: vocabulary rows used; best_alpha; r2_train / r2_test at the best α;
-        r2_ols_train: plain least squares, in-sample on the training rows (the reference notebook's
-            number is OLS in-sample on every row; with test_fraction=0 they coincide);
+        name, description; n_tokens: vocabulary rows used; n_train / n_test: rows in each split;
+        best_alpha: chosen on the CV folds of the training rows (never on the test rows);
+        r2_train / r2_test at that α; r2_test_ci: 95 % bootstrap interval of r2_test over the test rows;
+        r2_cv_mean / r2_cv_std: CV R² at that α (mean and spread over folds);
+        r2_ols_all: plain least squares fit and scored in-sample on every row (the reference
+            notebook's number; an in-sample figure, not a held-out one);
         baseline_r2: shuffled-label test R²; values: ``(n_tokens,)`` label values (histogram);
         y_true, y_pred: ``(n_test,)`` held-out true values and predictions (box plots).
     """
@@ -451,10 +566,15 @@ class EmbeddingTask:
     name: str
     description: str
     n_tokens: int = 0
+    n_train: int = 0
+    n_test: int = 0
     best_alpha: float = float("nan")
     r2_train: float = float("nan")
     r2_test: float = float("nan")
-    r2_ols_train: float = float("nan")
+    r2_test_ci: tuple[float, float] = (float("nan"), float("nan"))
+    r2_cv_mean: float = float("nan")
+    r2_cv_std: float = float("nan")
+    r2_ols_all: float = float("nan")
     baseline_r2: float = float("nan")
     values: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
     y_true: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
@@ -464,7 +584,8 @@ class EmbeddingTask:
 
 @dataclass(frozen=True, eq=False)
 class EmbeddingRegressionResult:
-    """Attributes: tasks (in the order asked); d_vocab, d_model; thresholds used; alphas."""
+    """Attributes: tasks (in the order asked); d_vocab, d_model; thresholds used; alphas;
+    number_tokens: (all-digit tokens, all-digit tokens allowing a leading space) in this vocabulary."""
 
     tasks: tuple[EmbeddingTask, ...]
     d_vocab: int
@@ -472,10 +593,13 @@ class EmbeddingRegressionResult:
     length_threshold: int
     numeric_threshold: int
     alphas: np.ndarray
+    number_tokens: tuple[int, int] = (0, 0)
 
     def table(self) -> list[dict[str, Any]]:
-        return [{"task": t.name, "tokens": t.n_tokens, "best_alpha": t.best_alpha, "r2_train": t.r2_train,
-                 "r2_test": t.r2_test, "r2_ols_train": t.r2_ols_train, "baseline_r2": t.baseline_r2,
+        return [{"task": t.name, "tokens": t.n_tokens, "n_test": t.n_test, "best_alpha (CV)": t.best_alpha,
+                 "r2_train": t.r2_train, "r2_cv_mean": t.r2_cv_mean, "r2_test (new types)": t.r2_test,
+                 "r2_test_ci_low": t.r2_test_ci[0], "r2_test_ci_high": t.r2_test_ci[1],
+                 "r2_ols_all_rows (in-sample)": t.r2_ols_all, "baseline_r2": t.baseline_r2,
                  "note": t.note or ""} for t in self.tasks]
 
 
@@ -495,7 +619,7 @@ def embedding_regression(
     numeric_threshold: int = 1000,
     alphas: Sequence[float] | np.ndarray = DEFAULT_ALPHAS,
     test_fraction: float = 0.2,
-    cv: int = 0,
+    cv: int = 5,
     seed: int = 0,
 ) -> EmbeddingRegressionResult:
     """Regress token properties from the rows of ``W_E`` over the whole vocabulary.
@@ -505,7 +629,8 @@ def embedding_regression(
         tasks: names from :data:`EMBEDDING_TASKS`.
         length_threshold: tokens longer than this (full length) are outliers in the "no outliers" tasks.
         numeric_threshold: number tokens above this value are outliers.
-        alphas, test_fraction, cv, seed: ridge settings (α chosen on CV, else on the test split).
+        alphas, test_fraction, cv, seed: ridge settings; α is chosen on ``cv`` folds of the training
+            rows and the test R² is reported at that α (``cv`` < 2 chooses on the test split: optimistic).
 
     Returns:
         EmbeddingRegressionResult; a task that cannot run (e.g. SmolLM2 has 13 all-digit tokens)
@@ -521,6 +646,7 @@ def embedding_regression(
     marker = getattr(model.tokenizer, "space_marker", "") or None
     out: list[EmbeddingTask] = []
     reuse: dict[str, Mapping[str, RidgeDecomposition]] = {}  # rows digest → decompositions (local to this call)
+    ols_all: dict[str, float] = {}  # (rows digest, label) → in-sample OLS R² on every row
     for name in tasks:
         label, use_len, use_num = EMBEDDING_TASKS[name]
         params: dict[str, Any] = {}
@@ -545,17 +671,25 @@ def embedding_regression(
             test = make_split(y.size, test_fraction=test_fraction, cv=cv, seed=seed).block == 0
             j = int(r.best_index[0])
             pred = r.predict("W_E", X["W_E"][test])
+            okey = f"{digest}:{label}"
+            if okey not in ols_all:  # the notebook's figure: least squares fit and scored on every row
+                full = fit_ridge_path(X, y, alphas=[1.0], test_fraction=0.0, cv=0, baseline=False,
+                                      decompositions=reuse.get(digest + ":all"))
+                reuse[digest + ":all"] = full.decompositions
+                ols_all[okey] = float(full.r2_train_ols[0])
             out.append(EmbeddingTask(
-                name=name, description=lab.description, n_tokens=int(y.size), best_alpha=float(r.best_alpha[0]),
-                r2_train=float(r.r2_train[0, j]), r2_test=float(r.r2_test[0, j]),
-                r2_ols_train=float(r.r2_train_ols[0]), baseline_r2=float(r.baseline_r2[0]),
+                name=name, description=lab.description, n_tokens=int(y.size), n_train=r.n_train, n_test=r.n_test,
+                best_alpha=float(r.best_alpha[0]), r2_train=float(r.r2_train[0, j]), r2_test=float(r.r2_test[0, j]),
+                r2_test_ci=bootstrap_r2_ci(y[test], pred, seed=seed), r2_cv_mean=float(r.r2_cv_mean[0, j]),
+                r2_cv_std=float(r.r2_cv_std[0, j]), r2_ols_all=ols_all[okey], baseline_r2=float(r.baseline_r2[0]),
                 values=y, y_true=y[test], y_pred=pred,
             ))
         except ProbingError as e:
             out.append(EmbeddingTask(name=name, description=str(spec.to_dict()), note=str(e)))
     return EmbeddingRegressionResult(tasks=tuple(out), d_vocab=int(W.shape[0]), d_model=int(W.shape[1]),
                                      length_threshold=int(length_threshold), numeric_threshold=int(numeric_threshold),
-                                     alphas=np.asarray(alphas, dtype=np.float64))
+                                     alphas=np.asarray(alphas, dtype=np.float64),
+                                     number_tokens=number_token_counts([s for s, o in zip(strs, ok) if o], marker))
 
 
 # --------------------------------------------------------------------------------------------

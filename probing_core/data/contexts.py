@@ -4,6 +4,10 @@ Works on a cache entry's token table (``token_ids``, ``seq``, ``pos``), so the a
 each target position are already on disk: mining a new class pair needs no forward pass. The
 model is causal, so the features at the target depend only on the tokens before it; ``before``
 and ``after`` say how much context a sample must have (and what is shown).
+
+``offset`` says where the features are read relative to the target: 0 reads the target token
+itself (the reference notebook; a probe then mostly reads which token it is), -1 the token before
+it (does the model already know which of the classes comes next?).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ class ContextSet:
         found: contexts found per class before capping; counts: kept per class.
         next_ids: ``(n,)`` the token after each target (the word type, used by the control task).
         samples: up to a few decoded contexts per class, the target in ⟦brackets⟧.
+        offset: where the features are read, relative to the target (0 = at it, -1 = the token before).
     """
 
     rows: np.ndarray
@@ -39,6 +44,22 @@ class ContextSet:
     samples: dict[str, list[str]]
     before: int
     after: int
+    offset: int = 0
+
+    @property
+    def feature_rows(self) -> np.ndarray:
+        """``(n,)`` rows whose activations are the features: ``rows + offset``."""
+        return self.rows + int(self.offset)
+
+    @property
+    def question(self) -> str:
+        """The question a probe on these features answers, in words."""
+        names = " or ".join(self.class_names)
+        if self.offset == 0:
+            return (f"Read at the target token itself: which token is it ({names})? The answer is the token's "
+                    "identity, so the embedding alone already solves it.")
+        back = "the token before the target" if self.offset == -1 else f"{-self.offset} tokens before the target"
+        return f"Read at {back}: does the model already know that the next token will be {names}?"
 
 
 def resolve_token_set(
@@ -81,6 +102,7 @@ def mine_contexts(
     max_per_class: int | None = None,
     n_samples: int = 5,
     seed: int = 0,
+    offset: int = 0,
 ) -> ContextSet:
     """Find every occurrence of each class's tokens with enough context around it.
 
@@ -95,6 +117,8 @@ def mine_contexts(
             is a whole word followed by a whole word (" the" + " cat", not " the" + "ory").
         max_per_class: cap per class (random, seeded); None keeps all.
         n_samples: decoded example contexts kept per class.
+        offset: read the features this many tokens from the target (≤ 0; the read token must be in
+            the target's row).
 
     Returns:
         :class:`ContextSet` (rows sorted by class then position).
@@ -104,6 +128,10 @@ def mine_contexts(
     """
     if len(class_token_ids) < 2:
         raise LabelError("give at least two classes (e.g. ' the' and ' an').")
+    offset = int(offset)
+    if offset > 0:
+        raise LabelError(f"target offset {offset}: read at the target (0) or before it (-1, -2, …); a token after "
+                         "the target has already seen it.")
     seen: dict[int, int] = {}
     for ci, ids in enumerate(class_token_ids):
         for t in ids:
@@ -115,7 +143,7 @@ def mine_contexts(
             seen[t] = ci
     token_ids = np.asarray(token_ids)
     n = token_ids.size
-    ok = pos >= before
+    ok = pos >= max(before, -offset)
     if after > 0:
         j = np.minimum(np.arange(n) + after, n - 1)
         ok &= (np.arange(n) + after < n) & (seq[j] == seq) & (pos[j] == pos + after)
@@ -147,7 +175,7 @@ def mine_contexts(
     return ContextSet(
         rows=rows_a, labels=np.concatenate(labels), class_names=list(class_names),
         class_token_ids=[list(map(int, c)) for c in class_token_ids], found=found, counts=counts,
-        next_ids=np.asarray(next_ids)[rows_a], samples=samples, before=before, after=after,
+        next_ids=np.asarray(next_ids)[rows_a], samples=samples, before=before, after=after, offset=offset,
     )
 
 

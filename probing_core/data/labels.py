@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -36,6 +36,8 @@ __all__ = [
     "LabelResult",
     "LabelInfo",
     "LABELS",
+    "TYPE_DECIDED",
+    "number_token_counts",
     "compute_labels",
     "detect_space_marker",
 ]
@@ -99,6 +101,10 @@ class LabelInfo:
     params: Mapping[str, Any] = field(default_factory=dict)
     needs: tuple[str, ...] = ()
     level: str = "token"  # "token", "next_token" or "sequence"
+    #: True when the label is a function of the token's identity alone (length, capitalised, …): a
+    #: random split of token rows then mostly re-scores token types seen in training, so probes of
+    #: these labels split by token type by default (see ``analyses.regression``).
+    by_type: bool = False
 
 
 LABELS: dict[str, LabelInfo] = {
@@ -130,6 +136,13 @@ LABELS: dict[str, LabelInfo] = {
                   {"drop_missing": False}, needs=("column_values",), level="sequence"),
     ]
 }
+
+
+#: Labels decided by the token's identity (the same token string always gets the same value).
+TYPE_DECIDED: frozenset[str] = frozenset(
+    {"length", "length_no_space", "is_number", "numeric_value", "capitalised", "starts_with_space", "regex", "equals"}
+)
+LABELS = {k: (replace(v, by_type=True) if k in TYPE_DECIDED else v) for k, v in LABELS.items()}
 
 
 def detect_space_marker(token_strings: Sequence[str]) -> str:
@@ -204,11 +217,12 @@ def compute_labels(
         count = int(mask.sum())
         min_count = int(spec.get("min_count", 20))
         if count < max(min_count, 1):
+            plain, spaced = number_token_counts(toks, marker)
             raise LabelError(
-                f"only {count} number tokens (all digits{'' if allow else ', no leading space'}) in the selection; "
-                f"a regression needs at least {max(min_count, 1)}. This tokenizer probably splits numbers into "
-                "single digits; try gpt2 (it has well over a thousand number tokens)"
-                + ("" if allow else ", or allow a leading space") + "."
+                f"only {count} number tokens (all digits{'' if allow else ', no leading space'}) in the selection "
+                f"({plain} without and {spaced} with a leading space); a regression needs at least "
+                f"{max(min_count, 1)}. This tokenizer probably splits numbers into single digits; try gpt2 (it has "
+                "well over a thousand number tokens)" + ("" if allow else ", or allow a leading space") + "."
             )
         values = np.array([float(int(d)) if d is not None else 0.0 for d in digits], dtype=np.float64)
         max_value = spec.get("max_value")
@@ -271,6 +285,14 @@ def compute_labels(
     values = np.where(mask, values, 0.0)
     desc = f"{title} — {int(mask.sum())} of {n} tokens"
     return LabelResult(values=values, mask=mask, description=desc, spec=spec, categories=categories)
+
+
+def number_token_counts(token_strings: Sequence[str], marker: str | None = None) -> tuple[int, int]:
+    """``(all-digit tokens, all-digit tokens allowing a leading-space marker)`` among ``token_strings``
+    (the counts the numeric-value label works with; measured, never hard-coded)."""
+    toks = list(token_strings)
+    m = marker if marker is not None else detect_space_marker(toks)
+    return (sum(_digits(t, m, False) is not None for t in toks), sum(_digits(t, m, True) is not None for t in toks))
 
 
 def _is_capital(ch: str, marker: str) -> bool:

@@ -818,6 +818,7 @@ def fit_ridge_path(
     decompositions: Mapping[str, RidgeDecomposition] | None = None,
     rows: np.ndarray | None = None,
     progress: Callable[[float, str], None] | None = None,
+    split: RidgeSplit | None = None,
     stream: bool | None = None,
 ) -> RidgePathResult:
     """Fit ridge probes for every α and every hook at once.
@@ -841,6 +842,8 @@ def fit_ridge_path(
         stream: read each hook one chunk at a time (memory bounded by a chunk, not the entry:
             :func:`decompose_ridge_streamed`); None = when a hook hands out chunks (a sharded store
             entry), True = also plain arrays (memmaps) in chunks of ``STREAM_ROWS`` rows.
+        split: a ready-made row split (e.g. grouped by token type, see
+            :func:`probing_core.solvers.splits.grouped_blocks`); replaces ``test_fraction``/``cv``/``seed``'s split.
 
     Returns:
         RidgePathResult.
@@ -862,7 +865,10 @@ def fit_ridge_path(
         raise ProbeError("the label contains NaN or inf; mask those tokens out before fitting.")
     if n and float(np.ptp(y)) == 0.0:
         raise ProbeError(f"the label is constant ({y[0]:g}) over the {n} selected samples; R² is undefined. Pick another label or more tokens.")
-    split = make_split(n, test_fraction=test_fraction, cv=cv, seed=seed)
+    if split is None:
+        split = make_split(n, test_fraction=test_fraction, cv=cv, seed=seed)
+    elif split.n_samples != n:
+        raise ProbeError(f"the split has {split.n_samples} rows but the label has {n}; build it for these rows.")
     Y = y[:, None]
     if baseline:
         Y = np.column_stack([y, np.random.default_rng(seed + 1).permutation(y)])

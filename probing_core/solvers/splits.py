@@ -1,4 +1,5 @@
-"""Label checks, stratified splits and folds, and Hewitt–Liang control labels: where train/test rows come from."""
+"""Label checks, stratified and grouped splits and folds, Hewitt–Liang control labels (where train/test
+rows come from), and the confidence intervals of held-out scores (bootstrap over test rows, Wilson)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -142,8 +143,10 @@ def control_labels(token_ids: np.ndarray, y: np.ndarray, seed: int = 0) -> np.nd
     says how much of the accuracy comes from the representation rather than the probe.
 
     Args:
-        token_ids: ``(n,)`` token type of each sample (e.g. the word after the target).
-        y: ``(n,)`` real labels (their empirical distribution is reused).
+        token_ids: ``(n,)`` type of each sample: the token the label is about (e.g. the token at the
+            label's offset, or the word after the target), not necessarily the probed token.
+        y: real labels whose empirical class distribution is reused (any length: e.g. the kept
+            rows of the real task while ``token_ids`` covers every row of the column).
         seed: RNG seed.
 
     Returns:
@@ -151,10 +154,146 @@ def control_labels(token_ids: np.ndarray, y: np.ndarray, seed: int = 0) -> np.nd
     """
     token_ids = np.asarray(token_ids)
     y = np.asarray(y)
-    if token_ids.shape != y.shape:
-        raise ProbeError(f"token_ids {token_ids.shape} and labels {y.shape} must have the same length.")
+    if y.ndim != 1 or y.size == 0:
+        raise ProbeError(f"labels must be a non-empty 1-D array; got shape {y.shape}.")
     classes, counts = np.unique(y, return_counts=True)
     types, inv = np.unique(token_ids, return_inverse=True)
     rng = np.random.default_rng(seed)
     per_type = rng.choice(classes.size, size=types.size, p=counts / counts.sum())
     return classes[per_type[inv]]
+
+
+# --------------------------------------------------------------------------------------------
+# Grouped (by token type) splits
+# --------------------------------------------------------------------------------------------
+def grouped_blocks(groups: np.ndarray, *, test_fraction: float = 0.2, cv: int = 5, seed: int = 0) -> np.ndarray:
+    """Blocks of a split in which no group (e.g. token type) is on two sides.
+
+    Block 0 is the test set, blocks 1..k the CV folds of the training rows (block 1 alone without
+    CV): the same layout as :func:`probing_core.solvers.ridge.make_split`, but every row of a group
+    lands in the same block, so a probe is scored only on types it never saw while fitting.
+    Groups are shuffled with ``seed``; the test block takes whole groups until it holds about
+    ``test_fraction`` of the rows, then the rest are dealt, largest first, to the fold with the
+    fewest rows (balanced folds even when a few types are very frequent).
+
+    Args:
+        groups: ``(n,)`` group id of each row (any integer or string dtype).
+        test_fraction: share of rows held out, in [0, 1) (0 = no test block).
+        cv: folds over the training rows (0/1 = none).
+        seed: shuffle seed.
+
+    Returns:
+        ``(n,)`` int16 block per row.
+
+    Raises:
+        ProbeError: a bad fraction, or too few groups / rows for a test block and the folds.
+    """
+    groups = np.asarray(groups)
+    if not (0.0 <= float(test_fraction) < 1.0):
+        raise ProbeError(f"test fraction must be in [0, 1); got {test_fraction}. Use e.g. 0.2, or 0 for no test split.")
+    n_folds = int(cv) if int(cv) >= 2 else 0
+    uniq, inv, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    need = (1 if test_fraction > 0 else 0) + max(n_folds, 1)
+    if uniq.size < need + (1 if n_folds == 0 else 0):
+        raise ProbeError(
+            f"a split by token type needs at least {need + (1 if n_folds == 0 else 0)} distinct token types; the "
+            f"selection has {uniq.size}. Select more tokens, use fewer CV folds, or split by random tokens."
+        )
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(uniq.size)
+    block_of_group = np.zeros(uniq.size, dtype=np.int16)
+    n = groups.shape[0]
+    target = float(test_fraction) * n
+    taken = 0
+    rest: list[int] = []
+    for g in order:
+        if test_fraction > 0 and (taken < 2 or taken + counts[g] / 2 <= target):
+            block_of_group[g] = 0
+            taken += int(counts[g])
+        else:
+            rest.append(int(g))
+    if test_fraction > 0 and len(rest) < max(n_folds, 1):
+        raise ProbeError(f"the test block took {uniq.size - len(rest)} of {uniq.size} token types, leaving too few "
+                         "for training; lower the test fraction or select more tokens.")
+    k = max(n_folds, 1)
+    load = np.zeros(k, dtype=np.int64)
+    for g in sorted(rest, key=lambda g: -counts[g]):  # stable: ties keep the shuffled order
+        f = int(np.argmin(load))
+        block_of_group[g] = f + 1
+        load[f] += counts[g]
+    block = block_of_group[inv]
+    if test_fraction > 0 and int(np.count_nonzero(block == 0)) < 2:
+        raise ProbeError("the split by token type leaves fewer than 2 test rows; select more tokens.")
+    if n_folds and load.min() < 2:
+        raise ProbeError(f"the split by token type leaves a CV fold with {int(load.min())} row(s); use fewer folds "
+                         "or select more tokens.")
+    return block
+
+
+def seen_in_training(groups: np.ndarray, block: np.ndarray) -> np.ndarray:
+    """``(n,)`` bool: the row's group also occurs in a training block (block ≠ 0)."""
+    groups = np.asarray(groups)
+    train_groups = np.unique(groups[np.asarray(block) != 0])
+    return np.isin(groups, train_groups)
+
+
+# --------------------------------------------------------------------------------------------
+# Uncertainty of held-out scores
+# --------------------------------------------------------------------------------------------
+def r2_score(y: np.ndarray, pred: np.ndarray) -> float:
+    """R² as :func:`sklearn.metrics.r2_score` (1 − RSS/TSS; a constant target: 1 if exact, else 0)."""
+    y = np.asarray(y, dtype=np.float64)
+    pred = np.asarray(pred, dtype=np.float64)
+    if y.size == 0:
+        return float("nan")
+    rss = float(((y - pred) ** 2).sum())
+    tss = float(((y - y.mean()) ** 2).sum())
+    if tss <= 0.0:
+        return 1.0 if rss == 0.0 else 0.0
+    return 1.0 - rss / tss
+
+
+def bootstrap_r2_ci(y: np.ndarray, pred: np.ndarray, *, n_boot: int = 1000, level: float = 0.95,
+                    seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of R² over the scored rows (resampled with replacement).
+
+    Args:
+        y, pred: ``(n,)`` true values and predictions of the scored rows.
+        n_boot: resamples. level: coverage (0.95 = the 2.5 and 97.5 percentiles).
+
+    Returns:
+        (low, high); (nan, nan) for fewer than 3 rows.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    pred = np.asarray(pred, dtype=np.float64)
+    n = y.size
+    if n < 3:
+        return float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    Y, P = y[idx], pred[idx]
+    rss = ((Y - P) ** 2).sum(1)
+    tss = ((Y - Y.mean(1, keepdims=True)) ** 2).sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r2 = np.where(tss > 0, 1.0 - rss / np.where(tss > 0, tss, 1.0), np.where(rss == 0, 1.0, 0.0))
+    lo, hi = np.quantile(r2, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def accuracy_ci(n_correct: np.ndarray | int | float, n: np.ndarray | int, *, level: float = 0.95) -> np.ndarray:
+    """Wilson score interval of an accuracy measured on ``n`` test rows (``(..., 2)``: low, high).
+
+    The bootstrap over test rows of an accuracy is this binomial interval (Wilson keeps it inside
+    [0, 1] and sensible at 0 % / 100 %, where the plain normal interval collapses to a point).
+    """
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(1 - (1 - level) / 2)
+    k = np.asarray(n_correct, dtype=np.float64)
+    m = np.asarray(n, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = k / m
+        den = 1 + z * z / m
+        mid = (p + z * z / (2 * m)) / den
+        half = z * np.sqrt(p * (1 - p) / m + z * z / (4 * m * m)) / den
+    out = np.stack([mid - half, mid + half], axis=-1)
+    return np.where(np.asarray(m)[..., None] > 0, np.clip(out, 0.0, 1.0), np.nan)

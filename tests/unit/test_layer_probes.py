@@ -83,8 +83,13 @@ def test_split_positions_and_control(acts):
     assert res.columns == ["current token @ pos 1", "current token @ pos 2", "token at +1 @ pos 1", "token at +1 @ pos 2"]
     assert res.test_accuracy.shape == (3, 4) and res.chance.shape == (4,)
     assert res.control_column == res.columns[0]
-    # Control labels are a function of the current token, exactly like the real label here.
-    assert res.control_accuracy[0] == pytest.approx(1.0) and abs(res.selectivity[0]) < 1e-9
+    # The control gives every current-token type of the column's rows (not only the top-5) a random
+    # class: selectivity is the real accuracy minus the control's, with n and intervals beside them.
+    assert np.all(np.isfinite(res.control_accuracy))
+    np.testing.assert_allclose(res.selectivity, res.test_accuracy[:, 0] - res.control_accuracy)
+    assert res.n_test.shape == (4,) and np.all(res.n_test > 0) and res.control_n_test > 0
+    lo, hi = res.test_accuracy_ci[..., 0], res.test_accuracy_ci[..., 1]
+    assert np.all(lo <= res.test_accuracy + 1e-12) and np.all(res.test_accuracy <= hi + 1e-12)
     table = res.table()
     assert [r["hook"] for r in table] == HOOKS and "selectivity" in table[0]
     json.dumps(res.to_json())

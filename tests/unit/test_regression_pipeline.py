@@ -56,9 +56,17 @@ def test_run_regression_reads_position_from_positional_embedding(acts):
 
 
 def test_decompositions_are_reused_for_a_new_label_on_the_same_rows(acts):
-    first = run_regression(acts, RESID[:2], POSITION, "all", cv=2)
-    second = run_regression(acts, RESID[:2], LabelSpec.make("capitalised"), "all", cv=2, decompositions=first.decompositions)
+    first = run_regression(acts, RESID[:2], POSITION, "all", cv=2, split_by="tokens")
+    second = run_regression(acts, RESID[:2], LabelSpec.make("capitalised"), "all", cv=2, split_by="tokens",
+                            decompositions=first.decompositions)
     assert second.result.decompositions["hook_embed"] is first.result.decompositions["hook_embed"]
+    # "auto" splits capitalised (decided by the token) by type: another split, so no reuse …
+    by_type = run_regression(acts, RESID[:2], LabelSpec.make("capitalised"), "all", cv=2, decompositions=first.decompositions)
+    assert by_type.split_by == "type" and by_type.result.decompositions["hook_embed"] is not first.result.decompositions["hook_embed"]
+    # … but two type-decided labels on the same rows share the type split's decompositions
+    again = run_regression(acts, RESID[:2], LabelSpec.make("starts_with_space"), "all", cv=2,
+                           decompositions=[first.decompositions, by_type.decompositions])
+    assert again.result.decompositions["hook_embed"] is by_type.result.decompositions["hook_embed"]
     # other rows (last tokens): the cached decompositions must not be used
     third = run_regression(acts, RESID[:2], POSITION, "last", cv=2, decompositions=first.decompositions)
     assert third.result.decompositions["hook_embed"] is not first.result.decompositions["hook_embed"]
