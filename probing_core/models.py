@@ -352,7 +352,8 @@ class LoadedModel:
 
     # ---- forward ------------------------------------------------------------------------
     def run_with_cache(
-        self, tokens: torch.Tensor, names: Sequence[str], *, return_logits: bool = False
+        self, tokens: torch.Tensor, names: Sequence[str], *, return_logits: bool = False,
+        on_block: Callable[[int], None] | None = None,
     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """One locked, gradient-free forward pass keeping only ``names``.
 
@@ -361,15 +362,23 @@ class LoadedModel:
 
         Args:
             tokens: [batch, pos] int64 token ids (moved to the model's device here).
+            on_block: called with the block index as each block finishes (progress within a pass).
         Returns:
             (logits [batch, pos, d_vocab] or None, {hook: tensor on the model's device}).
         """
         names_set = set(names)
         stop = None if return_logits else self.stop_layer(names)
         with self.lock, torch.inference_mode():
-            logits, cache = self.bridge.run_with_cache(
-                tokens.to(self.device), names_filter=lambda n: n in names_set, stop_at_layer=stop
-            )
+            handles = [] if on_block is None else [
+                b.register_forward_hook(lambda _m, _a, _o, i=i: on_block(i)) for i, b in enumerate(getattr(self.bridge, "blocks", []))
+            ]  # under the lock: no other pass sees them
+            try:
+                logits, cache = self.bridge.run_with_cache(
+                    tokens.to(self.device), names_filter=lambda n: n in names_set, stop_at_layer=stop
+                )
+            finally:
+                for h in handles:
+                    h.remove()
             acts = {n: cache[n] for n in names}
         return (logits if return_logits else None), acts
 

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
 
@@ -24,6 +25,8 @@ DatasetKind = Literal["vocab", "pydoc", "upload", "hf", "texts", "statements"]
 #: Largest upload the app accepts (the Streamlit server limit in .streamlit/config.toml matches).
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 MAX_LABEL_CLASSES_SHOWN = 20
+#: Least time between two progress reports of a long step (tokenizing, extraction).
+PROGRESS_INTERVAL_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -288,6 +291,8 @@ def tokenize_dataset(
     Args:
         model: a :class:`probing_core.models.LoadedModel`.
         max_tokens: stop after this many tokens in total (None = all).
+        progress: ``(fraction, message)``, called at the start, at least every
+            :data:`PROGRESS_INTERVAL_S` between documents, and once at the end (fraction 1).
 
     Raises:
         InputError: max_len or max_tokens ≤ 0, or max_len above the model's context.
@@ -302,6 +307,8 @@ def tokenize_dataset(
     if dataset.spec.kind == "vocab":
         n = model.d_vocab if max_tokens is None else min(model.d_vocab, max_tokens)
         ids = np.arange(n, dtype=np.int64)[:, None]
+        if progress:
+            progress(1.0, f"{n:,} vocabulary tokens, one row each")
         return TokenBatch(tokens=ids, lengths=np.ones(n, np.int64), doc_index=np.zeros(n, np.int64), has_bos=False)
 
     bos = model.tokenizer.bos_id if prepend_bos else None
@@ -312,7 +319,12 @@ def tokenize_dataset(
     doc_idx: list[int] = []
     total = 0
     n_docs = max(1, dataset.n_docs)
+    last_report = 0.0
     for d, text in enumerate(dataset.documents):
+        if progress and (d == 0 or time.perf_counter() - last_report >= PROGRESS_INTERVAL_S):
+            last_report = time.perf_counter()  # by time, not every k documents: documents differ 1000× in length
+            done = max(d / n_docs, total / max_tokens if max_tokens else 0.0)
+            progress(min(done, 1.0), f"tokenizing document {d + 1:,}/{n_docs:,}, {total:,} tokens so far")
         ids = model.tokenizer.encode(text)
         for start in range(0, len(ids), body):
             chunk = ids[start : start + body]
@@ -327,12 +339,12 @@ def tokenize_dataset(
             total += len(chunk)
             if max_tokens is not None and total >= max_tokens:
                 break
-        if progress and (d % 10 == 0):
-            progress((d + 1) / n_docs, f"tokenizing document {d + 1}/{n_docs}")
         if max_tokens is not None and total >= max_tokens:
             break
     if not rows:
         raise DatasetError(f"{dataset.spec.label()} tokenizes to zero tokens; pick another dataset or a longer text.")
+    if progress:
+        progress(1.0, f"tokenized {total:,} tokens in {len(rows):,} rows")
     width = max(len(r) for r in rows)
     tokens = np.zeros((len(rows), width), np.int64)
     for i, r in enumerate(rows):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from probing_core import STORE_FORMAT_VERSION, __version__
-from probing_core.data.datasets import Dataset, TokenBatch, tokenize_dataset
+from probing_core.data.datasets import PROGRESS_INTERVAL_S, Dataset, TokenBatch, tokenize_dataset
 from probing_core.errors import HookError, InputError, StoreError
 from probing_core.models import LoadedModel
 from probing_core.store.entries import ActivationStore, StoreEntry, hook_filename
@@ -27,6 +27,56 @@ from probing_core.store.entries import ActivationStore, StoreEntry, hook_filenam
 Progress = Callable[[float, str], None]
 
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+class BuildProgress:
+    """One progress callback for a whole build, fed by its steps.
+
+    Tokenizing fills the first :attr:`TOKENIZE_SHARE` of the bar, the forward passes the rest.
+    Reports go out at most every ``interval`` seconds (always the first and the last), never move
+    backwards, and carry the time left measured from the extraction's rate so far.
+    """
+
+    TOKENIZE_SHARE = 0.05
+
+    def __init__(self, progress: Progress, interval: float = PROGRESS_INTERVAL_S,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.progress = progress
+        self.interval = interval
+        self.clock = clock
+        self.shown = 0.0
+        self.last = float("-inf")
+        self.extract_t0: float | None = None
+
+    def _emit(self, frac: float, msg: str, force: bool = False) -> None:
+        now = self.clock()
+        if not force and now - self.last < self.interval:
+            return
+        self.last = now
+        self.shown = max(self.shown, min(1.0, frac))
+        self.progress(self.shown, msg)
+
+    def tokenizing(self, frac: float, msg: str) -> None:
+        self._emit(self.TOKENIZE_SHARE * frac, msg, force=frac >= 1.0)
+
+    def extracting(self, frac: float, msg: str) -> None:
+        now = self.clock()
+        if self.extract_t0 is None:
+            self.extract_t0 = now
+        spent = now - self.extract_t0
+        if 0.0 < frac < 1.0 and spent >= 1.0:
+            msg += f" · about {format_seconds(spent * (1.0 - frac) / frac)} left"
+        self._emit(self.TOKENIZE_SHARE + (1.0 - self.TOKENIZE_SHARE) * frac, msg, force=frac >= 1.0)
+
+
+def format_seconds(seconds: float) -> str:
+    """``42`` → "42 s", ``130`` → "2 min 10 s", ``4000`` → "1 h 7 min"."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s" if s < 600 else f"{round(s / 60)} min"
+    return f"{s // 3600} h {s % 3600 // 60} min"
 
 
 def cache_key(
@@ -97,10 +147,18 @@ def extract_to_folder(
     dtype: str = "float32",
     batch_size: int = 16,
     progress: Progress | None = None,
+    within_pass: Progress | None = None,
 ) -> dict[str, Any]:
     """Run ``batch`` through the model and write each hook's activations of valid tokens.
 
-    Files are written with ``open_memmap`` so memory stays at one batch of activations.
+    Files are written with ``open_memmap`` so memory stays at one batch of activations. The model
+    runs only as deep as the deepest hook (:meth:`LoadedModel.stop_layer`).
+
+    Args:
+        progress: ``(fraction, message)`` once after every batch (exactly once: the sharded
+            engine counts forward passes by it).
+        within_pass: ``(fraction, message)`` as each block of a pass finishes, for a bar that
+            moves during long passes.
 
     Returns:
         Metadata (hooks, widths, n_tokens, seconds, tokens/s, non-finite counts).
@@ -132,7 +190,14 @@ def extract_to_folder(
         width = int(lengths.max())
         toks = torch.from_numpy(batch.tokens[start:stop, :width])
         tf = time.perf_counter()
-        _, acts = model.run_with_cache(toks, hooks)
+        on_block = None
+        if within_pass is not None:
+            n_run = model.stop_layer(hooks) or model.n_layers
+
+            def on_block(i: int, start: int = start, stop: int = stop, row: int = row, n_run: int = n_run) -> None:
+                within_pass((start + (stop - start) * (i + 1) / n_run) / n_seq,
+                            f"extracting: layer {i + 1}/{n_run} of rows {start + 1}–{stop}/{n_seq}, {row:,}/{n_tokens:,} tokens done")
+        _, acts = model.run_with_cache(toks, hooks, on_block=on_block)
         forward_s += time.perf_counter() - tf
         mask = torch.arange(width)[None, :] < torch.from_numpy(lengths)[:, None]
         n_valid = int(mask.sum())
@@ -235,10 +300,12 @@ def build_cache(
     key = cache_key(model, dataset, hooks, max_len=max_len, max_tokens=max_tokens, dtype=dtype, prepend_bos=prepend_bos)
 
     def build(folder: Path) -> dict[str, Any]:
-        if progress:
-            progress(0.0, "tokenizing…")
-        batch = tokenize_dataset(model, dataset, max_len=max_len, max_tokens=max_tokens, prepend_bos=prepend_bos)
-        meta = extract_to_folder(model, batch, hooks, folder, dtype=dtype, batch_size=batch_size, progress=progress)
+        report = BuildProgress(progress) if progress else None
+        batch = tokenize_dataset(model, dataset, max_len=max_len, max_tokens=max_tokens, prepend_bos=prepend_bos,
+                                 progress=report.tokenizing if report else None)
+        meta = extract_to_folder(model, batch, hooks, folder, dtype=dtype, batch_size=batch_size,
+                                 progress=report.extracting if report else None,
+                                 within_pass=report.extracting if report else None)
         meta.update(match)
         meta.update(
             {

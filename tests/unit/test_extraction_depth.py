@@ -85,3 +85,55 @@ def test_store_entry_of_embed_alone_runs_no_block(deep_model, tmp_path):
     acts = open_entry(store, entry.key)
     W_E = deep_model.bridge.W_E.detach().numpy()
     np.testing.assert_array_equal(acts.hook("hook_embed"), W_E[acts.token_ids])  # native model: embed = W_E rows
+
+
+# ---- progress that moves ---------------------------------------------------------------------
+def test_a_build_reports_tokenizing_then_every_block_monotonically(tiny_model, tmp_path):
+    from probing_core.store.entries import ActivationStore
+
+    calls: list[tuple[float, str]] = []
+    data = load_dataset(DatasetSpec("pydoc"))
+    build_cache(tiny_model, data, tiny_model.hook_names(["embed", "resid_post"]), store=ActivationStore(tmp_path / "s"),
+                max_len=64, max_tokens=1500, progress=lambda f, m: calls.append((f, m)))
+    fracs = [f for f, _ in calls]
+    assert fracs == sorted(fracs) and fracs[-1] == 1.0 and all(0.0 <= f <= 1.0 for f in fracs)
+    tok = [(f, m) for f, m in calls if m.startswith("tokeniz")]
+    assert len(tok) >= 2 and tok[0][0] == 0.0 and "1/" in tok[0][1]  # a report as tokenizing starts, one as it ends
+    assert calls.index(tok[-1]) < next(i for i, (_, m) in enumerate(calls) if m.startswith("extracting"))
+
+
+def test_extraction_reports_within_each_pass(deep_model, tmp_path):
+    from probing_core.data.datasets import tokenize_dataset
+    from probing_core.store.activations import extract_to_folder
+
+    batch = tokenize_dataset(deep_model, load_dataset(DatasetSpec("pydoc")), max_len=32, max_tokens=400)
+    per_batch, inner = [], []
+    hooks = ["hook_embed", "blocks.2.hook_resid_post"]  # three of the four blocks run
+    extract_to_folder(deep_model, batch, hooks, tmp_path, batch_size=4, progress=lambda f, m: per_batch.append(f),
+                      within_pass=lambda f, m: inner.append((f, m)))
+    n_batches = -(-batch.tokens.shape[0] // 4)
+    assert len(per_batch) == n_batches  # once per pass: the sharded engine counts passes by it
+    assert len(inner) == 3 * n_batches and [f for f, _ in inner] == sorted(f for f, _ in inner)
+    assert inner[-1][0] == 1.0 and "layer 3/3" in inner[-1][1]
+
+
+def test_build_progress_throttles_and_measures_time_left():
+    from probing_core.store.activations import BuildProgress
+
+    now = [0.0]
+    seen: list[tuple[float, str]] = []
+    p = BuildProgress(lambda f, m: seen.append((f, m)), interval=0.5, clock=lambda: now[0])
+    p.tokenizing(0.0, "tokenizing")
+    p.tokenizing(0.5, "half")  # same instant: throttled
+    p.tokenizing(1.0, "tokenized")  # the end of a step always goes out
+    assert [m for _, m in seen] == ["tokenizing", "tokenized"]
+    p.extracting(0.0, "start")
+    now[0] = 10.0
+    p.extracting(0.25, "quarter")  # 10 s for a quarter: 30 s left, measured
+    assert seen[-1][1] == "quarter · about 30 s left"
+    assert seen[-1][0] == BuildProgress.TOKENIZE_SHARE + (1 - BuildProgress.TOKENIZE_SHARE) * 0.25
+    now[0] = 10.1
+    p.extracting(0.3, "too soon")
+    now[0] = 20.0
+    p.extracting(0.2, "backwards")  # never moves the bar back
+    assert seen[-1] == (seen[-2][0], "backwards · about 1 min 20 s left") and "too soon" not in [m for _, m in seen]
