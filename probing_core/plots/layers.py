@@ -5,6 +5,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from probing_core.analyses.layer_probes import LayerAccuracyResult
+from probing_core.plots._common import hook_label, hook_labels, legend_below
 
 __all__ = ["accuracy_heatmap", "accuracy_lines", "short_hook"]
 
@@ -12,11 +13,8 @@ _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#
 
 
 def short_hook(hook: str) -> str:
-    """``blocks.3.hook_resid_post`` → ``3 resid_post``; ``hook_embed`` → ``embed``."""
-    parts = hook.split(".")
-    if parts[0] == "blocks" and len(parts) >= 3:
-        return f"{parts[1]} {parts[-1].removeprefix('hook_')}"
-    return hook.removeprefix("hook_")
+    """The hook named for people (kept for callers of the old name): see :func:`hook_label`."""
+    return hook_label(hook)
 
 
 def accuracy_heatmap(result: LayerAccuracyResult, *, title: str | None = None) -> go.Figure:
@@ -27,9 +25,9 @@ def accuracy_heatmap(result: LayerAccuracyResult, *, title: str | None = None) -
     """
     z = np.asarray(result.test_accuracy, dtype=float)
     x = [f"{c}<br><sub>chance {ch:.2f}</sub>" for c, ch in zip(result.columns, result.chance)]
-    y = [short_hook(h) for h in result.hooks]
+    y = hook_labels(result.hooks)
     fig = go.Figure(go.Heatmap(
-        z=z, x=x, y=y, zmin=0.0, zmax=1.0, colorscale="Viridis", colorbar=dict(title="test acc."),
+        z=z, x=x, y=y, zmin=0.0, zmax=1.0, colorscale="Viridis", colorbar=dict(title="test acc.", tickformat=".1f"),
         text=np.vectorize(lambda v: f"{v:.3f}")(z), texttemplate="%{text}", hovertemplate="%{y} · %{x}<br>accuracy %{z:.4f}<extra></extra>",
     ))
     fig.update_yaxes(autorange="reversed", title="hook")
@@ -45,7 +43,7 @@ def accuracy_lines(result: LayerAccuracyResult, *, title: str | None = None, sho
     Returns:
         A plotly Figure.
     """
-    x = [short_hook(h) for h in result.hooks]
+    x = hook_labels(result.hooks)
     fig = go.Figure()
     for j, col in enumerate(result.columns):
         color = _PALETTE[j % len(_PALETTE)]
@@ -59,5 +57,9 @@ def accuracy_lines(result: LayerAccuracyResult, *, title: str | None = None, sho
         fig.add_scatter(x=x, y=result.control_accuracy, name=f"control task ({result.control_column})", mode="lines+markers",
                         line=dict(color="#7f7f7f", dash="dash"))
     fig.update_layout(title=title or "Probe accuracy across layers", xaxis_title="hook", yaxis_title="test accuracy",
-                      yaxis_range=[0, 1.02], legend=dict(orientation="h", y=-0.25), margin=dict(l=10, r=10, t=50, b=10))
-    return fig
+                      yaxis_range=[0, 1.02], margin=dict(l=10, r=10, t=50), height=480)
+    fig.update_yaxes(tickformat=".1f", dtick=0.1)
+    fig.update_xaxes(type="category", tickangle=-60 if len(x) > 6 else 0)
+    n_legend = len(fig.data) - sum(1 for t in fig.data if t.showlegend is False)
+    return legend_below(fig, tick_px=6 * max((len(v) for v in x), default=4) if len(x) > 6 else 20,
+                        rows=1 + n_legend // 4)

@@ -6,6 +6,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import plotly.graph_objects as go
 
+from probing_core.plots._common import hook_label, hook_labels, legend_below, log_range, vline_trace
 from probing_core.solvers.ridge import RidgePathResult, TransferResult
 
 __all__ = ["r2_curve", "r2_by_hook", "abs_r2_log", "transfer_curve", "predicted_vs_true", "label_histogram", "r2_vs_alpha"]
@@ -27,7 +28,7 @@ def r2_curve(result: RidgePathResult, alpha_index: int | None = None, *, title: 
         result: from ``fit_ridge_path``.
         alpha_index: one α of ``result.alphas`` for every hook; None = each hook's best α.
     """
-    hooks = list(result.hooks)
+    hooks = hook_labels(result.hooks)
     idx = result.best_index if alpha_index is None else np.full(len(hooks), int(alpha_index))
     rows = np.arange(len(hooks))
     label = "best α per hook" if alpha_index is None else f"α = {result.alphas[int(alpha_index)]:.3g}"
@@ -48,21 +49,36 @@ def r2_curve(result: RidgePathResult, alpha_index: int | None = None, *, title: 
                         marker=dict(symbol="diamond", size=8, color="black"), customdata=result.best_alpha,
                         hovertemplate="%{x}<br>best α %{customdata:.3g}<br>R² %{y:.4f}<extra></extra>")
     fig.update_layout(title=f"{title} ({label})", xaxis_title="hook", yaxis_title="R²", hovermode="x unified",
-                      legend=dict(orientation="h", y=-0.3))
-    return fig
+                      height=520)
+    fig.update_yaxes(tickformat=".2f")
+    return _hook_axis(fig, hooks)
+
+
+def _hook_axis(fig: go.Figure, labels: Sequence[str]) -> go.Figure:
+    """Rotated hook labels with room below them, then the legend in its own band under them."""
+    longest = max((len(x) for x in labels), default=4)
+    fig.update_xaxes(tickangle=-60 if len(labels) > 6 else 0, type="category", title_standoff=8)
+    tick_px = int(4.5 * longest) + 10 if len(labels) > 6 else 20
+    return legend_below(fig, tick_px=tick_px + 20)
 
 
 def r2_by_hook(hooks: Sequence[str], series: Mapping[str, np.ndarray], *, title: str = "R² across hooks",
                log_abs: bool = False) -> go.Figure:
     """Generic R²-per-hook lines; ``log_abs`` plots |R²| on a log axis (as the reference notebook did)."""
     fig = go.Figure()
+    labels = hook_labels(hooks)
+    ys = []
     for name, r2 in series.items():
         y = np.abs(np.asarray(r2, dtype=float)) if log_abs else np.asarray(r2, dtype=float)
-        fig.add_scatter(x=list(hooks), y=y, name=name, mode="lines+markers")
-    fig.update_layout(title=title, xaxis_title="hook", yaxis_title="|R²|" if log_abs else "R²")
+        ys.append(y)
+        fig.add_scatter(x=labels, y=y, name=name, mode="lines+markers")
+    fig.update_layout(title=title, xaxis_title="hook", yaxis_title="|R²|" if log_abs else "R²", height=480)
     if log_abs:
-        fig.update_yaxes(type="log")
-    return fig
+        fig.update_yaxes(type="log", range=log_range(np.concatenate(ys) if ys else np.ones(1)),
+                         exponentformat="power")
+    else:
+        fig.update_yaxes(tickformat=".2f")
+    return _hook_axis(fig, labels)
 
 
 def abs_r2_log(hooks: Sequence[str], r2: np.ndarray, *, title: str = "|R²| across hooks (log scale)") -> go.Figure:
@@ -107,20 +123,35 @@ def label_histogram(values: np.ndarray, *, title: str = "Label histogram", x_lab
 
 
 def r2_vs_alpha(result: RidgePathResult, hook: str) -> go.Figure:
-    """Train/test/CV R² against α (log axis) for one hook, with its best α marked."""
+    """Train/test/CV R² against α (log axis) for one hook, with its best α marked.
+
+    The best-α marker is a trace in data units with its label on the line (a shape on a log axis
+    takes log10 units: a plain value put it at 10^α).
+    """
     i = list(result.hooks).index(hook)
     a = result.alphas
     fig = go.Figure()
+    ys = [result.r2_train[i], np.atleast_1d(result.baseline_r2[i])]
     if result.n_folds:
         m, s = result.r2_cv_mean[i], result.r2_cv_std[i]
         fig.add_traces(_band(a, m - s, m + s, _CV, "CV ± std"))
         fig.add_scatter(x=a, y=m, name="CV mean", line=dict(color=_CV))
+        ys += [m - s, m + s]
     fig.add_scatter(x=a, y=result.r2_train[i], name="train", line=dict(color=_TRAIN, dash="dot"))
     if not np.all(np.isnan(result.r2_test[i])):
         fig.add_scatter(x=a, y=result.r2_test[i], name="test", line=dict(color=_TEST))
-    fig.add_hline(y=float(result.baseline_r2[i]), line=dict(color=_BASE, dash="dash"), annotation_text="shuffled baseline")
-    fig.add_vline(x=float(result.best_alpha[i]), line=dict(color="black", dash="dot"),
-                  annotation_text=f"best α {result.best_alpha[i]:.3g}")
-    fig.update_xaxes(type="log", title="α")
-    fig.update_layout(title=f"R² vs α — {hook}", yaxis_title="R²")
-    return fig
+        ys.append(result.r2_test[i])
+    base = float(result.baseline_r2[i])
+    fig.add_scatter(x=[a.min(), a.max()], y=[base, base], mode="lines", name="shuffled-label baseline",
+                    line=dict(color=_BASE, dash="dash"), hoverinfo="skip")
+    y = np.concatenate([np.asarray(v, dtype=float).ravel() for v in ys])
+    y = y[np.isfinite(y)]
+    lo, hi = (float(y.min()), float(y.max())) if y.size else (0.0, 1.0)
+    pad = 0.06 * max(hi - lo, 1e-6)
+    best = float(result.best_alpha[i])
+    fig.add_trace(vline_trace(best, [lo - pad, hi + pad], name="best α", text=f"best α = {best:.3g}"))
+    fig.update_xaxes(type="log", title="α (ridge strength)", range=log_range(a, pad=0.03), dtick=1,
+                     exponentformat="power", showexponent="all")
+    fig.update_yaxes(range=[lo - 2 * pad, hi + 3 * pad], tickformat=".2f")
+    fig.update_layout(title=f"R² vs α — {hook_label(hook)}", yaxis_title="R²", height=440)
+    return legend_below(fig, tick_px=10)

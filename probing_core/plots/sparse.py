@@ -10,6 +10,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from probing_core.plots._common import hook_labels, legend_below, log_range, percent_range
 from probing_core.solvers.logistic_path import LogisticPathResult
 
 _NZ = "#2a9d8f"
@@ -95,29 +96,42 @@ def activation_strips(
 
 
 def density_vs_C(path: LogisticPathResult, current_C: float | None = None) -> go.Figure:
-    """Density (% non-zero) and test accuracy against λ = 1/C (log axis) and against C; current C marked."""
+    """Density (% non-zero) and test accuracy against λ = 1/C and against C (both log axes); current C marked.
+
+    The accuracy axis runs from a round number below the data to 100 % (never past 100); the legend
+    sits under the plots, clear of the two panel titles. The current-C line is a shape in data units
+    (plotly.js 4 reads shape positions on a log axis as values; the old log10 position put it at the wrong λ).
+    """
     fig = make_subplots(rows=1, cols=2, specs=[[{"secondary_y": True}, {"secondary_y": True}]],
-                        subplot_titles=("against λ = 1/C", "against C = 1/λ"))
+                        subplot_titles=("against λ = 1/C", "against C = 1/λ"), horizontal_spacing=0.22)
     conv = path.converged
+    acc = 100 * np.asarray(path.test_accuracy, dtype=float)
     for col, x in ((1, path.lambdas), (2, path.Cs)):
         show = col == 1
         fig.add_trace(go.Scatter(x=x, y=path.density, mode="lines+markers", name="density (%)", showlegend=show,
                                  marker=dict(size=8, color="#6c8ebf", symbol=np.where(conv, "circle", "circle-open"))),
                       row=1, col=col, secondary_y=False)
-        fig.add_trace(go.Scatter(x=x, y=100 * path.test_accuracy, mode="lines+markers", name="test accuracy (%)",
+        fig.add_trace(go.Scatter(x=x, y=acc, mode="lines+markers", name="test accuracy (%)",
                                  showlegend=show, line=dict(dash="dot", color="#e76f51")),
                       row=1, col=col, secondary_y=True)
         if current_C is not None:
             xv = 1.0 / current_C if col == 1 else current_C
-            fig.add_vline(x=np.log10(xv) if col == 1 else xv, line=dict(color="black", dash="dash"), row=1, col=col)
-    fig.update_xaxes(type="log", title_text="λ", row=1, col=1)
-    fig.update_xaxes(title_text="C", row=1, col=2)
-    fig.update_yaxes(title_text="density (% non-zero)", secondary_y=False)
-    fig.update_yaxes(title_text="test accuracy (%)", secondary_y=True)
+            # plotly.js 4: shapes on a log axis take data values (annotations take log10 values)
+            fig.add_vline(x=float(xv), line=dict(color="black", dash="dash"), row=1, col=col)
+        fig.update_xaxes(type="log", range=log_range(x, pad=0.03), dtick=1, exponentformat="power",
+                         showexponent="all", row=1, col=col)
+    fig.update_xaxes(title_text="λ (penalty strength)", row=1, col=1)
+    fig.update_xaxes(title_text="C (inverse penalty)", row=1, col=2)
+    fig.update_yaxes(title_text="density (% non-zero)", secondary_y=False, range=[0, 100.5] if
+                     np.nanmax(path.density) > 50 else None, rangemode="tozero", tickformat=".0f")
+    fig.update_yaxes(title_text="test accuracy (%)", secondary_y=True, range=percent_range(acc), dtick=10,
+                     tickformat=".0f", showgrid=False)
+    fig.update_layout(height=440, title="Density and test accuracy along the regularization path", margin=dict(t=90))
+    legend_below(fig, tick_px=10)
     if not conv.all():
         fig.add_annotation(text=f"open markers: {int((~conv).sum())} C value(s) not converged", xref="paper",
-                           yref="paper", x=0, y=-0.25, showarrow=False)
-    fig.update_layout(height=380, legend=dict(orientation="h", y=1.12, x=1, xanchor="right"))
+                           yref="paper", x=1, xanchor="right", y=1.12, yanchor="bottom", showarrow=False)
+        fig.update_layout(margin=dict(t=120))
     return fig
 
 
@@ -132,20 +146,26 @@ def layers_curve(
 ) -> go.Figure:
     """Accuracy (and L1 density) per layer/hook at one C; chance level dashed; NaN = not computed yet."""
     fig = make_subplots(specs=[[{"secondary_y": density is not None}]])
-    x = list(hooks)
-    fig.add_trace(go.Scatter(x=x, y=100 * np.asarray(test_accuracy), mode="lines+markers", name="test accuracy (%)"))
+    x = hook_labels(hooks)
+    acc = [100 * np.asarray(test_accuracy, dtype=float)]
+    fig.add_trace(go.Scatter(x=x, y=acc[0], mode="lines+markers", name="test accuracy (%)"))
     if train_accuracy is not None:
-        fig.add_trace(go.Scatter(x=x, y=100 * np.asarray(train_accuracy), mode="lines", name="train accuracy (%)",
-                                 line=dict(dash="dot")))
+        acc.append(100 * np.asarray(train_accuracy, dtype=float))
+        fig.add_trace(go.Scatter(x=x, y=acc[-1], mode="lines", name="train accuracy (%)", line=dict(dash="dot")))
     if density is not None:
         fig.add_trace(go.Bar(x=x, y=density, name="density (%)", opacity=0.35), secondary_y=True)
-        fig.update_yaxes(title_text="density (% non-zero)", secondary_y=True)
+        fig.update_yaxes(title_text="density (% non-zero)", secondary_y=True, rangemode="tozero", tickformat=".1f",
+                         showgrid=False)
     if chance is not None:
-        fig.add_hline(y=100 * chance, line=dict(dash="dash", color="grey"), annotation_text="chance")
-    fig.update_yaxes(title_text="accuracy (%)", secondary_y=False)
-    fig.update_layout(title="Probe accuracy across layers" + (f" at C = {C:.4g}" if C else ""), height=380,
+        acc.append(np.array([100 * chance]))
+        fig.add_hline(y=100 * chance, line=dict(dash="dash", color="grey"), annotation_text="chance",
+                      annotation_position="bottom right")
+    fig.update_yaxes(title_text="accuracy (%)", secondary_y=False, range=percent_range(np.concatenate(acc)), dtick=10,
+                     tickformat=".0f")
+    fig.update_xaxes(type="category", tickangle=-60 if len(x) > 6 else 0)
+    fig.update_layout(title="Probe accuracy across layers" + (f" at C = {C:.4g}" if C else ""), height=440,
                       xaxis_title="hook")
-    return fig
+    return legend_below(fig, tick_px=6 * max((len(v) for v in x), default=4) if len(x) > 6 else 20)
 
 
 def selection_frequency_bars(freq: np.ndarray, *, top: int = 30, feature_name: str = "neuron") -> go.Figure:

@@ -10,6 +10,13 @@ from probing_core.tree.task import TreeSample
 _TRUE = "#2ca02c"
 _PRED_OK = "#1f77b4"
 _PRED_BAD = "#d62728"
+#: node kind → (fill, label colour); dark fills get white labels (contrast ≥ 4.5 : 1)
+_NODE_KINDS = {
+    "root": ("#5b2a86", "#ffffff"),
+    "goal": ("#b34700", "#ffffff"),
+    "on the path": ("#98df8a", "#000000"),
+    "other node": ("#ffffff", "#000000"),
+}
 
 
 def tree_layout(sample: TreeSample) -> dict[int, tuple[float, float]]:
@@ -92,25 +99,24 @@ def plot_tree(sample: TreeSample, predicted_path: Sequence[int] | None = None, t
                                      name="predicted jump (not an edge)"))
 
     nodes = sorted(pos)
-    colors = []
-    for v in nodes:
-        if v == sample.goal:
-            colors.append("#ff7f0e")
-        elif v == sample.root:
-            colors.append("#9467bd")
-        elif v in sample.path:
-            colors.append("#98df8a")
-        else:
-            colors.append("#ffffff")
     depth_of = {v: int(-pos[v][1]) for v in nodes}
-    fig.add_trace(go.Scatter(
-        x=[pos[v][0] for v in nodes], y=[pos[v][1] for v in nodes], mode="markers+text",
-        text=[str(v) for v in nodes], textposition="middle center",
-        marker=dict(size=26, color=colors, line=dict(color="#333333", width=1.5)),
-        hovertext=[f"node {v}, depth {depth_of[v]}" + (" (goal)" if v == sample.goal else "")
-                   + (" (root)" if v == sample.root else "") for v in nodes],
-        hoverinfo="text", name="nodes", showlegend=False,
-    ))
+    on_path = set(sample.path)
+    groups = {kind: [] for kind in _NODE_KINDS}
+    for v in nodes:
+        kind = "goal" if v == sample.goal else "root" if v == sample.root else "on the path" if v in on_path else "other node"
+        groups[kind].append(v)
+    for kind, members in groups.items():
+        if not members:
+            continue
+        fill, ink = _NODE_KINDS[kind]
+        fig.add_trace(go.Scatter(
+            x=[pos[v][0] for v in members], y=[pos[v][1] for v in members], mode="markers+text",
+            text=[str(v) for v in members], textposition="middle center",
+            textfont=dict(color=ink, size=13, family="Arial Black, Arial, sans-serif"),
+            marker=dict(size=30, color=fill, line=dict(color="#333333", width=1.5)),
+            hovertext=[f"node {v}, depth {depth_of[v]} ({kind})" for v in members],
+            hoverinfo="text", name=kind, showlegend=True,
+        ))
 
     if title is None:
         title = f"goal {sample.goal} at depth {sample.depth}"
@@ -119,7 +125,8 @@ def plot_tree(sample: TreeSample, predicted_path: Sequence[int] | None = None, t
     fig.update_layout(
         title=title, showlegend=True, plot_bgcolor="white",
         xaxis=dict(visible=False), yaxis=dict(visible=False, scaleanchor=None),
-        legend=dict(orientation="h", yanchor="bottom", y=-0.15), margin=dict(l=10, r=10, t=50, b=10),
-        height=120 + 70 * (max(depth_of.values()) + 1),
+        legend=dict(orientation="h", yref="container", y=0, yanchor="bottom", x=0, xanchor="left"),
+        margin=dict(l=10, r=10, t=50, b=80),
+        height=170 + 70 * (max(depth_of.values()) + 1),
     )
     return fig
