@@ -22,6 +22,7 @@ second; ``ray.init`` of a local cluster 7–8 s on a 2-core machine).
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -71,7 +72,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> Any:
         InputError: ray missing, or no cluster answers at the address.
     """
     ray = import_ray()
-    if ray.is_initialized():
+    if address:
+        _check_reachable(address)
+    if ray.is_initialized():  # this process already joined a cluster (e.g. a test session's)
         return ray
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
@@ -262,18 +265,20 @@ def _ray_error_message(e: BaseException) -> str:
     """The worker's own error out of Ray's wrappers (UserCodeException → RayTaskError → cause)."""
     chain: list[BaseException] = []
     todo: list[BaseException] = [e]
-    while todo:
+    while todo:  # follow causes only (a __context__ is whatever was being handled, e.g. StopIteration)
         x = todo.pop()
         if any(x is c for c in chain):
             continue
         chain.append(x)
-        for nxt in (getattr(x, "cause", None), x.__cause__, x.__context__):
+        for nxt in (getattr(x, "cause", None), x.__cause__):
             if isinstance(nxt, BaseException):
                 todo.append(nxt)
-    own = [x for x in chain if not type(x).__module__.startswith("ray")]
-    pick = own[-1] if own else chain[-1]
-    text = str(pick).strip()
-    return f"{type(pick).__name__}: {text.splitlines()[-1] if text else ''}"[:400]
+    own = [x for x in chain if not type(x).__module__.startswith("ray") and str(x).strip()]
+    if own:
+        return f"{type(own[-1]).__name__}: {str(own[-1]).strip().splitlines()[-1]}"[:400]
+    lines = [ln.strip() for x in chain for ln in str(x).splitlines()]
+    errs = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception): ", ln) and not ln.startswith("ray.")]
+    return (errs[-1] if errs else (lines[0] if lines else type(e).__name__))[:400]
 
 
 def build_cache_ray(

@@ -54,6 +54,7 @@ from probing_core.store.activations import (
     Progress,
     _match_fields,
     cache_key,
+    check_count,
     extract_to_folder,
     write_token_table,
 )
@@ -481,18 +482,39 @@ def local_runner(model: LoadedModel) -> RangeRunner:
     return run
 
 
-def _check_build_args(model: LoadedModel, hooks: Sequence[str], dtype: str, max_tokens: int | None, batch_size: int) -> list[str]:
+def _check_build_args(model: LoadedModel, hooks: Sequence[str], dtype: str, max_tokens: int | None, max_len: int,
+                      batch_size: int) -> list[str]:
+    """The same checks as :func:`probing_core.store.activations.build_cache`."""
     hooks = list(dict.fromkeys(hooks))
     if not hooks:
         raise HookError("pick at least one hook to cache.")
     model.check_hooks(hooks)
     if dtype not in STORE_DTYPES:
         raise InputError(f"storage dtype {dtype!r} is not supported; choose float32 or float16.")
-    if max_tokens is not None and max_tokens <= 0:
-        raise InputError(f"max tokens must be positive, got {max_tokens}.")
-    if batch_size < 1:
-        raise InputError(f"batch size must be positive, got {batch_size}.")
+    check_count("max tokens", max_tokens, 1, 10**12, allow_none=True)
+    check_count(f"tokens per row (max_len; the model's context is {model.n_ctx})", max_len, 1, model.n_ctx)
+    check_count("batch size", batch_size, 1, 1_000_000)
     return hooks
+
+
+def _load_plan(part: Path, batch: TokenBatch, hooks: list[str], dtype: str, batch_size: int,
+               rows_per_shard: int | None) -> list[Range]:
+    """The row ranges of this key's build: those of an unfinished earlier attempt when it planned
+    the same rows, hooks and batches (its shards are then reusable), else a fresh plan (and a
+    fresh partial folder)."""
+    plan_file = part / "plan.json"
+    now = {"batch_fingerprint": batch.fingerprint, "hooks": hooks, "dtype": dtype, "batch_size": batch_size}
+    old: Any = None
+    with contextlib.suppress(OSError, ValueError):
+        old = json.loads(plan_file.read_text())
+    if not (isinstance(old, dict) and all(old.get(k) == v for k, v in now.items()) and isinstance(old.get("rows_per_shard"), int)):
+        shutil.rmtree(part, ignore_errors=True)
+        part.mkdir(parents=True)
+        rps = rows_per_shard or default_rows_per_shard(batch.lengths, batch_size)
+        rps = -(-int(rps) // batch_size) * batch_size  # whole batches: the same batches as a local build
+        old = {**now, "rows_per_shard": rps, "n_seq": int(batch.tokens.shape[0])}
+        plan_file.write_text(json.dumps(old))
+    return plan_ranges(int(batch.tokens.shape[0]), int(old["rows_per_shard"]))
 
 
 def build_sharded(
@@ -528,7 +550,7 @@ def build_sharded(
         HookError, InputError, DatasetError: bad arguments.
     """
     t0 = time.perf_counter()
-    hooks = _check_build_args(model, hooks, dtype, max_tokens, batch_size)
+    hooks = _check_build_args(model, hooks, dtype, max_tokens, max_len, batch_size)
     match = _match_fields(model, dataset, max_len, max_tokens, dtype, prepend_bos)
     existing = store.find(match, hooks)
     if existing is not None:
@@ -544,20 +566,8 @@ def build_sharded(
             progress(0.0, "tokenizing…")
         batch = tokenize_dataset(model, dataset, max_len=max_len, max_tokens=max_tokens, prepend_bos=prepend_bos)
         part = partial_dir(store, key)
-        plan_file = part / "plan.json"
         widths = {h: model.hook_width(h) for h in hooks}
-        plan_now = {"batch_fingerprint": batch.fingerprint, "hooks": hooks, "dtype": dtype, "batch_size": batch_size}
-        plan_meta: dict[str, Any] | None = None
-        with contextlib.suppress(OSError, ValueError):
-            plan_meta = json.loads(plan_file.read_text())
-        if not (isinstance(plan_meta, dict) and all(plan_meta.get(k) == v for k, v in plan_now.items())):
-            shutil.rmtree(part, ignore_errors=True)
-            part.mkdir(parents=True)
-            rps = rows_per_shard or default_rows_per_shard(batch.lengths, batch_size)
-            rps = -(-int(rps) // batch_size) * batch_size  # whole batches: the same batches as a local build
-            plan_meta = {**plan_now, "rows_per_shard": rps, "n_seq": int(batch.tokens.shape[0])}
-            plan_file.write_text(json.dumps(plan_meta))
-        plan = plan_ranges(int(batch.tokens.shape[0]), int(plan_meta["rows_per_shard"]))
+        plan = _load_plan(part, batch, hooks, dtype, batch_size, rows_per_shard)
         offsets = token_offsets(batch.lengths)
         shards_dir = part / SHARDS_DIR
         done = finished_shards(shards_dir, plan, offsets, hooks, widths, dtype)

@@ -1,0 +1,133 @@
+"""Ray engine vs the one-process build, and the streamed ridge fit's memory (one run, ratios printed).
+
+Run under the shared lock (the machine is shared):
+
+    flock /tmp/bench.lock .venv/bin/python benchmarks/bench_ray.py [--model embedded|tiny] [--tokens 6000]
+
+1. Extraction tokens/s of the embedded model (hooks: resid_post of every layer) over pydoc:
+   the local build, then a Ray build with 1 and with 2 local CPU workers (same key, separate
+   stores). Ray figures are given end to end (actor start = torch import + model load included)
+   and in steady state (ranges after the first one finished, i.e. what a long job sees).
+2. Memory of a ridge path fit (5-fold CV, 20 α) on a synthetic sharded hook of N × 576 fp32:
+   streamed shard by shard vs the in-memory fit on the concatenated array. Peak memory is the
+   peak of NumPy allocations (tracemalloc; memmap pages are page cache, not counted).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("PROBING_CACHE_DIR", str(REPO / ".test-cache"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def bench_extraction(model_id: str, tokens: int, max_len: int, batch_size: int) -> None:
+    import torch
+
+    from probing_core.data.datasets import DatasetSpec, load_dataset
+    from probing_core.models import ModelSpec, load_model, tiny_native_config
+    from probing_core.store import ray_engine
+    from probing_core.store.activations import build_cache, open_entry
+    from probing_core.store.entries import ActivationStore
+
+    spec = ModelSpec("embedded") if model_id == "embedded" else ModelSpec.native(tiny_native_config())
+    model = load_model(spec)
+    ds = load_dataset(DatasetSpec("pydoc"))
+    hooks = model.hook_names(["resid_post"])
+    cores = os.cpu_count() or 1
+    print(f"model {model.spec.label()}, {len(hooks)} hooks × d={model.d_model}, {tokens} tokens, max_len {max_len}, "
+          f"batch {batch_size}, {cores} cores, torch threads {torch.get_num_threads()}")
+    kw = dict(max_len=max_len, max_tokens=tokens, batch_size=batch_size)
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        entry, _ = build_cache(model, ds, hooks, store=ActivationStore(Path(d) / "local"), **kw)
+        local_wall = time.perf_counter() - t0
+        n = entry.n_tokens
+        local_tps = n / float(entry.meta["seconds"])
+        print(f"local build: {n} tokens, extraction {entry.meta['seconds']:.1f} s → {local_tps:,.0f} tokens/s "
+              f"(wall incl. tokenizing {local_wall:.1f} s)")
+        t0 = time.perf_counter()
+        ray_engine.connect(num_cpus=cores)
+        print(f"ray.init (local cluster, {cores} CPUs): {time.perf_counter() - t0:.1f} s (once per process)")
+        for workers in (1, 2):
+            marks: list[tuple[float, str]] = []
+            store = ActivationStore(Path(d) / f"ray{workers}")
+            t0 = time.perf_counter()
+            res = ray_engine.build_cache_ray(model, ds, hooks, store=store, workers=workers, rows_per_shard=2 * batch_size,
+                                             progress=lambda f, m: marks.append((time.perf_counter(), m)), **kw)
+            wall = time.perf_counter() - t0
+            same = all(np.array_equal(np.asarray(open_entry(store, res.entry.key).hook(h)),
+                                      np.asarray(open_entry(ActivationStore(Path(d) / "local"), entry.key).hook(h)))
+                       for h in hooks[:: max(1, len(hooks) // 4)])
+            done = [t for t, m in marks if m.startswith("ray:") and "done" in m]
+            per_range = n / res.ranges_total
+            steady = (len(done) - 1) * per_range / (done[-1] - done[0]) if len(done) > 1 else float("nan")
+            print(f"ray, {workers} worker(s): {res.ranges_total} ranges, wall {wall:.1f} s → {n / wall:,.0f} tokens/s end to end "
+                  f"({n / wall / local_tps:.2f}× local); first range after {done[0] - t0:.1f} s (actor start); steady "
+                  f"{steady:,.0f} tokens/s ({steady / local_tps:.2f}× local); same bytes as local: {same}")
+        ray_engine.import_ray().shutdown()
+
+
+def bench_ridge_memory(n_rows: int, d: int, n_shards: int) -> None:
+    from probing_core.solvers.ridge import fit_ridge_path
+    from probing_core.store.shards import ShardedArray
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        parts, w = [], rng.standard_normal(d)
+        y = np.empty(n_rows)
+        per = -(-n_rows // n_shards)
+        for i, a in enumerate(range(0, n_rows, per)):
+            m = min(per, n_rows - a)
+            X = (rng.standard_normal((m, d)) * rng.uniform(0.1, 5, d)).astype(np.float32)
+            y[a : a + m] = X @ w + rng.standard_normal(m)
+            np.save(Path(tmp) / f"{i}.npy", X)
+            del X
+            parts.append(np.load(Path(tmp) / f"{i}.npy", mmap_mode="r"))
+        sharded = ShardedArray(parts)
+        gb = sharded.nbytes / 1e9
+        print(f"ridge path, {n_rows:,} × {d} fp32 = {gb:.2f} GB in {n_shards} shards of {per:,} rows "
+              f"({per * d * 4 / 1e6:.0f} MB), 5-fold CV + test split, 20 α")
+        out = {}
+        for name in ("streamed", "in-memory"):
+            tracemalloc.start()
+            t0 = time.perf_counter()
+            X = sharded if name == "streamed" else np.asarray(sharded)
+            r = fit_ridge_path({"h": X}, y, cv=5, baseline=False)
+            secs = time.perf_counter() - t0
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            del X
+            out[name] = (r, peak, secs)
+            print(f"  {name:9}: {secs:.1f} s, peak NumPy memory {peak / 1e6:,.0f} MB ({peak / sharded.nbytes:.2f}× the hook), "
+                  f"best R² (CV) {float(np.nanmax(r.r2_cv_mean)):.6f}")
+        (rs, ps, ts), (rm, pm, tm) = out["streamed"], out["in-memory"]
+        print(f"  streamed / in-memory: memory {ps / pm:.2f}×, time {ts / tm:.2f}×; max |ΔR²| "
+              f"{float(np.nanmax(np.abs(rs.r2_cv - rm.r2_cv))):.1e}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="embedded", choices=["embedded", "tiny"])
+    ap.add_argument("--tokens", type=int, default=6000)
+    ap.add_argument("--max-len", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--ridge-rows", type=int, default=200_000)
+    ap.add_argument("--skip-extraction", action="store_true")
+    args = ap.parse_args()
+    if not args.skip_extraction:
+        bench_extraction(args.model, args.tokens, args.max_len, args.batch_size)
+    bench_ridge_memory(args.ridge_rows, 576, 8)
+
+
+if __name__ == "__main__":
+    main()
