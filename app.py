@@ -1,9 +1,7 @@
-"""Router: page config, the shared sidebar (model and dataset), navigation."""
+"""Router: page config, navigation, the shared sidebar (model and dataset)."""
 import streamlit as st
 
-import glue
-
-st.set_page_config(page_title="Probing dashboard", page_icon="🔬", layout="wide")
+st.set_page_config(page_title="Probing dashboard", page_icon="🔬", layout="wide", initial_sidebar_state="auto")
 
 _PAGES = [
     ("pages/home.py", "Home", "🏠"),
@@ -12,11 +10,18 @@ _PAGES = [
     ("pages/layers.py", "Layer probes", "🧱"),
     ("pages/attention.py", "Attention", "👀"),
     ("pages/lens.py", "Logit lens", "🔭"),
+    ("pages/interventions.py", "Interventions", "🎛️"),
     ("pages/tree.py", "Tree search", "🌳"),
 ]
 
 pages = [st.Page(path, title=title, icon=icon, default=(i == 0)) for i, (path, title, icon) in enumerate(_PAGES)]
+# Navigation first: until it has run once, a fresh server shows Streamlit's bare list of the pages/ files,
+# and importing glue (torch, TransformerLens) takes seconds on a cold start.
+nav = st.navigation(pages)
+
+import glue  # noqa: E402
+
+glue.page_style()
 glue.sign_in_gate()  # PROBING_AUTH=1: nothing below runs until the visitor has signed in
 glue.sidebar()
-nav = st.navigation(pages)
 nav.run()

@@ -14,8 +14,9 @@ import hashlib
 import os
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterator, TypeVar
+from typing import Any, Callable, Hashable, Iterator, Sequence, TypeVar
 
 import streamlit as st
 
@@ -64,14 +65,74 @@ def ensure_shell() -> None:
         st.rerun()
 
 
-def explain(text: str) -> None:
-    """A plain-language "what this shows, how to read it" box (always in demo mode, else folded)."""
+def research() -> bool:
+    """True outside demo mode: show the research controls (folds, seeds, tolerances, residuals, dtype, keys)."""
+    return not demo_mode()
+
+
+def explain(text: str, *, demo: str | None = None, steps: Sequence[str] = ()) -> None:
+    """A "what this shows, how to read it" box.
+
+    Demo mode shows ``demo`` (plain words; its first sentence should make sense to a twelve-year-old)
+    in a 💡 box, followed by the guided path ``steps`` ("1. pick … → 2. watch … → 3. …"). The research
+    view folds ``text`` (precise terms) into an expander.
+    """
     ensure_shell()
     if demo_mode():
-        st.info(text, icon="💡")
+        body = demo or text
+        if steps:
+            body += "\n\n**Try it:** " + " → ".join(f"**{i}.** {s}" for i, s in enumerate(steps, 1))
+        st.info(body, icon="💡")
     else:
         with st.expander("What am I looking at?", expanded=False):
             st.markdown(text)
+
+
+def layer_words(hook: str) -> str:
+    """A hook named for people: ``blocks.5.hook_resid_post`` → "layer 5 · resid post", ``hook_embed`` → "embedding"."""
+    try:
+        from probing_core.plots._common import hook_label
+    except ImportError:  # the charts' shared helpers are newer than this module; same wording
+        parts = hook.split(".")
+        if parts[0] == "blocks" and len(parts) >= 3:
+            return f"layer {parts[1]} · " + ".".join(parts[2:]).replace("hook_", "").replace("_", " ")
+        return "embedding" if hook == "hook_embed" else hook
+    return hook_label(hook)
+
+
+_STYLE = """<style>
+/* Narrow windows (800 px and up): metrics and button labels wrap instead of being cut ("bloc…"). */
+[data-testid="stMetricValue"], [data-testid="stMetricValue"] *, [data-testid="stMetricLabel"], [data-testid="stMetricLabel"] * {
+  white-space: normal !important; overflow: visible !important; text-overflow: clip !important; overflow-wrap: anywhere;
+}
+[data-testid="stMetricValue"] { font-size: clamp(1.15rem, 2.1vw, 2.1rem) !important; line-height: 1.25 !important; }
+[data-testid="stDownloadButton"] button, [data-testid="stDownloadButton"] button *,
+[data-testid="stBaseButton-secondary"] *, [data-testid="stBaseButton-primary"] * { white-space: normal !important; }
+[data-testid="stDownloadButton"] button { height: auto; min-height: 2.5rem; }
+</style>"""
+
+#: Streamlit's "auto" sidebar collapses only under 768 px; close it once per tab under 1,000 px as well,
+#: so the page gets the width (the user can open it again; it is not closed twice).
+_NARROW_SIDEBAR_JS = """<script>
+(() => {
+  if (window.innerWidth >= 1000 || sessionStorage.getItem("probing-sidebar-auto")) return;
+  let tries = 0;
+  const close = () => {
+    const bar = document.querySelector('[data-testid="stSidebar"][aria-expanded="true"]');
+    const btn = document.querySelector('[data-testid="stSidebarCollapseButton"] button');
+    if (bar && btn) { btn.click(); sessionStorage.setItem("probing-sidebar-auto", "1"); }
+    else if (++tries < 50) setTimeout(close, 100);
+  };
+  close();
+})();
+</script>"""
+
+
+def page_style() -> None:
+    """CSS for narrow windows and the sidebar rule above (called by app.py on every run; drawn in the
+    sidebar so that nothing comes before a page's title)."""
+    st.sidebar.html(_STYLE)
+    st.sidebar.html(_NARROW_SIDEBAR_JS, unsafe_allow_javascript=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,17 +357,20 @@ def sidebar() -> None:
     with st.sidebar:
         st.subheader("Model")
         opts = _model_options()
-        choice = st.selectbox("Model", list(opts), key="model_choice", label_visibility="collapsed")
+        q = "query-params"  # a shared link opens with the same model
+        choice = st.selectbox("Model", list(opts), key="model_choice", bind=q, label_visibility="collapsed")
         spec = opts.get(choice)
         if choice == _CUSTOM_HF:
-            name = st.text_input("Model name", value="gpt2", key="model_hf_name", help="e.g. gpt2, EleutherAI/pythia-70m — needs the internet")
+            name = st.text_input("Model name", value="gpt2", key="model_hf_name", bind=q, help="e.g. gpt2, EleutherAI/pythia-70m — needs the internet")
             spec = ModelSpec("hf", name.strip())
         elif choice == _CUSTOM_LOCAL:
-            folder = st.text_input("Folder", key="model_local_dir", help=local_folder_help())
+            folder = st.text_input("Folder", key="model_local_dir", bind=q, help=local_folder_help())
             spec = ModelSpec("local", folder.strip()) if folder.strip() else None
-        with st.expander("Device and dtype"):
-            device = st.selectbox("Device", ["auto", "cpu", "cuda", "mps"], key="model_device")
-            dtype = st.selectbox("Weights dtype", ["float32", "bfloat16", "float16"], key="model_dtype")
+        device, dtype = "auto", "float32"
+        if research():
+            with st.expander("Device and dtype"):
+                device = st.selectbox("Device", ["auto", "cpu", "cuda", "mps"], key="model_device", bind=q)
+                dtype = st.selectbox("Weights dtype", ["float32", "bfloat16", "float16"], key="model_dtype", bind=q)
         if spec is not None:
             spec = ModelSpec(spec.kind, spec.name, device=device, dtype=dtype)
         st.session_state["_model_spec"] = spec
@@ -338,7 +402,51 @@ def selected_model() -> LoadedModel:
         st.warning("Pick a model in the sidebar (for a local folder, type its path).")
         st.stop()
     with user_errors():
-        return get_model(spec)
+        model = get_model(spec)
+    demo_build(model)  # demo mode: the default entry starts building in the background as soon as the model is here
+    return model
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def _demo_build(model_key: str, _model: LoadedModel) -> Any:
+    from probing_core.store.background import build_in_background
+
+    want = DEFAULT_BUILD  # the same entry Home's "Build cache" makes with its defaults: that click then finds it
+    return build_in_background(_model, get_dataset(DatasetSpec("pydoc")), want.hooks(_model), store=get_store(),
+                               max_len=min(want.max_len, _model.n_ctx), max_tokens=min(want.max_tokens, max_tokens_cap()),
+                               dtype=want.dtype)
+
+
+def demo_build(model: LoadedModel) -> Any:
+    """Demo mode: the background build of the default entry for ``model`` (started once per process), else None."""
+    return _demo_build(model.key, model) if demo_mode() else None
+
+
+def show_demo_build(model: LoadedModel) -> bool:
+    """The demo's background build as a progress bar refreshed every second; the page reruns when it ends.
+
+    Returns:
+        True while it is still running.
+    """
+    job = demo_build(model)
+    if job is None:
+        return False
+    running = job.status().state == "running"
+
+    @st.fragment(run_every=1.0 if running else None)
+    def _show() -> None:
+        s = job.status()
+        if s.state == "running":
+            st.progress(s.fraction, text=f"Getting the example ready: the model is reading the example text — {s.message}")
+        elif running:
+            st.rerun()  # it just ended: the whole page again, now with the entry
+        elif s.state == "done":
+            st.success(f"The example is ready ({s.message}). Open **Regression probes** in the sidebar to start.")
+        else:
+            st.error(f"Preparing the example failed: {s.error}")
+
+    _show()
+    return running
 
 
 def selected_dataset() -> Dataset:
@@ -364,22 +472,110 @@ def entries_for(model: LoadedModel, hooks_like: str | None = None) -> list[Store
     return out
 
 
-def entry_picker(model: LoadedModel, *, page: str, hooks_like: str | None = None, help_build: str = "") -> CachedActivations:
-    """Select box over this model's cache entries; stops with a pointer to Home if there are none.
+@dataclass(frozen=True)
+class HookBuild:
+    """The hooks a page needs, which it offers to build in place ("Build these hooks now") when missing.
 
+    Attributes:
+        families: hook families (see :meth:`LoadedModel.hook_names`).
+        layers: keep only the first ``layers`` blocks (None = every block).
+        max_tokens, max_len, dtype: the cache entry's settings (as on Home).
+        what: what these hooks are, in words ("MLP neurons of layers 0–5").
+    """
+
+    families: tuple[str, ...]
+    layers: int | None = None
+    max_tokens: int = 5_000
+    max_len: int = 128
+    dtype: str = "float32"
+    what: str = ""
+
+    def hooks(self, model: LoadedModel) -> list[str]:
+        names = model.hook_names(list(self.families))
+        if self.layers is None:
+            return names
+        return [h for h in names if not h.startswith("blocks.") or int(h.split(".")[1]) < self.layers]
+
+    def megabytes(self, model: LoadedModel) -> float:
+        width = sum(model.hook_width(h) for h in self.hooks(model))
+        return self.max_tokens * width * (2 if self.dtype == "float16" else 4) / 1e6
+
+
+#: Home's default build: the token embedding and the residual stream after every block.
+DEFAULT_BUILD = HookBuild(("embed", "resid_post"), max_tokens=5_000, what="the embedding and the residual stream after every block")
+#: Sparse probes: MLP neurons of the first six blocks (the reference notebook reads block 3) on enough text that
+#: " an" (rarer than " the") gives ~170 contexts: ~200 test rows with the page's 30 % test split.
+SPARSE_BUILD = HookBuild(("mlp_post",), layers=6, max_tokens=40_000, dtype="float16",
+                         what="the MLP neurons of layers 0–5")
+
+
+def build_hooks_now(model: LoadedModel, want: HookBuild) -> StoreEntry:
+    """Build ``want`` for ``model`` with a progress bar (the same core ``build_cache`` as Home) and make it the default entry.
+
+    Texts: the sidebar's dataset when it has documents, else the offline Python documentation corpus.
+    """
+    from probing_core.store.activations import build_cache
+
+    spec = st.session_state.get("_dataset_spec")
+    dataset = None
+    if spec is not None and spec.kind != "vocab":
+        with user_errors():
+            dataset = get_dataset(spec, st.session_state.get("_dataset_upload"))
+    if dataset is None or not dataset.documents:
+        dataset = get_dataset(DatasetSpec("pydoc"))
+    update, done = progress_bar(f"Building {want.what or 'the hooks'}")
+    try:
+        with user_errors():
+            entry, _ = build_cache(model, dataset, want.hooks(model), store=get_store(), max_len=want.max_len,
+                                   max_tokens=want.max_tokens, dtype=want.dtype, progress=update)
+    finally:
+        done()
+    st.session_state["home_entry_key"] = entry.key  # the entry last built is every page's default
+    st.session_state["_entry_built"] = entry.key  # and the one this page's picker shows after the rerun
+    return entry
+
+
+def entry_picker(model: LoadedModel, *, page: str, hooks_like: str | None = None, help_build: str = "",
+                 build_hooks: HookBuild | None = None) -> CachedActivations:
+    """Select box over this model's cache entries (bound to the URL).
+
+    With none that holds ``hooks_like``: when ``build_hooks`` is given, a "Build these hooks now" button
+    builds exactly those (progress bar, then the page reruns on the new entry); otherwise a pointer to Home.
     The default is the entry last built or chosen on Home.
     """
     entries = entries_for(model, hooks_like)
+    if not entries and show_demo_build(model):
+        st.stop()  # demo mode: the example entry is still being built; this page reruns when it is ready
     if not entries:
         need = f" with `{hooks_like}` hooks" if hooks_like else ""
-        st.warning(f"No cached activations{need} for this model yet. Build them on the **Home** page first. {help_build}")
-        st.page_link("pages/home.py", label="Go to Home", icon="🏠")
+        if build_hooks is None:
+            st.warning(f"No cached activations{need} for this model yet. Build them on the **Home** page first. {help_build}")
+            st.page_link("pages/home.py", label="Go to Home", icon="🏠")
+            st.stop()
+        n = len(build_hooks.hooks(model))
+        st.info(f"This page needs {build_hooks.what or 'hooks'} of this model, and none are cached yet. One click "
+                f"builds exactly those: {n} hook{'s' * (n != 1)} × {build_hooks.max_tokens:,} tokens "
+                f"(about {build_hooks.megabytes(model):,.0f} MB on disk).", icon="🧰")
+        if st.button("Build these hooks now", type="primary", key=f"{page}_build_hooks"):
+            build_hooks_now(model, build_hooks)
+            st.rerun()
+        st.page_link("pages/home.py", label="…or choose hooks and sizes yourself on Home", icon="🏠")
         st.stop()
     keys = [e.key for e in entries]
+    wkey = f"{page}_entry"
+    built = st.session_state.pop("_entry_built", None)
+    if built in keys:
+        st.session_state[wkey] = built
     preferred = st.session_state.get("home_entry_key")
-    index = keys.index(preferred) if preferred in keys else 0
-    labels = {e.key: f"{e.meta.get('dataset_label')} · {e.n_tokens:,} tokens · {len(e.hooks)} hooks · {e.key[:8]}" for e in entries}
-    key = st.selectbox("Cached activations", keys, index=index, format_func=labels.get, key=f"{page}_entry")
+    # The default only counts before the widget has a value (a default beside a session value makes Streamlit warn).
+    index = 0 if wkey in st.session_state else keys.index(preferred) if preferred in keys else 0
+
+    def label(e: StoreEntry) -> str:
+        text = f"{e.meta.get('dataset_label')} · {e.n_tokens:,} tokens · {len(e.hooks)} hooks"
+        return text + (f" · {e.key[:8]}" if research() else "")
+
+    labels = {e.key: label(e) for e in entries}
+    key = st.selectbox("Cached activations", keys, index=index, format_func=labels.get, key=wkey, bind="query-params")
     with user_errors():
         return get_entry(key)
 

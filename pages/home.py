@@ -11,7 +11,12 @@ glue.explain(
     "A **probe** is a small linear model that tries to read a property (say, a token's length) out of a "
     "model's internal activations. If a simple probe can read it at layer 5 but not at layer 1, the model "
     "has computed that property by layer 5. This page runs text through the model once and saves the "
-    "activations so every other page can fit probes in seconds."
+    "activations so every other page can fit probes in seconds.",
+    demo="A language model turns every word into a long list of numbers, layer after layer. A **probe** is a tiny "
+         "test that checks whether some fact (say, how long a word is) can be read from those numbers. This page "
+         "runs some text through the model once and saves the numbers, so every other page answers in seconds.",
+    steps=["click **Build cache** below", "wait for the bar to finish", "open a page in the sidebar (start with "
+           "**Regression probes**)"],
 )
 
 glue.open_access_note()
@@ -20,11 +25,15 @@ dataset = glue.selected_dataset()
 
 c1, c2, c3, c4 = st.columns(4)
 c1.metric("Layers", model.n_layers)
-c2.metric("d_model", model.d_model)
-c3.metric("Heads", model.n_heads)
+c2.metric("d_model" if glue.research() else "Numbers per token", model.d_model)
+c3.metric("Heads" if glue.research() else "Attention heads per layer", model.n_heads)
 c4.metric("Documents" if dataset.spec.kind != "vocab" else "Vocabulary", f"{dataset.n_docs:,}" if dataset.spec.kind != "vocab" else f"{model.d_vocab:,}")
-st.caption(f"{model.spec.label()} · key `{model.key}` · {model.device} · " + " · ".join(model.notes))
+if glue.research():
+    st.caption(f"{model.spec.label()} · key `{model.key}` · {model.device} · " + " · ".join(model.notes))
+else:
+    st.caption(model.spec.label())
 
+glue.show_demo_build(model)  # demo mode: the example entry building in the background since the model loaded
 st.subheader("Build a cache entry")
 families = {
     "embed": "token embedding (hook_embed)",
@@ -36,14 +45,18 @@ families = {
     "mlp_post": "MLP neurons after the activation (d_mlp wide)",
 }
 picked = st.multiselect(
-    "Hooks", list(families), default=["embed", "resid_post"],
-    format_func=lambda f: f"{f} — {families[f]}", key="home_hooks",
+    "Hooks" if glue.research() else "Places in the model to save", list(families),
+    default=list(glue.DEFAULT_BUILD.families),
+    format_func=(lambda f: f"{f} — {families[f]}") if glue.research() else families.get, key="home_hooks",
 )
+st.caption("The **Sparse probes** page needs the MLP neurons (`mlp_post`); it offers to build them itself in one click.")
 cap = glue.max_tokens_cap()
 a, b, c = st.columns(3)
-max_tokens = a.number_input("Max tokens", min_value=1, max_value=cap, value=min(5_000, cap), step=1000, key="home_max_tokens")
+max_tokens = a.number_input("Max tokens", min_value=1, max_value=cap, value=min(glue.DEFAULT_BUILD.max_tokens, cap), step=1000, key="home_max_tokens")
 max_len = b.number_input("Tokens per row", min_value=2, max_value=min(model.n_ctx, 1024), value=min(128, model.n_ctx), key="home_max_len")
-store_dtype = c.selectbox("Storage dtype", ["float32", "float16"], key="home_store_dtype", help="float16 halves disk and read time; R² changes by ≤ 1.5e-4")
+store_dtype = "float32"
+if glue.research():
+    store_dtype = c.selectbox("Storage dtype", ["float32", "float16"], key="home_store_dtype", help="float16 halves disk and read time; R² changes by ≤ 1.5e-4")
 
 if st.button("Build cache", type="primary", disabled=not picked, key="home_build"):
     with glue.user_errors():
@@ -55,10 +68,11 @@ if st.button("Build cache", type="primary", disabled=not picked, key="home_build
         )
         done()
     st.session_state["home_entry_key"] = entry.key
+    name = f"`{entry.key}`" if glue.research() else "the cache"
     if built:
-        st.success(f"Built `{entry.key}`: {entry.n_tokens:,} tokens × {len(entry.hooks)} hooks in {entry.meta['seconds']:.1f} s ({entry.meta['tokens_per_second']:,.0f} tokens/s), {entry.bytes / 1e6:.1f} MB.")
+        st.success(f"Built {name}: {entry.n_tokens:,} tokens × {len(entry.hooks)} hooks in {entry.meta['seconds']:.1f} s ({entry.meta['tokens_per_second']:,.0f} tokens/s), {entry.bytes / 1e6:.1f} MB.")
     else:
-        st.info(f"Already cached as `{entry.key}` ({entry.n_tokens:,} tokens) — nothing to recompute.")
+        st.info(f"Already cached as {name} ({entry.n_tokens:,} tokens) — nothing to recompute.")
     bad = {h: n for h, n in entry.meta.get("nonfinite", {}).items() if n}
     if bad:
         st.warning(f"Non-finite values (overflow?) in {len(bad)} hooks: {bad}. Rebuild with float32 storage.")
@@ -77,12 +91,16 @@ else:
         }
         for e in entries
     ]
-    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-    st.caption(f"{sum(e.bytes for e in entries) / 1e6:.1f} MB of {store.size_limit / 1e9:.0f} GB limit in `{store.root}` (least recently used entries are evicted past the limit).")
-    d1, d2 = st.columns([3, 1])
-    to_delete = d1.selectbox("Entry", [e.key for e in entries], key="home_delete_key", label_visibility="collapsed")
-    if d2.button("Delete entry", key="home_delete"):
-        with glue.user_errors():
-            store.delete(to_delete)
-        st.session_state.pop("home_entry_key", None)
-        st.rerun()
+    table = pd.DataFrame(rows)
+    if not glue.research():  # no keys, paths or delete buttons in a demo
+        st.dataframe(table.drop(columns=["key", "dtype"]), hide_index=True, width="stretch")
+    else:
+        st.dataframe(table, hide_index=True, width="stretch")
+        st.caption(f"{sum(e.bytes for e in entries) / 1e6:.1f} MB of {store.size_limit / 1e9:.0f} GB limit in `{store.root}` (least recently used entries are evicted past the limit).")
+        d1, d2 = st.columns([3, 1])
+        to_delete = d1.selectbox("Entry", [e.key for e in entries], key="home_delete_key", label_visibility="collapsed")
+        if d2.button("Delete entry", key="home_delete"):
+            with glue.user_errors():
+                store.delete(to_delete)
+            st.session_state.pop("home_entry_key", None)
+            st.rerun()

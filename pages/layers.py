@@ -15,7 +15,12 @@ glue.explain(
     "positions back*. If the accuracy is at the **chance** level (always guessing the most common class) the "
     "information is not linearly there; if it jumps at layer 2, the model moved it there by layer 2. The "
     "**control task** gives each token type a random class: a probe that scores high on it is memorizing "
-    "tokens, so trust the **selectivity** (real − control) more than the raw accuracy."
+    "tokens, so trust the **selectivity** (real − control) more than the raw accuracy.",
+    demo="Can we tell **which word came just before** by looking inside the model? For each layer, a small "
+         "classifier looks at one word's numbers and guesses the word before it. Low score = the model has not "
+         "looked back yet; high score = it has.",
+    steps=["pick what to guess (the word before, two back, …)", "read the table top to bottom: the embedding, "
+           "then layer 0, 1, …", "where the score jumps is where the model gathers that word"],
 )
 model = glue.selected_model()
 
@@ -36,7 +41,16 @@ def _tree(key: str, n_samples: int, seed: int, C: float):
 
 def _show(res: lp.LayerAccuracyResult, name: str, params: dict) -> None:
     table = pd.DataFrame(res.table())
-    st.dataframe(table.style.format(precision=3), hide_index=True, width="stretch")
+    shown = table.copy()
+    shown.insert(0, "layer", [glue.layer_words(h) for h in res.hooks])
+    if not glue.research():
+        shown = shown.drop(columns="hook")
+    st.caption(f"Each row is one place in the model, from the embedding down to the last layer; each number is the share "
+               f"of held-out tokens where a probe trained there names the **{res.label}** correctly "
+               f"({', '.join(f'{len(c)} classes' for c in res.classes[:1])}). **Control** is the same probe on a task "
+               "where each token type gets a random class (memorizing tokens scores there); **selectivity** = real − "
+               "control: the part the layer really encodes.")
+    st.dataframe(shown.style.format(precision=3), hide_index=True, width="stretch")
     st.caption(f"Chance (majority class): {', '.join(f'{c} {v:.3f}' for c, v in zip(res.columns, res.chance))} · "
                f"samples: {', '.join(f'{n:,}' for n in res.n_samples)} · C = {res.C:g}")
     for note in res.notes:
@@ -60,7 +74,7 @@ if model.spec.kind == "tree":
                "(node 1) at its 2nd, 3rd and 4th token.")
     c1, c2, c3 = st.columns(3)
     n_trees = c1.number_input("Trees", 50, 2000, 400, step=50, key="layers_tree_n", bind="query-params")
-    tseed = c2.number_input("Seed", 0, 10_000, 0, key="layers_tree_seed", bind="query-params")
+    tseed = c2.number_input("Seed", 0, 10_000, 0, key="layers_tree_seed", bind="query-params") if glue.research() else 0
     tC = c3.select_slider("C", [0.01, 0.1, 1.0, 10.0], 1.0, key="layers_tree_C", bind="query-params")
     if st.button("Tree edge probes (notebook preset)", type="primary", key="layers_tree_run"):
         st.session_state["layers_tree_on"] = True
@@ -74,7 +88,7 @@ if model.spec.kind == "tree":
     st.divider()
 
 st.subheader("Probe a label across layers")
-acts = glue.entry_picker(model, page="layers", hooks_like="resid")
+acts = glue.entry_picker(model, page="layers", hooks_like="resid", build_hooks=glue.DEFAULT_BUILD)
 families = [f for f in ("embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
             if any(h in acts.hooks for h in model.hook_names([f]))]
 default_fams = [f for f in ("embed", "resid_post") if f in families] or families[:1]
@@ -88,7 +102,10 @@ if kind == "Dataset column":
     column = l2.selectbox("Column", cols, key="layers_column")
     label = lp.LayerLabelSpec("column", column=column)
 else:
-    offset = l2.slider("Token offset (0 = current, -2 = two back, 1 = next)", -5, 2, 0, key="layers_offset", bind="query-params")
+    # Opens on the previous token: a question whose answer changes across layers (the current token is
+    # 1.000 everywhere, selectivity 0: nothing to read).
+    offset = l2.slider("Token offset (-1 = the token before, -2 = two back, 0 = current, 1 = next)", -5, 2, -1,
+                       key="layers_offset", bind="query-params")
     label = lp.LayerLabelSpec("token", offset=int(offset))
 top_k = l3.slider("Keep the top-K classes", 2, 50, 20, key="layers_top_k", bind="query-params")
 label = lp.LayerLabelSpec(label.kind, label.offset, label.column, int(top_k))

@@ -7,7 +7,7 @@ import streamlit as st
 import glue
 from probing_core.analyses import regression as reg
 from probing_core.data.labels import LABELS, LabelSpec
-from probing_core.plots import regression as plots
+from probing_core.plots import hook_label, regression as plots
 from probing_core.solvers.ridge import DEFAULT_ALPHAS
 
 st.title("📈 Regression probes")
@@ -20,7 +20,7 @@ glue.explain(
     "transfer* checks whether that one embedding probe still works further up the residual stream."
 )
 model = glue.selected_model()
-acts = glue.entry_picker(model, page="reg", hooks_like="resid")
+acts = glue.entry_picker(model, page="reg", hooks_like="resid", build_hooks=glue.DEFAULT_BUILD)
 Q = "query-params"
 ALPHAS = [float(a) for a in DEFAULT_ALPHAS]
 GRID = {f"{a:.3g}".replace("e+0", "e").replace("e+", "e"): a for a in ALPHAS}  # URL-safe labels ("1e6", no "+")
@@ -74,7 +74,7 @@ if t1.open:
         top = table.loc[table[score].idxmax()]
         m1, m2, m3, m4 = st.columns(4)
         m1.metric(f"Best {'CV' if r.n_folds else 'test'} R²", f"{top[score]:.4f}")
-        m2.metric("At hook", top["hook"])
+        m2.metric("At hook", hook_label(top["hook"]))
         m3.metric("Test R² there", f"{top['r2_test']:.4f}")
         m4.metric("Samples (train / test)", f"{r.n_train:,} / {r.n_test:,}")
         st.caption(run.description)

@@ -6,18 +6,23 @@ import glue
 from probing_core.analyses import sparse
 from probing_core.plots import sparse as plots
 
-st.title("✂️ Sparse probing")
+st.title("🧮 Sparse probes")
 glue.explain(
     "A **sparse probe** is a logistic regression with an L1 penalty: most neuron weights become exactly zero, so the "
     "few that survive are candidate neurons for the distinction. **C = 1/λ**: small C = strong penalty = few neurons. "
     "Features are standardized; every C is fitted to a certified tolerance (a probe that did not converge is flagged, "
     "unlike scikit-learn's saga at the notebook's C=10). **Selectivity** compares with a control task where each next "
-    "word gets a random class: a good probe is accurate on the real task but not on the control."
+    "word gets a random class: a good probe is accurate on the real task but not on the control.",
+    demo="Does the model know whether the next word needs **\"a\"** or **\"an\"** before it writes it? We look at "
+         "the model's tiny parts (neurons) right at \" the\" or \" an\" and ask: can a handful of them tell the two "
+         "apart? The slider trades accuracy for fewer neurons.",
+    steps=["keep \" the\" vs \" an\" (or type two other words)", "slide left until only a few neurons are left",
+           "if accuracy stays high, those few neurons carry the answer"],
 )
 model = glue.selected_model()
-acts = glue.entry_picker(model, page="sparse", hooks_like="mlp.hook_post",
-                         help_build="Include the `mlp_post` hook family.")
+acts = glue.entry_picker(model, page="sparse", hooks_like="mlp.hook_post", build_hooks=glue.SPARSE_BUILD)
 hooks = [h for h in acts.hooks if h.endswith("mlp.hook_post") or h.endswith("hook_resid_post")]
+NOTEBOOK_HOOK = "blocks.3.mlp.hook_post"  # the reference notebook's layer
 c1, c2 = st.columns(2)
 cls_a = c1.text_input("Class A tokens (comma-separated, mind the leading space)", " the", key="sparse_a", bind="query-params")
 cls_b = c2.text_input("Class B tokens", " an", key="sparse_b", bind="query-params")
@@ -27,10 +32,14 @@ after = c2.number_input("Tokens after (M)", 0, 10, 3, key="sparse_after", bind="
 whole = c3.checkbox("Next token is a whole word", True, key="sparse_whole", bind="query-params")
 cap = c4.number_input("Max per class", 10, 5000, 500, key="sparse_cap", bind="query-params")
 c1, c2, c3, c4 = st.columns(4)
-hook = c1.selectbox("Features (hook at the target)", hooks, key="sparse_hook", bind="query-params")
-penalty = c2.selectbox("Penalty", ["l1", "l2", "elasticnet"], key="sparse_penalty", bind="query-params")
-l1_ratio = c3.slider("L1 ratio (elastic net)", 0.05, 0.95, 0.5, key="sparse_l1r", disabled=penalty != "elasticnet")
-folds = c4.number_input("CV folds (selection frequency; 0 = off)", 0, 10, 0, key="sparse_cv", bind="query-params")
+hook = c1.selectbox("Features (hook at the target)", hooks, index=hooks.index(NOTEBOOK_HOOK) if NOTEBOOK_HOOK in hooks else 0,
+                    format_func=str if glue.research() else glue.layer_words, key="sparse_hook", bind="query-params")
+penalty, l1_ratio, folds = "l1", 0.5, 0
+if glue.research():
+    penalty = c2.selectbox("Penalty", ["l1", "l2", "elasticnet"], key="sparse_penalty", bind="query-params")
+    l1_ratio = c3.slider("L1 ratio (elastic net)", 0.05, 0.95, 0.5, key="sparse_l1r", disabled=penalty != "elasticnet",
+                         bind="query-params")
+    folds = c4.number_input("CV folds (selection frequency; 0 = off)", 0, 10, 0, key="sparse_cv", bind="query-params")
 classes = tuple(tuple(t for t in s.split(",")) for s in (cls_a, cls_b))
 
 
@@ -59,21 +68,32 @@ with glue.user_errors():
     X = sparse.features(acts, hook, ctx)
     path = _path(acts, acts.key, hook, *args[1:], penalty, l1_ratio, int(folds))
 
-with st.expander(f"Contexts: {', '.join(f'{n}: {c}' for n, c in ctx.counts.items())} (found {ctx.found})"):
-    for name, samples in ctx.samples.items():
-        st.markdown(f"**{name}**")
-        st.code("\n".join(samples), language=None)
+with st.expander(f"Contexts: {', '.join(f'{n}: {c:,}' for n, c in ctx.counts.items())} kept"):
+    st.dataframe(pd.DataFrame({"class": list(ctx.counts), "found": [ctx.found[n] for n in ctx.counts],
+                               "kept": list(ctx.counts.values())}), hide_index=True)
+    st.dataframe(pd.DataFrame([{"class": n, "example (target in ⟦ ⟧)": x} for n, xs in ctx.samples.items() for x in xs]),
+                 hide_index=True, width="stretch")
 
-labels = [f"{c:.4g}" for c in path.Cs]
-C_lab = st.select_slider("C = 1/λ (moves along the fitted path)", labels, value=labels[len(labels) // 2],
-                         key="sparse_C", bind="query-params")
-k = labels.index(C_lab)
+# The slider (and the URL) holds the step along the path, not the C value: every path has the same steps, so a
+# link stays valid and in sync when the hook, the classes or the data change the C grid.
+k = st.slider(f"Step along the C path (C = 1/λ from {path.Cs[0]:.3g} to {path.Cs[-1]:.3g}; left = stronger penalty, "
+              "fewer neurons)", 0, len(path.Cs) - 1, len(path.Cs) // 2, key="sparse_C", bind="query-params")
 C = float(path.Cs[k])
-m1, m2, m3, m4 = st.columns(4)
-m1.metric("Test accuracy", f"{100 * path.test_accuracy[k]:.1f} %")
-m2.metric("Density", f"{path.density[k]:.2f} %")
-m3.metric("Non-zero neurons", int(path.n_nonzero[k]))
-m4.metric("KKT residual", f"{path.kkt_residual[k]:.1e}")
+m = st.columns(5 if glue.research() else 4)
+m[0].metric("C", f"{C:.4g}")
+m[1].metric("Test accuracy", f"{100 * path.test_accuracy[k]:.1f} %")
+m[2].metric("Density", f"{path.density[k]:.2f} %")
+m[3].metric("Non-zero neurons", int(path.n_nonzero[k]))
+if glue.research():
+    m[4].metric("KKT residual", f"{path.kkt_residual[k]:.1e}")
+n_test = len(path.test_idx)
+if n_test < 200:  # one context is > 0.5 accuracy points: too few to back a claim
+    st.warning(f"Only {n_test} held-out contexts: each is worth {100 / n_test:.1f} accuracy points, so this score "
+               "rests on too few examples. Use more text (a bigger cache entry) or raise “Max per class”.")
+    if acts.n_tokens < glue.SPARSE_BUILD.max_tokens and st.button(
+            f"Build {glue.SPARSE_BUILD.max_tokens:,} tokens of {glue.SPARSE_BUILD.what}", key="sparse_build_more"):
+        glue.build_hooks_now(model, glue.SPARSE_BUILD)
+        st.rerun()
 if not path.converged[k]:
     st.warning(f"Not converged at C = {C:.4g} (KKT residual {path.kkt_residual[k]:.1e} > {path.tol}); "
                "do not read its neurons as the answer — pick a smaller C.")

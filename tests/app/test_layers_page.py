@@ -41,8 +41,14 @@ def test_default_table_and_downloads(at: AppTest):
     assert not at.error
     df = at.dataframe[0].value
     assert list(df["hook"]) == ["hook_embed", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
-    assert "current token" in df.columns and "selectivity" in df.columns
-    assert df["current token"].iloc[0] == pytest.approx(1.0)  # embeddings name the token
+    assert df["layer"].iloc[0] == "embedding" and df["layer"].iloc[1].startswith("layer 0")  # names for people
+    # The default question has an answer that varies: the previous token, which the embedding alone cannot name
+    # (the current token would give 1.000 everywhere and selectivity 0).
+    assert "token at -1" in df.columns
+    assert df["token at -1"].iloc[0] < 0.9
+    assert any("Each row is one place in the model" in c.value for c in at.caption)
+    at.slider(key="layers_offset").set_value(0).run()
+    assert at.dataframe[0].value["current token"].iloc[0] == pytest.approx(1.0)  # embeddings name the token
     labels = [b.label for b in at.get("download_button")]
     assert any("CSV" in lab for lab in labels) and any("manifest" in lab for lab in labels)
 
