@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
+from probing_core.analyses import amnesic
 from probing_core.analyses import interventions as iv
 from probing_core.analyses.regression import regression_data
 from probing_core.data.datasets import DatasetSpec, load_dataset
@@ -78,7 +79,7 @@ def test_directional_ablation_zeroes_the_projection_and_a_probe_along_it_is_at_c
     rows, y = space_data
     u = torch.from_numpy(mass_mean.unit)
     seqs = np.unique(acts.seq[rows])[:12]
-    token_rows = iv.entry_token_rows(acts, seqs=seqs)
+    token_rows = amnesic.entry_token_rows(acts, seqs=seqs)
     before, after, labels = [], [], []
     ablate = iv.Intervention("ablate", "all")
     for r in token_rows:
@@ -274,9 +275,9 @@ def test_bad_inputs_give_clear_errors(tiny_model, mass_mean, tmp_path):
 
 
 def test_loss_effect_noop_equals_base_and_ablation_is_compared_with_controls(tiny_model, acts, mass_mean):
-    same = iv.loss_effect(tiny_model, acts, mass_mean, iv.Intervention("steer", "all", 0.0), n_rows=2, k_controls=2)
+    same = amnesic.loss_effect(tiny_model, acts, mass_mean, iv.Intervention("steer", "all", 0.0), n_rows=2, k_controls=2)
     assert same.after == pytest.approx(same.base, abs=1e-6)
-    eff = iv.loss_effect(tiny_model, acts, mass_mean, iv.Intervention("ablate", "all"), n_rows=2, k_controls=3, seed=1)
+    eff = amnesic.loss_effect(tiny_model, acts, mass_mean, iv.Intervention("ablate", "all"), n_rows=2, k_controls=3, seed=1)
     assert eff.after != pytest.approx(eff.base, abs=1e-7)
     assert eff.control.shape == (3,) and np.isfinite(eff.control).all()
     assert eff.comparison.value == pytest.approx(eff.after - eff.base)
@@ -284,7 +285,7 @@ def test_loss_effect_noop_equals_base_and_ablation_is_compared_with_controls(tin
 
 def test_amnesic_probing_drives_the_probe_toward_chance_faster_than_random_directions(tiny_model, acts, space_data):
     rows, y = space_data
-    res = iv.amnesic_probing(tiny_model, acts, HOOK, rows, y, k_max=3, later_hook=LAST, n_loss_rows=1, seed=0)
+    res = amnesic.amnesic_probing(tiny_model, acts, HOOK, rows, y, k_max=3, later_hook=LAST, n_loss_rows=1, seed=0)
     assert res.k.tolist() == [0, 1, 2, 3]
     assert res.probe_acc[0] > res.chance + 0.05
     assert res.probe_acc[-1] < res.probe_acc[0] and res.probe_acc[-1] <= res.control_acc[-1]
