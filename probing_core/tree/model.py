@@ -268,6 +268,7 @@ class TreeEvalResult:
         count_by_depth: [n_depths] samples per depth.
         correct: [n_samples] bool, per sample.
         seconds: wall time of decoding.
+        predictions: per sample, the greedy path after the root (``-1`` = a non-node token).
     """
 
     accuracy: float
@@ -276,6 +277,12 @@ class TreeEvalResult:
     count_by_depth: np.ndarray
     correct: np.ndarray
     seconds: float
+    predictions: tuple[tuple[int, ...], ...] = ()
+
+    def depth_rows(self) -> list[dict[str, Any]]:
+        """One row per depth: depth, accuracy, puzzles."""
+        return [{"depth": int(d), "accuracy": float(a), "puzzles": int(c)}
+                for d, a, c in zip(self.depths, self.accuracy_by_depth, self.count_by_depth)]
 
     def by_depth(self) -> dict[int, float]:
         return {int(d): float(a) for d, a in zip(self.depths, self.accuracy_by_depth)}
@@ -311,4 +318,29 @@ def evaluate(
     depths = np.unique(depth_arr)
     acc = np.array([correct[depth_arr == d].mean() for d in depths])
     cnt = np.array([(depth_arr == d).sum() for d in depths])
-    return TreeEvalResult(float(correct.mean()), depths, acc, cnt, correct, time.perf_counter() - t0)
+    return TreeEvalResult(float(correct.mean()), depths, acc, cnt, correct, time.perf_counter() - t0,
+                          tuple(tuple(int(v) for v in p) for p in preds))
+
+
+def sample_row(sample: TreeSample, predicted_path: Sequence[int], *, root_included: bool = True) -> dict[str, Any]:
+    """One puzzle and the model's answer as a flat row (CSV/JSON downloads).
+
+    Args:
+        sample: the puzzle.
+        predicted_path: the model's path, root included (as :func:`predict_path` returns) unless
+            ``root_included`` is False (as :attr:`TreeEvalResult.predictions` holds it).
+
+    Returns:
+        ``n_nodes, root, goal, depth, edges ("p→c" in prompt order), prompt, true_path,
+        predicted_path, correct`` (paths as space-separated nodes from the root; ``?`` = not a node).
+    """
+    pred = [int(v) for v in predicted_path]
+    if not root_included:
+        pred = [sample.root, *pred]
+    return {
+        "n_nodes": sample.n_nodes, "root": sample.root, "goal": sample.goal, "depth": sample.depth,
+        "edges": " ".join(f"{p}→{c}" for p, c in sample.edges), "prompt": TOKENIZER.decode(sample.prompt_ids),
+        "true_path": " ".join(map(str, sample.path)),
+        "predicted_path": " ".join(str(v) if v >= 0 else "?" for v in pred),
+        "correct": pred == list(sample.path),
+    }

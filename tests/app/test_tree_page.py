@@ -51,3 +51,18 @@ def test_bad_prompt_shows_error(at: AppTest):
     at.text_input(key="tree_text").set_value("0 →1 , | 7 : 0").run()
     assert not at.exception
     assert at.error and "cannot be reached" in at.error[0].value
+
+
+def test_node_slider_offers_only_what_the_checkpoint_holds(at: AppTest):
+    slider = at.slider(key="tree_nodes")
+    n_ctx = int(tree_model.read_checkpoint_config()["bridge_config"]["n_ctx"])
+    assert slider.max == tree_model.max_nodes_for_context(n_ctx) >= tree_model.trained_n_nodes()
+    assert slider.value == tree_model.trained_n_nodes()
+    slider.set_value(slider.max).run()  # the largest size offered still draws a puzzle
+    assert not at.exception and not at.error and _metrics(at)["Model's path"] in ("correct ✅", "wrong ❌")
+
+
+def test_downloads(at: AppTest):
+    labels = [b.label for b in at.get("download_button")]
+    assert {"⬇ This puzzle (JSON)", "⬇ Test puzzles and predicted paths (CSV)", "⬇ Accuracy by depth (CSV)",
+            "⬇ Accuracy (JSON)"} <= set(labels)

@@ -165,6 +165,20 @@ def test_bridge_matches_plain_model_and_survives_compatibility_mode(shipped: tup
     assert acts["hook_embed"].shape == (64, tree_task.prompt_length(n_nodes), loaded.d_model)
 
 
+@needs_checkpoint
+def test_evaluation_rows_are_the_downloads(shipped: tuple[torch.nn.Module, dict]) -> None:
+    model, conf = shipped
+    samples = tree_task.make_dataset(60, seed=7, n_nodes=conf["task"]["n_nodes"], natural_fraction=0.0)
+    res = tree_model.evaluate(model, samples)
+    assert len(res.predictions) == 60 and list(res.predictions) == [tuple(p) for p in tree_model.greedy_paths(model, samples)]
+    rows = [tree_model.sample_row(s, p, root_included=False) for s, p in zip(samples, res.predictions)]
+    assert np.mean([r["correct"] for r in rows]) == pytest.approx(res.accuracy)
+    assert all(r["correct"] == (r["true_path"] == r["predicted_path"]) for r in rows)
+    assert sum(r["puzzles"] for r in res.depth_rows()) == 60
+    one = tree_model.sample_row(samples[0], tree_model.predict_path(model, samples[0]))
+    assert one == rows[0] and tree_task.parse_sample(one["prompt"]).path == samples[0].path
+
+
 def test_missing_checkpoint_says_how_to_fix(tmp_path: Path) -> None:
     assert not tree_model.checkpoint_available(tmp_path)
     with pytest.raises(ModelError, match="train-tree"):
