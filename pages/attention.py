@@ -12,7 +12,12 @@ st.title("👀 Attention")
 glue.explain(
     "Each attention head decides, for every token (query), how much to read from each earlier token (key). "
     "The grid shows one layer's heads; the heatmaps summarise every head: **entropy** (spread out vs focused), "
-    "**previous-token** score, attention to the **first token** (often a resting place), and attention to a token you pick."
+    "**previous-token** score, attention to the **first token** (often a resting place), and attention to a token you pick.",
+    demo="When the model reads a word, it **looks back** at earlier words to decide what comes next. Each small "
+         "reader inside it (a *head*) looks at different words. Here you see where each head looks: bright = looks "
+         "a lot.",
+    steps=["keep the example sentence or type your own", "hover the small squares to see which word each head "
+           "looks at", "in the heatmaps, bright cells are heads with a clear habit (e.g. always the word before)"],
 )
 model = glue.selected_model()
 
@@ -51,7 +56,7 @@ if res.notice:
 
 st.subheader(f"Layer {int(layer)}: all {res.n_heads} heads")
 page = attention.circuitsvis_html(res.tokens, res.pattern, title=f"{model.spec.label()} · layer {int(layer)}")
-st.iframe(page, height=720)
+st.iframe(page, height=plots.circuitsvis_frame_height(res.n_heads))  # the whole view: thumbnails + zoomed pattern
 st.download_button("⬇ CircuitsVis page (standalone HTML, works offline)", page, f"attention-layer{int(layer)}.html",
                    "text/html", key="attn_dl_html")
 

@@ -13,7 +13,13 @@ glue.explain(
     "The **logit lens** asks every layer: *if the model had to answer now, what would it say?* Each layer's "
     "residual stream goes through the model's final LayerNorm and unembedding. **Logit difference** compares two "
     "answers (\" great\" vs \" awful\"); **attribution** splits that difference into what each layer and each "
-    "attention head wrote into the residual stream — the parts add up to the model's own logit difference."
+    "attention head wrote into the residual stream — the parts add up to the model's own logit difference.",
+    demo="What would the model say **if it had to answer early**, after only a few of its layers? We stop it at every "
+         "layer and read out its best guess for the next word. Early guesses are often odd; watch when the right "
+         "answer (\" Paris\") shows up.",
+    steps=["type a sentence that stops before a word the model should know", "open **Logit lens** and read the "
+           "rows from the first layer to the last", "the row where the right word appears is where the model "
+           "figured it out"],
 )
 model = glue.selected_model()
 VIEWS = ["Next token", "Logit lens", "Logit difference & attribution"]

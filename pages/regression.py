@@ -17,7 +17,12 @@ glue.explain(
     "saw (1 = perfectly, 0 = no better than guessing the mean; below 0 = worse). The grey line is the same probe "
     "fit on shuffled labels: what noise alone reaches. **α** is the regularization strength — drag it to see how "
     "the curve changes. *Embedding regression* reads properties straight from the embedding matrix; *probe "
-    "transfer* checks whether that one embedding probe still works further up the residual stream."
+    "transfer* checks whether that one embedding probe still works further up the residual stream.",
+    demo="Can we read a simple fact about each word — like **how many letters it has** — from the model's numbers? "
+         "A probe guesses the fact at every layer; the curve shows how good the guess is (1 = perfect, 0 = no better "
+         "than always guessing the average). The grey line is what pure luck reaches.",
+    steps=["pick a fact in **Label**", "watch the curve: high = the model knows it at that layer",
+           "drag **α** to the right: a simpler probe, a lower curve — if it stays high, the fact is easy to read"],
 )
 model = glue.selected_model()
 acts = glue.entry_picker(model, page="reg", hooks_like="resid", build_hooks=glue.DEFAULT_BUILD)
@@ -60,9 +65,12 @@ if t1.open:
         fams = reg.families_present(model, acts.hooks)
         default = [f for f in ("embed", "resid_pre", "resid_mid", "resid_post") if f in fams] or list(fams)[:1]
         a, b, c = st.columns([3, 1, 1])
-        picked = a.multiselect("Hooks", list(fams), default=default, key="reg_families", bind=Q)
-        cv = b.selectbox("CV folds", [0, 2, 3, 5, 10], index=2, key="reg_cv", bind=Q, help="choose α by k-fold CV (0 = by the test split)")
-        seed = c.number_input("Split seed", 0, 10_000, 0, key="reg_seed", bind=Q)
+        picked = a.multiselect("Hooks" if glue.research() else "Places in the model", list(fams), default=default,
+                               key="reg_families", bind=Q)
+        cv, seed = 3, 0  # demo mode: the research defaults, not shown
+        if glue.research():
+            cv = b.selectbox("CV folds", [0, 2, 3, 5, 10], index=2, key="reg_cv", bind=Q, help="choose α by k-fold CV (0 = by the test split)")
+            seed = c.number_input("Split seed", 0, 10_000, 0, key="reg_seed", bind=Q)
         hooks = tuple(h for f in picked for h in fams[f])
         with glue.user_errors():
             run = _fit(acts.key, hooks, label, rule, int(cv), int(seed))

@@ -117,3 +117,99 @@ def test_two_sessions_keep_their_own_choices():
 
 def _widget_keys(at: AppTest) -> set[str]:
     return {str(k) for k in at.session_state.keys()}
+
+
+# ---------------------------------------------------------------------------------------------
+# What demo mode hides and shows (issue 16), against the research view of the same page
+# ---------------------------------------------------------------------------------------------
+
+GUIDED = ["pages/home.py", "pages/regression.py", "pages/sparse.py", "pages/layers.py", "pages/attention.py", "pages/lens.py"]
+
+
+@pytest.fixture(scope="module")
+def tiny_entries(tiny_model, pydoc_dataset):
+    """A default-style entry (embed + resid_post) and one with MLP neurons, in the tests' store."""
+    from probing_core.store.activations import build_cache
+    from probing_core.store.entries import ActivationStore
+
+    store = ActivationStore(Path(os.environ["PROBING_CACHE_DIR"]) / "activations")
+    resid, _ = build_cache(tiny_model, pydoc_dataset, tiny_model.hook_names(["embed", "resid_post"]), store=store,
+                           max_len=64, max_tokens=1500)
+    mlp, _ = build_cache(tiny_model, pydoc_dataset, tiny_model.hook_names(["mlp_post", "resid_post"]), store=store,
+                         max_len=64, max_tokens=4000)
+    return resid.key, mlp.key
+
+
+def _open(page: str, entry: str | None = None) -> AppTest:
+    at = _app()
+    if entry:
+        at.session_state["home_entry_key"] = entry
+    at.run()
+    if page != "pages/home.py":
+        at.switch_page(page).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+_WIDGETS = ("selectbox", "button", "number_input", "multiselect", "text_input", "slider", "select_slider", "checkbox",
+            "radio", "toggle", "text_area")
+
+
+def _keys(at: AppTest) -> set[str]:
+    """Keys of every widget on the page and in the sidebar."""
+    keys = {str(w.key) for typ in _WIDGETS for w in getattr(at, typ) if w.key}
+    assert keys, "no widgets found: the check below would be empty"
+    return keys
+
+
+def _texts(at: AppTest) -> str:
+    parts = [m.label + " " + str(m.value) for m in at.metric]
+    parts += [c.value for c in at.caption] + [b.label for b in at.button] + [m.value for m in at.markdown]
+    return "\n".join(parts)
+
+
+@pytest.mark.parametrize("page", [p for p in GUIDED if p in existing_pages()])
+def test_demo_boxes_speak_plainly_and_guide(demo_env, page):
+    at = _open(page)
+    box = next(el for el in _top_level(at) if getattr(el, "type", "") == "info" and el.proto.icon == "💡").value
+    first = box.split(". ")[0]
+    for jargon in ("L1", "LayerNorm", "unembedding", "residual", "logistic", "ridge", "C=", "saga", "KKT",
+                   "tolerance", "activations"):
+        assert jargon not in first, f"{page}: the first sentence says {jargon!r}: {first!r}"
+    assert "**1.**" in box and "**2.**" in box and "**3.**" in box, f"{page}: no guided path in {box!r}"
+
+
+def test_home_hides_keys_paths_delete_and_dtype_in_demo(demo_env, tiny_entries):
+    at = _open("pages/home.py")
+    keys, text = _keys(at), _texts(at)
+    assert not {"home_delete", "home_delete_key", "home_store_dtype", "model_device", "model_dtype"} & keys, keys
+    assert "Delete entry" not in text and "d_model" not in text
+    assert tiny_entries[0] not in text and tiny_entries[0][:8] not in text, "an entry key is shown"
+    assert "key" not in at.dataframe[0].value.columns
+    assert str(glue.get_store().root) not in text and "activations" not in text.lower().split("`")[1::2]
+
+
+def test_research_view_keeps_every_control(tiny_entries):
+    """Outside demo mode the same pages show what demo mode hides."""
+    os.environ.pop("PROBING_DEMO", None)
+    home = _open("pages/home.py")
+    keys = _keys(home)
+    assert {"home_delete", "home_delete_key", "home_store_dtype", "model_device", "model_dtype"} <= keys, keys
+    assert "d_model" in _texts(home)
+    reg = _open("pages/regression.py", tiny_entries[0])
+    assert {"reg_cv", "reg_seed"} <= _keys(reg)
+    sp = _open("pages/sparse.py", tiny_entries[1])
+    assert {"sparse_cv", "sparse_penalty"} <= _keys(sp)
+
+
+def test_research_controls_hidden_in_demo(demo_env, tiny_entries):
+    reg = _open("pages/regression.py", tiny_entries[0])
+    assert not {"reg_cv", "reg_seed"} & _keys(reg)
+    entry_label = reg.selectbox(key="reg_entry").format_func(reg.selectbox(key="reg_entry").value) \
+        if hasattr(reg.selectbox(key="reg_entry"), "format_func") else reg.selectbox(key="reg_entry").options[0]
+    assert tiny_entries[0][:8] not in str(entry_label), "the entry picker shows a key"
+    sp = _open("pages/sparse.py", tiny_entries[1])
+    assert not {"sparse_cv", "sparse_penalty", "sparse_l1r"} & _keys(sp)
+    assert "KKT residual" not in [m.label for m in sp.metric]
+    layers = _open("pages/layers.py", tiny_entries[0])
+    assert "hook" not in layers.dataframe[0].value.columns and "layer" in layers.dataframe[0].value.columns
