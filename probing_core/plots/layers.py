@@ -47,6 +47,11 @@ def accuracy_lines(result: LayerAccuracyResult, *, title: str | None = None, sho
     fig = go.Figure()
     for j, col in enumerate(result.columns):
         color = _PALETTE[j % len(_PALETTE)]
+        ci = getattr(result, "test_accuracy_ci", None)
+        if ci is not None and ci.shape[:2] == result.test_accuracy.shape:  # 95 % Wilson band over n_test rows
+            fig.add_scatter(x=list(x) + list(x)[::-1], y=np.concatenate([ci[:, j, 1], ci[::-1, j, 0]]), fill="toself",
+                            fillcolor=color, opacity=0.15, line=dict(width=0), hoverinfo="skip",
+                            name=f"{col} 95 % CI (n={int(result.n_test[j])})", showlegend=len(result.columns) <= 3)
         fig.add_scatter(x=x, y=result.test_accuracy[:, j], name=col, mode="lines+markers", line=dict(color=color))
         if show_train:
             fig.add_scatter(x=x, y=result.train_accuracy[:, j], name=f"{col} (train)", mode="lines",

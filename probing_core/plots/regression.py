@@ -21,12 +21,16 @@ def _band(x: Sequence[str] | np.ndarray, lo: np.ndarray, hi: np.ndarray, color: 
 
 
 def r2_curve(result: RidgePathResult, alpha_index: int | None = None, *, title: str = "R² across hooks",
-             show_train: bool = True) -> go.Figure:
+             show_train: bool = True, test_name: str = "test", test_ci: np.ndarray | None = None,
+             new_types: np.ndarray | None = None) -> go.Figure:
     """R² per hook: train, test, CV mean ± std band, shuffled baseline; markers at each hook's best α.
 
     Args:
         result: from ``fit_ridge_path``.
         alpha_index: one α of ``result.alphas`` for every hook; None = each hook's best α.
+        test_name: what the test rows are (e.g. "new token types"), shown in the legend.
+        test_ci: ``(hook, 2)`` 95 % interval of the test R² at the best α, drawn as a band (best α only).
+        new_types: ``(hook,)`` test R² on token types unseen in training (random-token split), best α only.
     """
     hooks = hook_labels(result.hooks)
     idx = result.best_index if alpha_index is None else np.full(len(hooks), int(alpha_index))
@@ -39,8 +43,14 @@ def r2_curve(result: RidgePathResult, alpha_index: int | None = None, *, title: 
         fig.add_scatter(x=hooks, y=cv_mean, name=f"CV mean ({result.n_folds} folds)", line=dict(color=_CV))
     if show_train:
         fig.add_scatter(x=hooks, y=result.r2_train[rows, idx], name="train", line=dict(color=_TRAIN, dash="dot"))
+    if test_ci is not None and alpha_index is None and np.isfinite(test_ci).any():
+        fig.add_traces(_band(hooks, test_ci[:, 0], test_ci[:, 1], _TEST, "test 95 % CI (bootstrap)"))
+    if new_types is not None and alpha_index is None and np.isfinite(new_types).any():
+        fig.add_scatter(x=hooks, y=new_types, name="test, new token types only", mode="lines+markers",
+                        line=dict(color=_TEST, dash="dashdot"))
     if not np.all(np.isnan(result.r2_test)):
-        fig.add_scatter(x=hooks, y=result.r2_test[rows, idx], name="test", line=dict(color=_TEST),
+        fig.add_scatter(x=hooks, y=result.r2_test[rows, idx], name="test" if test_name == "test" else f"test: {test_name} (n={result.n_test:,})",
+                        line=dict(color=_TEST),
                         customdata=result.alphas[idx], hovertemplate="%{x}<br>R² %{y:.4f}<br>α %{customdata:.3g}<extra>test</extra>")
     fig.add_scatter(x=hooks, y=result.baseline_r2, name="shuffled-label baseline", line=dict(color=_BASE, dash="dash"))
     if alpha_index is None:

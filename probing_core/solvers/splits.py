@@ -295,5 +295,7 @@ def accuracy_ci(n_correct: np.ndarray | int | float, n: np.ndarray | int, *, lev
         den = 1 + z * z / m
         mid = (p + z * z / (2 * m)) / den
         half = z * np.sqrt(p * (1 - p) / m + z * z / (4 * m * m)) / den
-    out = np.stack([mid - half, mid + half], axis=-1)
+    lo = np.where(k <= 0, 0.0, mid - half)  # exact ends at 0 % and 100 % (no rounding just inside)
+    hi = np.where(k >= m, 1.0, mid + half)
+    out = np.stack([lo, hi], axis=-1)
     return np.where(np.asarray(m)[..., None] > 0, np.clip(out, 0.0, 1.0), np.nan)
