@@ -113,7 +113,7 @@ def folder_arg(text: str) -> str:
 
 def existing_folder_arg(text: str) -> str:
     """An argparse type: a folder that exists."""
-    if not Path(text).is_dir():
+    if not text.strip() or not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"folder {text!r} does not exist")
     return text
 

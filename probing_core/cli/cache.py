@@ -11,6 +11,7 @@ from probing_core.cli._common import (
     add_json_arg,
     add_model_args,
     add_store_args,
+    float_range,
     int_range,
     nonempty,
     out_file_arg,
@@ -179,12 +180,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--store-dtype", default="float32", choices=["float32", "float16"])
     b.add_argument("--engine", default="local", choices=["local", "ray"],
                    help="local: this process; ray: row ranges over a Ray actor pool, written as shards (docs/scale.md)")
-    b.add_argument("--address", default=None, help="Ray cluster address host:port (default: $RAY_ADDRESS, else a local cluster)")
-    b.add_argument("--workers", type=int, default=2, help="Ray actors (each loads the model once; default 2)")
-    b.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs reserved per Ray actor (0 = CPU actors)")
+    b.add_argument("--address", default=None, type=nonempty, help="Ray cluster address host:port (default: $RAY_ADDRESS, else a local cluster)")
+    b.add_argument("--workers", type=int_range(1, 4096), default=2, help="Ray actors (each loads the model once; default 2)")
+    b.add_argument("--gpus-per-worker", type=float_range(0.0, 64.0), default=0.0, help="GPUs reserved per Ray actor (0 = CPU actors)")
     b.add_argument("--ray-write", default="worker", choices=["worker", "driver"],
                    help="worker: actors write shards into the store (shared filesystem); driver: arrays come back and this process writes them")
-    b.add_argument("--rows-per-shard", type=int, default=None, help="rows per shard, whole batches (default: about 131k tokens)")
+    b.add_argument("--rows-per-shard", type=int_range(1, 10**9), default=None, help="rows per shard, whole batches (default: about 131k tokens)")
     b.set_defaults(func=_build)
 
     ls = csub.add_parser("ls", help="list entries")

@@ -43,11 +43,13 @@ def _run(args: argparse.Namespace) -> int:
     else:
         labels = [lp.parse_label(t, top_k=args.top_k_classes) for t in args.label]
         pos = lp.parse_positions(args.positions, split=args.split_positions)
+        if pos.kind == "every" and pos.every < 1:
+            raise InputError(f"--positions {args.positions!r}: every:K needs a step K of 1 or more.")
         dataset = open_dataset(args)
         hooks = resolve_hooks(model, args.hooks or ["embed", "resid_post"])
         update, close = tqdm_progress("cache build")
         try:
-            entry, _ = build_cache(model, dataset, hooks, store=store, max_len=min(args.max_len, model.n_ctx),
+            entry, _ = build_cache(model, dataset, hooks, store=store, max_len=args.max_len,
                                    max_tokens=args.max_tokens, progress=update)
         finally:
             close()

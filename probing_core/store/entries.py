@@ -97,8 +97,11 @@ class ActivationStore:
             self.entries_dir.mkdir(parents=True, exist_ok=True)
             self.locks_dir.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".write-test-{os.getpid()}-{threading.get_ident()}"
-            probe.write_bytes(b"ok")
-            probe.unlink()
+            try:
+                probe.write_bytes(b"ok")
+            finally:
+                with contextlib.suppress(OSError):
+                    probe.unlink()
         except OSError as e:
             raise StoreError(
                 f"the cache folder {self.root} is not writable ({e.strerror or e}). Set PROBING_CACHE_DIR "
