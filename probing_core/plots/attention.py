@@ -60,6 +60,8 @@ def head_scores_grid(scores: HeadScores) -> go.Figure:
     fig = make_subplots(rows=1, cols=n, subplot_titles=[
         _TITLES.get(m, f"attention to position {scores.selected_token}") for m in metrics], horizontal_spacing=gap)
     width = (1 - gap * (n - 1)) / n
+    height = max(360, 18 * scores.entropy.shape[0] + 230)
+    below = -62 / (height - 80 - 130)  # colour bars ~62 px under the panels: clear of the "head" axis titles
     for i, m in enumerate(metrics, start=1):
         z = scores.selected if m == "selected" else getattr(scores, m)
         L, H = z.shape
@@ -67,15 +69,14 @@ def head_scores_grid(scores: HeadScores) -> go.Figure:
         fig.add_trace(go.Heatmap(
             z=z, x=list(range(H)), y=list(range(L)), colorscale="Viridis", zmin=0, zmax=_zmax(m, z),
             showscale=True, colorbar=dict(orientation="h", x=centre, xanchor="center", len=width, lenmode="fraction",
-                                          y=-0.12, yanchor="top", thickness=12, tickformat=".1f",
-                                          title=dict(text="nats" if m == "entropy" else "share", side="top")),
+                                          y=below, yanchor="top", thickness=12, tickformat=".1f",
+                                          title=dict(text="nats" if m == "entropy" else "share", side="right")),
             hovertemplate=f"{m} · layer %{{y}} · head %{{x}}: %{{z:.3f}}<extra></extra>",
         ), row=1, col=i)
         fig.update_yaxes(autorange="reversed", tickformat="d", dtick=1 if L <= 16 else 2, row=1, col=i)
         fig.update_xaxes(tickformat="d", dtick=1 if H <= 12 else 2, title_text="head", row=1, col=i)
     fig.update_yaxes(title_text="layer", row=1, col=1)
-    fig.update_layout(title="Head scores", height=max(360, 18 * scores.entropy.shape[0] + 230),
-                      margin=dict(b=120))
+    fig.update_layout(title="Head scores", height=height, margin=dict(t=80, b=130))
     return fig
 
 
