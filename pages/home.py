@@ -5,7 +5,7 @@ import streamlit as st
 import glue
 from probing_core.store.activations import build_cache
 
-st.title("🔬 Probing dashboard")
+st.title("🏠 Home")
 st.caption("Cache a model's activations once, then probe them: R² curves, sparse L1 paths, layer accuracy, attention and the logit lens.")
 glue.explain(
     "A **probe** is a small linear model that tries to read a property (say, a token's length) out of a "
