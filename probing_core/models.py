@@ -724,7 +724,12 @@ def _bridge_from_hf_folder(folder: str, dtype: torch.dtype, device: str, model_n
     hf_model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=dtype)
     hf_model.to(device)
     hf_model.train(False)
-    tok = AutoTokenizer.from_pretrained(folder)
+    try:
+        # TransformerLens reloads a tokenizer that does not add BOS with add_bos_token=True (0.3–0.9 s here);
+        # loading it that way once skips the reload. Our encode() adds no special tokens either way.
+        tok = AutoTokenizer.from_pretrained(folder, add_bos_token=True)
+    except ValueError:  # BOS tokens that a template cannot express (TransformerLens falls back the same way)
+        tok = AutoTokenizer.from_pretrained(folder)
     arch = (hf_model.config.architectures or [type(hf_model).__name__])[0]
     bridge = build_bridge_from_module(hf_model, arch, hf_config=hf_model.config, tokenizer=tok, model_name=model_name)
     return bridge, tok
