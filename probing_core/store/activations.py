@@ -170,9 +170,13 @@ def extract_to_folder(
     np_dtype = STORE_DTYPES[dtype]
     n_tokens = batch.n_tokens
     n_seq = batch.tokens.shape[0]
+    if within_pass is not None:  # seconds for a whole vocabulary's strings: say so before the first pass
+        within_pass(0.0, f"writing the token table ({n_tokens:,} tokens)…")
     write_token_table(model, batch, folder)
 
     widths = {h: model.hook_width(h) for h in hooks}
+    if within_pass is not None:
+        within_pass(0.0, f"reserving {n_tokens * sum(widths.values()) * np.dtype(np_dtype).itemsize / 1e6:,.0f} MB on disk…")
     outs = {
         h: np.lib.format.open_memmap(folder / hook_filename(h), mode="w+", dtype=np_dtype, shape=(n_tokens, widths[h]))
         for h in hooks

@@ -113,8 +113,10 @@ def test_extraction_reports_within_each_pass(deep_model, tmp_path):
                       within_pass=lambda f, m: inner.append((f, m)))
     n_batches = -(-batch.tokens.shape[0] // 4)
     assert len(per_batch) == n_batches  # once per pass: the sharded engine counts passes by it
-    assert len(inner) == 3 * n_batches and [f for f, _ in inner] == sorted(f for f, _ in inner)
-    assert inner[-1][0] == 1.0 and "layer 3/3" in inner[-1][1]
+    assert [m.split(" ")[0] for _, m in inner[:2]] == ["writing", "reserving"]  # the steps before the first pass
+    passes = inner[2:]
+    assert len(passes) == 3 * n_batches and [f for f, _ in passes] == sorted(f for f, _ in passes)
+    assert passes[-1][0] == 1.0 and "layer 3/3" in passes[-1][1]
 
 
 def test_build_progress_throttles_and_measures_time_left():
