@@ -1,0 +1,323 @@
+"""Load: N concurrent real-browser sessions against one real server.
+
+Starts ``streamlit run app.py`` (headless, a free port on 127.0.0.1) with its own
+``PROBING_CACHE_DIR`` in a temp folder whose ``models/`` links to the converted embedded model of
+``.test-cache/models`` (read, never copied or written), builds one small entry of the embedded
+model there (the Regression page's default entry), then drives N = 1, 2, 4, 8 Playwright Chromium
+contexts at once — each a fresh Streamlit session — through the common path:
+
+    open Regression (default entry, default label) → change the label → move α to the largest value
+    → open Logit lens (sidebar link) → run a prompt of its own
+
+and prints, per N, the median and p95 latency of each action, errors (exception elements, error
+alerts, timeouts, "Traceback" in the server log), the server's RSS (peak and after the round), and
+the /_stcore/health round trip, polled every 0.25 s throughout (goal: under 1 s at all times).
+
+Latency is measured in the page: from just before the action to the moment the script run it caused
+has finished (a MutationObserver on ``data-test-script-state``), with no fixed settle time included.
+Each round uses labels and prompts of its own, so the fits and forward passes are real, not hits
+left over from an earlier round; within a round, sessions share labels (two labels across N
+sessions), so shared results are exercised too.
+
+Usage (run alone: it loads the 2-core machine fully):
+    flock /tmp/bench.lock .venv/bin/python benchmarks/bench_load.py [--sessions 1 2 4 8] [--tokens 5000]
+Needs /usr/bin/chromium and the embedded model converted once (``make test`` or any unit test run).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-dev-shm-usage", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-gpu"]
+ACTION_TIMEOUT_MS = 600_000
+#: Label titles the sessions switch to (the page's default is "Token length"); each round takes two.
+LABELS = ["Token length without space", "Position", "Capitalised", "Starts with space",
+          "Next token starts with space", "Is a number", "Token length without space", "Position"]
+ACTIONS = ["open_regression", "change_label", "move_alpha", "open_lens", "run_prompt"]
+
+# In-page watch of the script state: runs seen since the action started, and when the last ended.
+WATCH_JS = """() => {
+  const app = document.querySelector("[data-testid='stApp']");
+  const w = window.__bench = {t0: performance.now(), runs: 0, last: null,
+                              running: app.getAttribute('data-test-script-state') === 'running'};
+  if (window.__benchObs) window.__benchObs.disconnect();
+  window.__benchObs = new MutationObserver(() => {
+    const s = app.getAttribute('data-test-script-state');
+    if (s === 'running' && !w.running) { w.running = true; w.runs += 1; }
+    else if (s !== 'running' && w.running) { w.running = false; w.last = performance.now(); }
+  });
+  window.__benchObs.observe(app, {attributes: true, attributeFilter: ['data-test-script-state']});
+}"""
+# Done: at least one run, none running now, 300 ms quiet since (a follow-up rerun would show), no spinner.
+DONE_JS = """() => { const w = window.__bench;
+  return w && w.runs > 0 && !w.running && performance.now() - w.last > 300
+         && !document.querySelector("[data-testid='stSpinner']"); }"""
+IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _health(base: str, timeout: float = 5.0) -> tuple[bool, float]:
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(f"{base}/_stcore/health", timeout=timeout) as r:
+            ok = r.read().strip() == b"ok"
+    except OSError:
+        ok = False
+    return ok, time.perf_counter() - t0
+
+
+def prepare_cache(tokens: int) -> Path:
+    """A temp PROBING_CACHE_DIR: models/ links to .test-cache's converted model; one entry built."""
+    src = REPO / ".test-cache" / "models"
+    converted = [p for p in src.glob("smollm2-*") if (p / "config.json").exists()] if src.is_dir() else []
+    if not converted:
+        sys.exit(f"no converted embedded model under {src}: run the unit tests once (or `make test`) first")
+    root = Path(tempfile.mkdtemp(prefix="bench-load-"))
+    (root / "models").mkdir()
+    for p in converted:
+        (root / "models" / p.name).symlink_to(p, target_is_directory=True)
+    env = {**os.environ, "PROBING_CACHE_DIR": str(root), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONPATH": str(REPO)}
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "probing_core", "cache", "build", "--model", "embedded",
+                          "--dataset", "pydoc", "--hooks", "embed", "resid_post", "--max-tokens", str(tokens),
+                          "--json"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    if res.returncode != 0:
+        sys.exit(f"cache build failed: {res.stderr[-2000:]}")
+    print(f"cache entry: {tokens:,} tokens of pydoc, embed + resid_post (31 hooks), built in "
+          f"{time.perf_counter() - t0:.0f} s in {root}")
+    return root
+
+
+class Server:
+    """``streamlit run app.py`` on a free port, plus a thread polling health and sampling RSS."""
+
+    def __init__(self, cache_dir: Path, log_path: Path) -> None:
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if k not in ("PROBING_DEMO", "PROBING_AUTH") and not k.startswith("STREAMLIT_")}
+        env.update(PROBING_CACHE_DIR=str(cache_dir), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(self.port),
+               "--server.headless", "true", "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.ps = psutil.Process(self.proc.pid)
+        self.samples: list[tuple[float, bool, float, int]] = []  # (time, ok, seconds, rss)
+        self._stop = threading.Event()
+        deadline = time.monotonic() + 180
+        while not _health(self.base, 3)[0]:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                sys.exit(f"server did not come up; see {log_path}")
+            time.sleep(0.5)
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            ok, secs = _health(self.base)
+            try:
+                rss = self.ps.memory_info().rss
+            except psutil.Error:
+                rss = 0
+            self.samples.append((time.monotonic(), ok, secs, rss))
+            self._stop.wait(0.25)
+
+    def window(self, t0: float, t1: float) -> list[tuple[float, bool, float, int]]:
+        return [s for s in self.samples if t0 <= s[0] <= t1]
+
+    def rss(self) -> int:
+        return self.ps.memory_info().rss
+
+    def tracebacks(self) -> int:
+        return self.log_path.read_text(errors="replace").count("Traceback")
+
+    def close(self) -> None:
+        self._stop.set()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self._log.close()
+
+
+async def _timed(page, act) -> float:
+    """Seconds from just before ``act()`` until the script run it caused has finished (in-page clock)."""
+    await page.evaluate(WATCH_JS)
+    await act()
+    await page.wait_for_function(DONE_JS, timeout=ACTION_TIMEOUT_MS, polling=50)
+    return await page.evaluate("() => (window.__bench.last - window.__bench.t0) / 1000")
+
+
+async def _page_errors(page) -> list[str]:
+    out = []
+    for sel in ("[data-testid='stException']", "[data-testid='stAlertContentError']"):
+        loc = page.locator(sel)
+        for i in range(await loc.count()):
+            out.append((await loc.nth(i).inner_text())[:200])
+    return out
+
+
+async def session(browser, base: str, label: str, prompt: str) -> tuple[dict[str, float], list[str]]:
+    """One fresh browser session through the common path; returns latencies and errors."""
+    ctx = await browser.new_context(viewport={"width": 1400, "height": 1000}, service_workers="block")
+    ctx.set_default_timeout(ACTION_TIMEOUT_MS)
+    page = await ctx.new_page()
+    times: dict[str, float] = {}
+    errors: list[str] = []
+    try:
+        # Open Regression on the default entry: until the R² chart is drawn (a page load, so the
+        # in-page watch cannot span it: timed from the navigation, first chart and idle state).
+        t0 = time.perf_counter()
+        await page.goto(f"{base}/regression")
+        await page.locator(".st-key-reg_curve .js-plotly-plot").first.wait_for()
+        await page.wait_for_selector(IDLE)
+        await page.wait_for_selector("[data-testid='stSpinner']", state="detached")
+        times["open_regression"] = time.perf_counter() - t0
+        errors += await _page_errors(page)
+
+        async def pick_label():
+            await page.locator(".st-key-reg_label [role='combobox']").click()  # a react-aria combo box in 1.67
+            await page.get_by_role("option", name=label, exact=True).click()
+        times["change_label"] = await _timed(page, pick_label)
+        errors += await _page_errors(page)
+
+        async def move_alpha():
+            slider = page.locator(".st-key-reg_alpha input[type='range'], .st-key-reg_alpha [role='slider']").first
+            await slider.focus()
+            await slider.press("End")
+        times["move_alpha"] = await _timed(page, move_alpha)
+        errors += await _page_errors(page)
+
+        async def open_lens():
+            await page.locator("[data-testid='stSidebarNav'] a", has_text="Logit lens").first.click()
+        times["open_lens"] = await _timed(page, open_lens)
+        await page.locator(".st-key-lens_prompt textarea").wait_for()
+        errors += await _page_errors(page)
+
+        async def run_prompt():
+            box = page.locator(".st-key-lens_prompt textarea")
+            await box.fill(prompt)
+            await box.press("Control+Enter")
+        times["run_prompt"] = await _timed(page, run_prompt)
+        errors += await _page_errors(page)
+    except Exception as e:  # noqa: BLE001 — a timeout or a missing element is a result to report, not a crash
+        errors.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    finally:
+        await ctx.close()
+    return times, errors
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+async def run_round(browser, server: Server, n: int, round_no: int) -> dict:
+    labels = [LABELS[(2 * round_no + i % 2) % len(LABELS)] for i in range(n)]
+    prompts = [f"Round {round_no}, visitor {i}: the capital of France is" for i in range(n)]
+    tb0 = server.tracebacks()
+    t0 = time.monotonic()
+    results = await asyncio.gather(*(session(browser, server.base, labels[i], prompts[i]) for i in range(n)))
+    t1 = time.monotonic()
+    win = server.window(t0, t1)
+    return {
+        "n": n, "wall": t1 - t0,
+        "times": {a: [r[0][a] for r in results if a in r[0]] for a in ACTIONS},
+        "errors": [e for r in results for e in r[1]],
+        "tracebacks": server.tracebacks() - tb0,
+        "health_max": max((s[2] for s in win), default=float("nan")),
+        "health_slow": sum(1 for s in win if not s[1] or s[2] > 1.0), "health_n": len(win),
+        "rss_peak": max((s[3] for s in win), default=0), "rss_end": server.rss(),
+    }
+
+
+def report(r: dict) -> None:
+    print(f"\nN = {r['n']} sessions at once: round wall time {r['wall']:.1f} s")
+    print(f"  {'action':<16} {'done':>5} {'median s':>9} {'p95 s':>7} {'max s':>7}")
+    for a in ACTIONS:
+        xs = r["times"][a]
+        if xs:
+            print(f"  {a:<16} {len(xs):>5} {statistics.median(xs):>9.2f} {_pct(xs, 0.95):>7.2f} {max(xs):>7.2f}")
+        else:
+            print(f"  {a:<16} {0:>5}        --")
+    print(f"  errors: {len(r['errors'])} in pages/timeouts, {r['tracebacks']} tracebacks in the server log"
+          + "".join(f"\n    - {e}" for e in r["errors"][:8]))
+    print(f"  server RSS: peak {r['rss_peak'] / 2**20:,.0f} MiB, after the round {r['rss_end'] / 2**20:,.0f} MiB")
+    print(f"  /_stcore/health: {r['health_n']} polls, slowest {r['health_max'] * 1000:.0f} ms, "
+          f"{r['health_slow']} failed or over 1 s")
+
+
+async def main_async(args) -> int:
+    from playwright.async_api import async_playwright
+
+    cache_dir = prepare_cache(args.tokens)
+    out = REPO / "benchmarks" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    server = Server(cache_dir, out / "bench_load-server.log")
+    print(f"server {server.base}, pid {server.proc.pid}, RSS at start {server.rss() / 2**20:,.0f} MiB")
+    bad = 0
+    try:
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            # Warm-up, not counted: the first visitor loads the model and makes the first (cold) fit.
+            t0 = time.monotonic()
+            times, errors = await session(browser, server.base, LABELS[-1], "Warm-up: the capital of France is")
+            print(f"warm-up session (model load + first fit, one visitor): {time.monotonic() - t0:.1f} s, "
+                  f"open_regression {times.get('open_regression', float('nan')):.1f} s, errors {errors or 0}; "
+                  f"RSS {server.rss() / 2**20:,.0f} MiB")
+            for k, n in enumerate(args.sessions):
+                r = await run_round(browser, server, n, k)
+                report(r)
+                bad += len(r["errors"]) + r["tracebacks"] + r["health_slow"]
+            await browser.close()
+    finally:
+        server.close()
+        if not args.keep:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+    print(f"\nserver log: {server.log_path}")
+    return 1 if bad else 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4, 8], help="concurrent sessions per round")
+    ap.add_argument("--tokens", type=int, default=5000, help="tokens in the benchmark's cache entry (Home's default)")
+    ap.add_argument("--keep", action="store_true", help="keep the temp cache folder")
+    ap.add_argument("--action-timeout", type=float, default=600, help="seconds one action may take before it counts as an error")
+    args = ap.parse_args()
+    global ACTION_TIMEOUT_MS
+    ACTION_TIMEOUT_MS = int(args.action_timeout * 1000)
+    if not Path(CHROMIUM).exists():
+        sys.exit(f"{CHROMIUM} is missing (apt-get install -y chromium)")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `timeout` stops it like Ctrl-C: the server is stopped too
+    return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
