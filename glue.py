@@ -32,7 +32,7 @@ from probing_core.models import (
     load_model,
     model_catalog,
 )
-from probing_core.store.entries import DEFAULT_SIZE_LIMIT, ActivationStore, StoreEntry
+from probing_core.store.entries import ActivationStore, StoreEntry, size_limit_from_env
 
 # ---------------------------------------------------------------------------------------------
 # Settings
@@ -219,8 +219,8 @@ def _store_cached(root: str, limit: int) -> ActivationStore:
 
 def get_store() -> ActivationStore:
     """The activation store under ``$PROBING_CACHE_DIR/activations``."""
-    limit = int(float(os.environ.get("PROBING_CACHE_LIMIT_GB", DEFAULT_SIZE_LIMIT / 1024**3)) * 1024**3)
-    return _store_cached(str(default_cache_root() / "activations"), limit)
+    with user_errors():  # a bad PROBING_CACHE_LIMIT_GB or an unwritable folder: a message, not a traceback
+        return _store_cached(str(default_cache_root() / "activations"), size_limit_from_env())
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)

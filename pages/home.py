@@ -79,7 +79,7 @@ if st.button("Build cache", type="primary", disabled=not picked, key="home_build
 
 st.subheader("Cached entries")
 store = glue.get_store()
-entries = store.entries()
+entries, broken = store.scan()
 if not entries:
     st.write("Nothing cached yet.")
 else:
@@ -104,3 +104,12 @@ else:
                 store.delete(to_delete)
             st.session_state.pop("home_entry_key", None)
             st.rerun()
+for b in broken:  # damaged entries are set aside (never read); say so and offer to delete them
+    w1, w2 = st.columns([4, 1])
+    w1.warning(f"Broken cache entry `{b.key}`: {b.reason}. It is not used; delete it and build it again.")
+    if glue.research() and w2.button("Delete", key=f"home_delete_broken_{b.key}"):
+        with glue.user_errors():
+            store.delete(b.key)
+        st.rerun()
+if store.index_problem:
+    st.warning(store.index_problem)
