@@ -2,7 +2,7 @@
 
 Run under the shared lock (the machine is shared):
 
-    flock /tmp/bench.lock .venv/bin/python benchmarks/bench_ray.py [--model embedded|tiny] [--tokens 6000]
+    flock /tmp/bench.lock .venv/bin/python -u benchmarks/bench_ray.py [--model embedded|tiny] [--tokens 3000]
 
 1. Extraction tokens/s of the embedded model (hooks: resid_post of every layer) over pydoc:
    the local build, then a Ray build with 1 and with 2 local CPU workers (same key, separate
@@ -118,15 +118,15 @@ def bench_ridge_memory(n_rows: int, d: int, n_shards: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="embedded", choices=["embedded", "tiny"])
-    ap.add_argument("--tokens", type=int, default=6000)
+    ap.add_argument("--tokens", type=int, default=3000)
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--ridge-rows", type=int, default=200_000)
     ap.add_argument("--skip-extraction", action="store_true")
     args = ap.parse_args()
+    bench_ridge_memory(args.ridge_rows, 576, 8)
     if not args.skip_extraction:
         bench_extraction(args.model, args.tokens, args.max_len, args.batch_size)
-    bench_ridge_memory(args.ridge_rows, 576, 8)
 
 
 if __name__ == "__main__":

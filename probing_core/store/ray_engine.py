@@ -32,7 +32,7 @@ import numpy as np
 from probing_core.data.datasets import Dataset, TokenBatch
 from probing_core.errors import InputError, ModelError, ProbingError
 from probing_core.models import LoadedModel, ModelSpec, default_cache_root, load_model
-from probing_core.store.activations import Progress
+from probing_core.store.activations import Progress, _match_fields
 from probing_core.store.entries import ActivationStore
 from probing_core.store.shards import (
     RangeDone,
@@ -320,6 +320,9 @@ def build_cache_ray(
     runner = ray_runner(model, cache_root=Path(cache_root) if cache_root else default_cache_root(), workers=workers,
                         gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
                         threads_per_worker=threads_per_worker, write=write, fault=fault)
+    existing = store.find(_match_fields(model, dataset, max_len, max_tokens, dtype, prepend_bos), list(hooks))
+    if existing is not None:  # nothing to compute: do not start or join a cluster for it
+        return ShardedBuild(existing, False, existing.meta.get("engine", "local"))
     ray = connect(address)
     info = {"address": address or os.environ.get("RAY_ADDRESS") or "local", "workers": int(workers),
             "gpus_per_worker": float(gpus_per_worker), "write": write, "ray_version": ray.__version__}

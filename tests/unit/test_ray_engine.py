@@ -176,3 +176,6 @@ def test_without_ray_installed_the_cli_says_how_to_get_it(tmp_path):
     out = subprocess.run(cmd[:-4] + ["--cache-dir", str(cache)], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr
+    # With the entry there, a Ray build has nothing to compute and needs no cluster (nor ray).
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "already cached" in out.stdout, out.stderr
