@@ -323,6 +323,23 @@ def shared_result(shelf: str, key: Hashable, compute: Callable[[Callable[[float,
     return res
 
 
+def cached_figure(name: str, key: Hashable, build: Callable[[], Any], *, keep: int = 48) -> Any:
+    """A plotly figure built once per state and shared by every session (a rerun that changes nothing in a
+    chart skips building it). ``key`` must hold everything the figure depends on. Streamlit serializes a
+    figure through ``to_dict()`` (a copy), so a shared figure is never mutated."""
+    lock, shelves = _shelves()
+    with lock:
+        fig = shelves.setdefault("figures", OrderedDict()).get((name, key))
+    if fig is None:
+        fig = build()
+        with lock:
+            items = shelves["figures"]
+            items[(name, key)] = fig
+            while len(items) > keep:
+                items.popitem(last=False)
+    return fig
+
+
 # ---------------------------------------------------------------------------------------------
 # The shared sidebar: model and dataset picked once, used by every page
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Attention: CircuitsVis view of one layer (offline bundle), head-score heatmaps, one head in detail."""
 import json
+from dataclasses import replace
 
 import pandas as pd
 import streamlit as st
@@ -38,47 +39,66 @@ max_len = c1.slider("Max tokens shown", 8, 256, 64, key="attn_max_len", bind="qu
 layer = c2.number_input(f"Layer (0…{model.n_layers - 1})", 0, model.n_layers - 1, 0, key="attn_layer", bind="query-params")
 
 
-@st.cache_data(max_entries=16, show_spinner="Running the model…")
-def _layer(_model, key: str, text: str, layer: int, max_len: int):
-    return attention.attention_patterns(_model, text, layer=layer, max_len=max_len)
+def _every_layer(text: str, max_len: int) -> attention.AttentionResult:
+    """Every layer's patterns from one forward pass, shared by all sessions: a layer change only slices it."""
+    return glue.shared_result("attn_all", (model.key, text, max_len),
+                              lambda _: attention.attention_patterns(model, text, layer=None, max_len=max_len),
+                              keep=8, label="Running the model (every layer at once)")
 
 
-@st.cache_data(max_entries=16, show_spinner="Scoring every head…")
-def _scores(_model, key: str, text: str, max_len: int, selected: int | None):
-    res = attention.attention_patterns(_model, text, layer=None, max_len=max_len)
-    return attention.head_scores(res.pattern, res.tokens, selected_token=selected)
+def _scores(everything: attention.AttentionResult, max_len: int, selected: int | None) -> attention.HeadScores:
+    return glue.shared_result("attn_scores", (model.key, everything.prompt, max_len, selected),
+                              lambda _: attention.head_scores(everything.pattern, everything.tokens, selected_token=selected),
+                              keep=16, label="Scoring every head")
 
 
 with glue.user_errors():
-    res = _layer(model, model.key, text, int(layer), int(max_len))
+    everything = _every_layer(text, int(max_len))
+res = replace(everything, pattern=everything.pattern[int(layer)], layer=int(layer))  # one layer of the stored run
 if res.notice:
     st.info(res.notice[0].upper() + res.notice[1:])
 
 st.subheader(f"Layer {int(layer)}: all {res.n_heads} heads")
-page = attention.circuitsvis_html(res.tokens, res.pattern, title=f"{model.spec.label()} · layer {int(layer)}")
+page = glue.shared_result("attn_html", (model.key, text, int(max_len), int(layer)), lambda _: attention.circuitsvis_html(
+    res.tokens, res.pattern, title=f"{model.spec.label()} · layer {int(layer)}"), keep=8, label="Drawing the heads")
 st.iframe(page, height=plots.circuitsvis_frame_height(res.n_heads))  # the whole view: thumbnails + zoomed pattern
 st.download_button("⬇ CircuitsVis page (standalone HTML, works offline)", page, f"attention-layer{int(layer)}.html",
                    "text/html", key="attn_dl_html")
 
-st.subheader("Head scores (every layer)")
-positions = list(range(len(res.tokens)))
-sel = st.selectbox("Attention to token", [None] + positions, key="attn_sel",
-                   format_func=lambda p: "(none)" if p is None else f"{p}: {res.tokens[p]!r}")
-with glue.user_errors():
-    scores = _scores(model, model.key, text, int(max_len), sel)
-st.plotly_chart(plots.head_scores_grid(scores), key="attn_scores_grid")
-st.download_button("⬇ Head scores (CSV)", pd.DataFrame(scores.rows()).to_csv(index=False), "head-scores.csv",
-                   "text/csv", key="attn_dl_scores")
 
-st.subheader("One head")
-head = st.selectbox("Head", list(range(res.n_heads)), key="attn_head", bind="query-params", format_func=lambda h: f"H{h}")
-with glue.user_errors():
-    pat = res.head(int(head))
-st.plotly_chart(plots.head_pattern_heatmap(res.tokens, pat, title=f"L{int(layer)}H{int(head)}"), key="attn_head_map")
-st.download_button(f"⬇ L{int(layer)}H{int(head)} pattern (CSV)", pd.DataFrame(res.head_rows(int(head))).to_csv(index=False),
-                   f"pattern-L{int(layer)}H{int(head)}.csv", "text/csv", key="attn_dl_head")
-manifest = {**glue.manifest_base(model), "page": "attention", "source": source, "text": text[:2000], "layer": int(layer),
-            "head": int(head), "max_len": int(max_len), "selected_token": sel, "truncated": res.truncated,
-            "tokens": res.tokens}
-st.download_button("⬇ Run manifest (JSON)", json.dumps(manifest, indent=1, default=str), "attention-manifest.json",
-                   "application/json", key="attn_dl_manifest")
+@st.fragment
+def head_scores_view(everything: attention.AttentionResult, max_len: int) -> None:
+    """Picking a token reruns only this part (not the model, not the 1.3 MB CircuitsVis frame)."""
+    st.subheader("Head scores (every layer)")
+    positions = list(range(len(everything.tokens)))
+    sel = st.selectbox("Attention to token", [None] + positions, key="attn_sel",
+                       format_func=lambda p: "(none)" if p is None else f"{p}: {everything.tokens[p]!r}")
+    with glue.user_errors():
+        scores = _scores(everything, max_len, sel)
+    st.plotly_chart(glue.cached_figure("attn_scores", (model.key, everything.prompt, max_len, sel),
+                                       lambda: plots.head_scores_grid(scores)), key="attn_scores_grid")
+    st.download_button("⬇ Head scores (CSV)", pd.DataFrame(scores.rows()).to_csv(index=False), "head-scores.csv",
+                       "text/csv", key="attn_dl_scores")
+
+
+@st.fragment
+def one_head_view(res: attention.AttentionResult, layer: int, max_len: int) -> None:
+    """Picking a head reruns only this part."""
+    st.subheader("One head")
+    head = st.selectbox("Head", list(range(res.n_heads)), key="attn_head", bind="query-params", format_func=lambda h: f"H{h}")
+    with glue.user_errors():
+        pat = res.head(int(head))
+    st.plotly_chart(glue.cached_figure("attn_head", (model.key, res.prompt, max_len, layer, int(head)),
+                                       lambda: plots.head_pattern_heatmap(res.tokens, pat, title=f"L{layer}H{int(head)}")),
+                    key="attn_head_map")
+    st.download_button(f"⬇ L{layer}H{int(head)} pattern (CSV)", pd.DataFrame(res.head_rows(int(head))).to_csv(index=False),
+                       f"pattern-L{layer}H{int(head)}.csv", "text/csv", key="attn_dl_head")
+    manifest = {**glue.manifest_base(model), "page": "attention", "source": source, "text": text[:2000], "layer": layer,
+                "head": int(head), "max_len": max_len, "selected_token": st.session_state.get("attn_sel"),
+                "truncated": res.truncated, "tokens": res.tokens}
+    st.download_button("⬇ Run manifest (JSON)", json.dumps(manifest, indent=1, default=str), "attention-manifest.json",
+                       "application/json", key="attn_dl_manifest")
+
+
+head_scores_view(everything, int(max_len))
+one_head_view(res, int(layer), int(max_len))

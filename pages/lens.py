@@ -1,5 +1,6 @@
 """Logit lens: next-token top-k, layer-by-layer predictions, logit difference and its attribution."""
 import json
+from dataclasses import replace
 
 import pandas as pd
 import streamlit as st
@@ -24,21 +25,31 @@ glue.explain(
 model = glue.selected_model()
 VIEWS = ["Next token", "Logit lens", "Logit difference & attribution"]
 view = st.radio("View", VIEWS, horizontal=True, key="lens_view", bind="query-params")
+bos = st.checkbox("Prepend the BOS token (as TransformerLens does; every result here depends on it)", True,
+                  key="lens_bos", bind="query-params")
 
 
 @st.cache_data(max_entries=32, show_spinner="Running the model…")
-def _topk(_model, key: str, prompt: str, k: int, answer: str | None):
-    return lens.next_token_topk(_model, prompt, k=k, answer=answer)
+def _topk(_model, key: str, prompt: str, k: int, answer: str | None, bos: bool = True):
+    return lens.next_token_topk(_model, prompt, k=k, answer=answer, prepend_bos=bos)
+
+
+TOP_K_MAX = 20
+
+
+def _first_k(res: lens.NextTokenResult, k: int) -> lens.NextTokenResult:
+    return replace(res, top_ids=res.top_ids[:k], top_tokens=res.top_tokens[:k], top_logits=res.top_logits[:k],
+                   top_probs=res.top_probs[:k])
 
 
 @st.cache_data(max_entries=16, show_spinner="Reading every layer…")
-def _lens(_model, key: str, prompt: str, k: int, incl_mid: bool):
-    return lens.logit_lens(_model, prompt, k=k, incl_mid=incl_mid, max_tokens=128)  # heatmap unreadable beyond
+def _lens(_model, key: str, prompt: str, k: int, incl_mid: bool, bos: bool = True):
+    return lens.logit_lens(_model, prompt, k=k, incl_mid=incl_mid, max_tokens=128, prepend_bos=bos)  # heatmap unreadable beyond
 
 
 @st.cache_data(max_entries=8, show_spinner="Attributing the logit difference…")
-def _attr(_model, key: str, ps: lens.PromptSet):
-    return lens.logit_difference(_model, ps), lens.logit_attribution(_model, ps)
+def _attr(_model, key: str, ps: lens.PromptSet, bos: bool = True):
+    return lens.logit_difference(_model, ps, prepend_bos=bos), lens.logit_attribution(_model, ps, prepend_bos=bos)
 
 
 def _csv(rows, name: str, label: str) -> None:
@@ -53,19 +64,21 @@ def _manifest(params: dict, result: dict) -> None:
 
 if view != VIEWS[2]:
     prompt = st.text_area("Prompt", "The capital of France is", key="lens_prompt", bind="query-params", height=80)
-    k = st.slider("Top-k", 1, 20, 5, key="lens_k", bind="query-params")
+    k = st.slider("Top-k", 1, TOP_K_MAX, 5, key="lens_k", bind="query-params")
 
 if view == VIEWS[0]:
     answer = st.text_input("Answer to rank (optional, one token; mind the leading space)", "", key="lens_answer",
                            bind="query-params")
     with glue.user_errors():
-        res = _topk(model, model.key, prompt, k, answer or None)
+        # One forward pass for the slider's whole range: a top-k move only shortens the list.
+        res = _first_k(_topk(model, model.key, prompt, TOP_K_MAX, answer or None, bos), k)
     st.caption("Tokens: " + " · ".join(repr(t) for t in res.tokens))
     if res.answer is not None:
         a, b, c = st.columns(3)
         a.metric("Answer rank (0 = top)", res.answer_rank)
         b.metric("Answer probability", f"{res.answer_prob:.4f}")
-        c.metric("Answer logit", f"{res.answer_logit:.3f}")
+        c.metric("Answer logit (centred)", f"{res.answer_logit:.3f}",
+                 help="raw logit − its mean over the vocabulary (the centred unembedding); probabilities are unchanged")
     st.dataframe(pd.DataFrame(res.rows()), hide_index=True)
     st.plotly_chart(plots.next_token_bar(res), key="lens_next_bar")
     _csv(res.rows(), "next-token-topk", "Top-k table")
@@ -78,7 +91,7 @@ elif view == VIEWS[1]:
                           format_func={"top_prob": "top-1 probability", "next_prob": "probability of the actual next token",
                                        "next_rank_log": "rank of the actual next token (log)"}.get)
     with glue.user_errors():
-        res = _lens(model, model.key, prompt, k, incl_mid)
+        res = _lens(model, model.key, prompt, k, incl_mid, bos)
     st.plotly_chart(plots.logit_lens_heatmap(res, value=colour), key="lens_heatmap")
     if len(res.tokens) > 1:
         pos = st.selectbox("Position for the next-token curve", list(range(len(res.tokens) - 1)),
@@ -103,9 +116,11 @@ else:
                                 value="The capital of France is | Paris | London\nThe capital of Italy is | Rome | Paris",
                                 help='Answers get one leading space; write "ing" in quotes to keep it exact.')
             ps = lens.parse_prompt_lines(text)
-        ld, at = _attr(model, model.key, ps)
+        ld, at = _attr(model, model.key, ps, bos)
     a, b, c = st.columns(3)
-    a.metric("Model logit difference (mean)", f"{at.model_logit_diff:.4f}")
+    ci = ld.logit_diff_ci
+    a.metric("Model logit difference (mean)", f"{at.model_logit_diff:.4f}",
+             help=f"n = {len(ld.prompts)} prompts" + (f"; 95 % bootstrap CI {ci[0]:.3f}…{ci[1]:.3f}" if len(ld.prompts) > 1 else ""))
     b.metric("Sum of components", f"{at.decomposition_sum:.4f}")
     c.metric("Max |error| per prompt", f"{at.max_abs_error:.2e}")
     ok = at.max_abs_error <= 1e-3 * max(1.0, abs(at.model_logit_diff))
