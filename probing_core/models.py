@@ -7,6 +7,7 @@ every forward pass goes through :meth:`LoadedModel.run_with_cache` or holds ``mo
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import json
@@ -692,9 +693,9 @@ def _convert_embedded(cache_root: Path, progress: Callable[[str], None] | None) 
     target = cache_root / "models" / f"smollm2-135m-instruct-{digest}"
     if (target / "config.json").exists():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)  # a read-only cache fails here, before any message or work
     if progress:
         progress("converting the embedded GGUF model once (about 20–30 s)…")
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}-{threading.get_ident()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -765,8 +766,11 @@ def load_model(
     if spec.kind == "embedded":
         try:
             folder = _convert_embedded(cache_root, progress)
-        except PermissionError as e:
-            raise ModelError(f"cannot write converted weights under {cache_root}: {e}. Set PROBING_CACHE_DIR to a writable folder.") from e
+        except OSError as e:  # EROFS (a read-only volume) and a full disk too, not only PermissionError
+            if not isinstance(e, PermissionError) and e.errno not in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise ModelError(f"cannot write converted weights under {cache_root} ({e.strerror}). Set PROBING_CACHE_DIR "
+                             "to a writable folder with about 600 MB free.") from e
         bridge, tok = _bridge_from_hf_folder(str(folder), dtype, device, "SmolLM2-135M-Instruct")
         tokenizer = HFTokenizer(tok)
         ident = f"embedded:{folder.name}"
