@@ -325,6 +325,7 @@ def test_config_options_exist_and_values_are_allowed(server_config):
                 assert f'"{value}"' in opt.description, f"{key} = {value!r} is not an allowed value"
     s = server_config["server"]
     assert s["headless"] is True and s["fileWatcherType"] == "none" and s["enableXsrfProtection"] is True
+    assert s["address"] == "127.0.0.1", "a plain `streamlit run app.py` listens on localhost only"
     assert server_config["client"]["showErrorDetails"] == "none"
     assert server_config["browser"]["gatherUsageStats"] is False
 
