@@ -30,14 +30,18 @@ from probing_core.store.entries import ActivationStore
 PROMPT = "The city of Paris is in France. This statement is:"
 
 
-def _median(fn, repeat: int) -> float:
-    fn()  # warm-up
-    ts = []
+def _medians(fns: dict, repeat: int) -> dict:
+    """Median wall time of each function, run in alternation (the shared box's load drifts; alternating
+    keeps a ratio honest)."""
+    for fn in fns.values():
+        fn()  # warm-up
+    ts: dict = {k: [] for k in fns}
     for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            ts[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in ts.items()}
 
 
 def main() -> None:
@@ -60,17 +64,20 @@ def main() -> None:
     toks = torch.tensor([ids])
     print(f"{args.model}: {L} layers; prompt {len(ids)} tokens; entry {acts.n_tokens:,} tokens; torch threads {torch.get_num_threads()}")
 
-    bare = _median(lambda: model.logits(toks), args.repeat)
     step = iv.Intervention("steer", "all", 4.0)
-    steer = _median(lambda: iv.run_intervened(model, toks, d, step), args.repeat)
-    print(f"bare forward                                  {bare * 1e3:8.1f} ms")
-    print(f"steering move (run_intervened, c = 4)         {steer * 1e3:8.1f} ms   ratio {steer / bare:.2f}x (goal <= 1.2x)")
     K = 20
     mask = iv.position_mask(model, ids, "all")
     batch = iv._rows_batch(model, d, step, mask, controls=K, seed=0)
-    band = _median(lambda: iv._forward(model, toks.expand(K + 1, -1), hook, batch), args.repeat)
+    m = _medians({
+        "bare": lambda: model.logits(toks),
+        "steer": lambda: iv.run_intervened(model, toks, d, step),
+        "band": lambda: iv._forward(model, toks.expand(K + 1, -1), hook, batch),
+    }, args.repeat)
+    bare, steer, band = m["bare"], m["steer"], m["band"]
+    print(f"bare forward                                  {bare * 1e3:8.1f} ms")
+    print(f"steering move (run_intervened, c = 4)         {steer * 1e3:8.1f} ms   ratio {steer / bare:.2f}x (goal <= 1.2x)")
     print(f"probe + K = {K} band, one batched forward       {band * 1e3:8.1f} ms   ratio {band / bare:.2f}x (goal <= 3x)")
-    full = _median(lambda: iv.intervene_prompt(model, PROMPT, d, step, answers=(" True", " False"), k_controls=K), 3)
+    full = _medians({"full": lambda: iv.intervene_prompt(model, PROMPT, d, step, answers=(" True", " False"), k_controls=K)}, 3)["full"]
     print(f"intervene_prompt (bare + probe + band)        {full * 1e3:8.1f} ms   ratio {full / bare:.2f}x")
 
     t = time.perf_counter()

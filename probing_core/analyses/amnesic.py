@@ -21,6 +21,7 @@ from probing_core.analyses.interventions import (
     Progress,
     _Batch,
     _forward,
+    _hook_fn,
     _null,
     _rows_batch,
     check_direction,
@@ -328,3 +329,77 @@ def _probe_direction(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     if W.shape[0] == 1:
         return W[0]
     return np.linalg.svd(W, full_matrices=False)[2][0]
+
+
+@dataclass(frozen=True)
+class DownstreamResult:
+    """A fresh probe at a later hook on activations recomputed with and without an intervention.
+
+    Attributes:
+        later_hook: where the probe reads. base, after: its test accuracy without / with the intervention.
+        control: [K] the accuracy with the same intervention along each random direction.
+        comparison: of (after − base) against (control − base). chance: majority-class rate of the test rows.
+    """
+
+    later_hook: str
+    base: float
+    after: float
+    control: np.ndarray
+    comparison: ControlComparison
+    chance: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"later_hook": self.later_hook, "base": self.base, "after": self.after, "control": self.control.tolist(),
+                "chance": self.chance, "comparison": self.comparison.to_json()}
+
+
+def downstream_probe(model: LoadedModel, acts: CachedActivations, direction: Direction, iv: Intervention, rows: np.ndarray,
+                     y: np.ndarray, later_hook: str, *, k_controls: int = 3, seed: int = 0,
+                     progress: Progress | None = None) -> DownstreamResult:
+    """Does the information survive downstream? Re-run the rows' sequences with the intervention (and along K
+    random directions, one batch of 2 + K copies per sequence), read ``later_hook`` at the labelled positions
+    and fit a fresh probe on each version.
+
+    Args:
+        rows: [n] rows of the entry's token table; y: [n] class labels.
+
+    Raises:
+        InputError: the later hook is not after the direction's hook, another model's entry, K out of range.
+    """
+    check_direction(model, direction)
+    check_intervention(direction, iv)
+    K = check_k_controls(k_controls)
+    if acts.meta.get("model_key") != model.key:
+        raise InputError("this cache entry was built with another model; pick an entry of the loaded model.")
+    model.check_hooks([later_hook])
+    order = model.all_hook_names()
+    if order.index(later_hook) <= order.index(direction.hook):
+        raise InputError(f"the downstream hook {later_hook!r} must come after {direction.hook!r}.")
+    codes = np.unique(np.asarray(y), return_inverse=True)[1]
+    seqs, inv = np.unique(acts.seq[rows], return_inverse=True)
+    token_rows = entry_token_rows(acts, seqs=seqs)
+    feats: list[list[np.ndarray]] = [[] for _ in range(K + 2)]
+    labels = []
+    bridge = model.bridge
+    for i, r in enumerate(token_rows):
+        pos = acts.pos[rows[inv == i]].astype(np.int64)
+        labels.append(codes[inv == i])
+        b = _rows_batch(model, direction, iv, position_mask(model, r.tolist(), iv.positions), controls=K, seed=seed)
+        b = _Batch(b.kind, torch.cat([b.mask[:1] & False, b.mask]),
+                   *(None if v is None else torch.cat([v[:1], v]) for v in (b.dirs, b.amount, b.idx, b.vals)))
+        t = torch.from_numpy(r)[None].expand(K + 2, -1).to(model.device)
+        with model.lock, torch.inference_mode():
+            with bridge.hooks(fwd_hooks=[(direction.hook, _hook_fn(b))]):
+                _, cache = bridge.run_with_cache(t, names_filter=lambda n: n == later_hook)
+            a = as_numpy(cache[later_hook][:, pos])  # [K + 2, n_pos, width]
+        for j in range(K + 2):
+            feats[j].append(a[j])
+        if progress:
+            progress((i + 1) / len(token_rows), f"downstream probe: sequence {i + 1}/{len(token_rows)}")
+    yy = np.concatenate(labels)
+    train, test = _split(yy, seed)
+    scores = np.array([_fresh_probe_score(np.concatenate(f), yy, train, test) for f in feats])
+    chance = float(np.bincount(yy[test]).max() / test.size)
+    return DownstreamResult(later_hook, float(scores[0]), float(scores[1]), scores[2:],
+                            compare_with_controls(scores[1] - scores[0], scores[2:] - scores[0],
+                                                  metric=f"Δ probe accuracy at {later_hook}", seed=seed), chance)

@@ -218,10 +218,13 @@ def neuron_direction(neurons: Sequence[int], *, model_key: str, hook: str, width
     if idx and not np.any(vec[idx]):
         vec[idx] = 1.0
     means: tuple[float, ...] = ()
-    if X is not None and idx:
-        means = tuple(float(v) for v in np.asarray(X, np.float32)[:, idx].mean(0))
+    mean_act = None
+    if X is not None:
+        mean_act = np.asarray(X, np.float32).mean(0, dtype=np.float64).astype(np.float32)  # also for random neuron sets
+        means = tuple(float(mean_act[i]) for i in idx)
     return Direction(vector=vec, model_key=model_key, hook=hook, width=width, method="neurons",
-                     description=description or f"{len(idx)} neurons", neurons=tuple(idx), neuron_means=means)
+                     description=description or f"{len(idx)} neurons", neurons=tuple(idx), neuron_means=means,
+                     mean_activation=mean_act)
 
 
 def check_direction(model: LoadedModel, direction: Direction) -> None:

@@ -546,9 +546,12 @@ def lens_target_prob(model: LoadedModel, ids: Sequence[int], targets: Sequence[i
         with ctx:
             _, cache = bridge.run_with_cache(torch.tensor([list(ids)]).to(model.device), names_filter=lambda nm: nm in names)
             stack, labels = cache.accumulated_resid(apply_ln=True, return_labels=True)
-            lg = bridge.unembed(stack[:, 0]).to("cpu", torch.float32)  # [layer, pos, d_vocab]
-    lp = lg.log_softmax(-1)
-    return list(labels), lp.gather(-1, tgt[None, :, None].expand(lp.shape[0], -1, 1))[..., 0].exp().numpy()
+            # one layer at a time: [layer, pos, d_vocab] at once is ~0.8 GB for 128 tokens of a 49k vocabulary
+            probs = []
+            for resid in stack[:, 0]:
+                lp = bridge.unembed(resid[None])[0].to("cpu", torch.float32).log_softmax(-1)  # [pos, d_vocab]
+                probs.append(lp.gather(-1, tgt[:, None])[:, 0].exp())
+    return list(labels), torch.stack(probs).numpy()
 
 
 @dataclass(frozen=True)

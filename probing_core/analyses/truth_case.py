@@ -39,7 +39,7 @@ from probing_core.models import LoadedModel, as_numpy
 #: The answer pair: one token each in SmolLM2's and GPT-2's vocabularies (" TRUE" is two tokens).
 ANSWERS = (" True", " False")
 SUFFIX = " This statement is:"
-DEFAULT_COEFS = (-16.0, -8.0, -4.0, 4.0, 8.0, 16.0)
+DEFAULT_COEFS = (-8.0, -4.0, 4.0, 8.0)
 
 
 def statement_features(model: LoadedModel, statements: Sequence[str], hooks: Sequence[str], *, batch_size: int = 32,
@@ -187,6 +187,9 @@ class TruthCaseResult:
                     "delta": cmp.value, "random_mean": float(cmp.controls.mean()), "random_min": float(cmp.controls.min()),
                     "random_max": float(cmp.controls.max()), "percentile": cmp.percentile, "z": cmp.z,
                     "inside_band": cmp.inside_band}
+        d = self.direction
+        # the distance between the class means along d̂ in σ units: c of that size moves one class onto the other
+        out["class_gap_sigma"] = float(d.norm / d.proj_std) if d.proj_std else None
         p0 = self.sweep.class_mean("true")[0][cs == 0][0], self.sweep.class_mean("false")[0][cs == 0][0]
         out["baseline_p_true_minus_p_false"] = {"true": float(p0[0]), "false": float(p0[1])}
         out["seconds"] = self.seconds

@@ -317,3 +317,47 @@ def test_statements_probe_rows_are_the_final_period(tiny_model, tmp_path):
     X, y, info = regression_data(a, [HOOK], LabelSpec.make("column", column="label"), "last")
     assert info.n_selected == 40 and set(np.unique(y)) == {0.0, 1.0}
     assert set(a.text_strings(a.token_ids[info.rows])) == {"."}
+
+
+def test_lens_difference_is_zero_before_the_hook_and_matches_the_logits_at_the_end(tiny_model, acts, space_data):
+    rows, y = space_data
+    d = iv.mass_mean_direction(np.asarray(acts.hook(HOOK)[rows]), y, model_key=tiny_model.key, hook=HOOK)
+    step = iv.Intervention("steer", "all", 3.0)
+    ld = iv.lens_difference(tiny_model, "The cat sat.", d, step)
+    assert ld.labels[0] == "0_pre" and ld.labels[-1] == "final_post"
+    np.testing.assert_array_equal(ld.diff[0], 0.0)  # block 0's input is read before the hook …
+    assert np.abs(ld.diff[1]).max() > 1e-4  # … block 1's input is blocks.0.hook_resid_post, after it
+    ids = tiny_model.encode("The cat sat.")
+    target = _bare(tiny_model, ids)[0].argmax(-1)
+    p_after = iv.run_intervened(tiny_model, torch.tensor([ids]), d, step)[0].softmax(-1)
+    p_before = _bare(tiny_model, ids)[0].softmax(-1)
+    expect = (p_after.gather(-1, target[:, None]) - p_before.gather(-1, target[:, None]))[:, 0].numpy()
+    np.testing.assert_allclose(ld.diff[-1], expect, atol=1e-5)
+    assert np.abs(ld.diff[-1]).max() > 1e-4
+
+
+def test_neuron_mean_patch_with_random_neuron_set_controls(tiny_model, acts):
+    hook = "blocks.0.mlp.hook_post"
+    X = np.asarray(acts.hook(hook)[:500], np.float32)
+    d = iv.neuron_direction([1, 2, 3], model_key=tiny_model.key, hook=hook, width=tiny_model.d_mlp, X=X)
+    np.testing.assert_allclose(d.neuron_means, X[:, [1, 2, 3]].mean(0), rtol=1e-5)
+    eff = iv.intervene_prompt(tiny_model, "The cat sat.", d, iv.Intervention("neuron_mean", "all"), k_controls=4, seed=3)
+    assert eff.controls["KL"].controls.shape == (4,) and eff.kl > 0
+    ids = tiny_model.encode("The cat sat.")
+    b = iv._rows_batch(tiny_model, d, iv.Intervention("neuron_mean", "all"), iv.position_mask(tiny_model, ids, "all"),
+                       controls=4, seed=3)
+    sets = iv.random_neuron_sets(tiny_model.d_mlp, 3, 4, seed=3)
+    np.testing.assert_array_equal(b.idx[1:].numpy(), sets)
+    np.testing.assert_allclose(b.vals[1:].numpy(), d.mean_activation[sets], rtol=1e-6)
+
+
+def test_downstream_probe_sees_no_change_for_a_noop_and_reports_controls(tiny_model, acts, space_data, mass_mean):
+    rows, y = space_data
+    rows, y = rows[:400], y[:400]
+    same = amnesic.downstream_probe(tiny_model, acts, mass_mean, iv.Intervention("steer", "all", 0.0), rows, y, LAST, k_controls=2)
+    assert same.after == same.base and (same.control == same.base).all()
+    assert same.base > same.chance
+    abl = amnesic.downstream_probe(tiny_model, acts, mass_mean, iv.Intervention("ablate", "all"), rows, y, LAST, k_controls=2)
+    assert abl.control.shape == (2,) and 0 <= abl.after <= 1
+    with pytest.raises(InputError, match="must come after"):
+        amnesic.downstream_probe(tiny_model, acts, mass_mean, iv.Intervention("ablate"), rows, y, "blocks.0.hook_resid_pre")
