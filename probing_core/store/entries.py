@@ -121,7 +121,8 @@ class ActivationStore:
         try:
             return diskcache.Cache(str(folder), disk=JSONOnlyDisk)
         except sqlite3.DatabaseError as e:
-            if "full" in str(e) or "readonly" in str(e) or "read-only" in str(e):
+            # Only a damaged file is set aside; a full, read-only or failing disk is the caller's to fix.
+            if getattr(e, "sqlite_errorname", "") not in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
                 raise StoreError(f"cannot open the store index in {folder} ({e}); free disk space or set "
                                  "PROBING_CACHE_DIR to a writable folder.") from e
             aside = self.root / f"index.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"

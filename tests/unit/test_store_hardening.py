@@ -387,3 +387,32 @@ def test_build_in_another_pid_namespace_is_not_cleaned(tmp_path):
     assert temps[0].exists()  # left behind by the killed builder ...
     ActivationStore(root).close()  # ... and cleaned now that its lock is gone
     assert not list((root / "entries").glob(".tmp-*"))
+
+
+# ---- a disk with room for the files but not for SQLite ---------------------------------------
+def test_index_on_a_nearly_full_disk_is_one_line(tmp_path, capsys):
+    """SQLite fails (disk I/O / database or disk is full) where the write test still passes:
+    one line and exit 2 from the CLI, and the index is not set aside as if it were damaged."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT)
+        pages = 0
+        try:
+            while os.write(fd, b"\0" * 4096):
+                pages += 1
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        os.truncate(mnt / "filler", (pages - 3) * 4096)  # room for the write test, not for the index
+        code = main(["cache", "ls", "--cache-dir", str(mnt)])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert "PROBING_CACHE_DIR" in err
+        assert not list((mnt / "activations").glob("index.damaged-*"))
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
