@@ -118,7 +118,7 @@ _NARROW_SIDEBAR_JS = """<script>
   if (window.innerWidth >= 1000 || sessionStorage.getItem("probing-sidebar-auto")) return;
   let tries = 0;
   const close = () => {
-    const bar = document.querySelector('[data-testid="stSidebar"][aria-expanded="true"]');
+    const bar = document.querySelector('[data-testid="stSidebar"][data-collapsed="false"]');
     const btn = document.querySelector('[data-testid="stSidebarCollapseButton"] button');
     if (bar && btn) { btn.click(); sessionStorage.setItem("probing-sidebar-auto", "1"); }
     else if (++tries < 50) setTimeout(close, 100);

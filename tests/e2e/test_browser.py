@@ -129,7 +129,37 @@ def test_every_page_renders_without_an_exception(server, page, page_file):
         nav_to(page, _page_title(page_file))
     assert_no_exception(page, page_file)
     assert page.locator("[data-testid='stMain'] h1").count() >= 1
-    screenshot(page, f"page-{Path(page_file).stem}")
+    screenshot(page, f"page-{Path(page_file).stem}-1400")
+    # The same page in an 800 px window (a reload: the page starts narrow, as on a small laptop or a tablet).
+    page.set_viewport_size({"width": 800, "height": 1000})
+    page.reload()
+    wait_idle(page)
+    assert_no_exception(page, f"{page_file} at 800 px")
+    sidebar = page.locator("[data-testid='stSidebar']")
+    page.wait_for_function("() => document.querySelector(\"[data-testid='stSidebar']\")?.dataset.collapsed === 'true'",
+                           timeout=15_000)
+    assert sidebar.get_attribute("data-collapsed") == "true", "under 1,000 px the sidebar starts closed"
+    assert_fits(page, f"{page_file} at 800 px")
+    screenshot(page, f"page-{Path(page_file).stem}-800")
+
+
+def assert_fits(page, where: str) -> None:
+    """Metric values and download labels are shown whole (not cut with an ellipsis) and nothing is wider than the window."""
+    cut = page.evaluate("""() => {
+        const out = [];
+        for (const el of document.querySelectorAll("[data-testid='stMetricValue'], [data-testid='stMetricLabel'], "
+                                                   + "[data-testid='stDownloadButton'] button")) {
+            for (const e of [el, ...el.querySelectorAll('*')]) {
+                if (e.scrollWidth > e.clientWidth + 1 && getComputedStyle(e).overflow !== 'visible') {
+                    out.push(el.innerText.slice(0, 60)); break;
+                }
+            }
+        }
+        return out;
+    }""")
+    assert not cut, f"{where}: text cut off in {cut}"
+    wide = page.evaluate("() => document.querySelector(\"[data-testid='stMain']\").scrollWidth - window.innerWidth")
+    assert wide <= 16, f"{where}: the page is {wide} px wider than the window (horizontal scrolling)"
 
 
 def test_two_sessions_building_the_same_entry_extract_once(server, new_context):
