@@ -48,11 +48,13 @@ def _show(res: lp.LayerAccuracyResult, name: str, params: dict) -> None:
     st.caption(f"Each row is one place in the model, from the embedding down to the last layer; each number is the share "
                f"of held-out tokens where a probe trained there names the **{res.label}** correctly "
                f"({', '.join(f'{len(c)} classes' for c in res.classes[:1])}). **Control** is the same probe on a task "
-               "where each token type gets a random class (memorizing tokens scores there); **selectivity** = real − "
-               "control: the part the layer really encodes.")
+               "where each type of the token the label is about (e.g. the token two back) gets a random class "
+               "(memorizing types scores there); **selectivity** = real − control: the part the layer really encodes.")
     st.dataframe(shown.style.format(precision=3), hide_index=True, width="stretch")
-    st.caption(f"Chance (majority class): {', '.join(f'{c} {v:.3f}' for c, v in zip(res.columns, res.chance))} · "
-               f"samples: {', '.join(f'{n:,}' for n in res.n_samples)} · C = {res.C:g}")
+    st.caption(f"Held out: a stratified {params.get('test_fraction', 0.3):.0%} of the samples per column. Chance (majority class of the test split): "
+               f"{', '.join(f'{c} {v:.3f} (n_test {int(n):,})' for c, v, n in zip(res.columns, res.chance, res.n_test))}"
+               + (f" · control majority {res.control_chance:.3f}" if res.control_column else "")
+               + f" · samples: {', '.join(f'{n:,}' for n in res.n_samples)} · C = {res.C:g}; intervals: 95 % Wilson.")
     for note in res.notes:
         st.caption("ℹ️ " + note)
     if not res.converged.all():

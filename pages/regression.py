@@ -31,19 +31,19 @@ ALPHAS = [float(a) for a in DEFAULT_ALPHAS]
 GRID = {f"{a:.3g}".replace("e+0", "e").replace("e+", "e"): a for a in ALPHAS}  # URL-safe labels ("1e6", no "+")
 
 
-def _fit(key: str, hooks: tuple, label: LabelSpec, rule: str, cv: int, seed: int) -> reg.RegressionRun:
+def _fit(key: str, hooks: tuple, label: LabelSpec, rule: str, cv: int, seed: int, split: str = "auto") -> reg.RegressionRun:
     """A shared run, or a fresh fit; the label-independent decompositions are reused across labels."""
     slot = glue.shared_slot("reg_decompositions", (key, hooks, rule, cv, seed), keep=4)
 
     def fit(progress):
         run = reg.run_regression(glue.get_entry(key), list(hooks), label, rule, alphas=ALPHAS, cv=cv, seed=seed,
-                                 decompositions=slot, progress=progress)
+                                 split_by=split, decompositions=slot, progress=progress)
         if all(d is not run.decompositions for d in slot):
             slot[:] = [run.decompositions, *slot][:3]  # bounded; identical content for every session
         return run
 
     verb = "Refitting for the new label" if slot else "Fitting ridge probes on every hook (all α at once)"
-    return glue.shared_result("reg_runs", (key, hooks, label, rule, cv, seed), fit, keep=3, label=verb)
+    return glue.shared_result("reg_runs", (key, hooks, label, rule, cv, seed, split), fit, keep=3, label=verb)
 
 
 @st.cache_data(max_entries=4, show_spinner="Regressing token properties from W_E over the vocabulary…")
@@ -72,8 +72,11 @@ if t1.open:
             cv = b.selectbox("CV folds", [0, 2, 3, 5, 10], index=2, key="reg_cv", bind=Q, help="choose α by k-fold CV (0 = by the test split)")
             seed = c.number_input("Split seed", 0, 10_000, 0, key="reg_seed", bind=Q)
         hooks = tuple(h for f in picked for h in fams[f])
+        split = st.radio("Test set", ["auto", "type", "tokens"], horizontal=True, key="reg_split", bind=Q,
+                         format_func={"auto": "auto (new token types when the token decides the label)",
+                                      "type": "new token types", "tokens": "random tokens (mostly seen types)"}.get)
         with glue.user_errors():
-            run = _fit(acts.key, hooks, label, rule, int(cv), int(seed))
+            run = _fit(acts.key, hooks, label, rule, int(cv), int(seed), split)
         r = run.result
         choice = st.select_slider("α (ridge strength)", ["best per hook", *GRID], value="best per hook", key="reg_alpha", bind=Q)
         ai = None if choice not in GRID else int(r.alphas.searchsorted(GRID[choice]))
@@ -83,10 +86,17 @@ if t1.open:
         m1, m2, m3, m4 = st.columns(4)
         m1.metric(f"Best {'CV' if r.n_folds else 'test'} R²", f"{top[score]:.4f}")
         m2.metric("At hook", hook_label(top["hook"]))
-        m3.metric("Test R² there", f"{top['r2_test']:.4f}")
+        ci = f" (95 % CI {top['r2_test_ci_low']:.2f}…{top['r2_test_ci_high']:.2f})" if "r2_test_ci_low" in top else ""
+        m3.metric("Test R² there", f"{top['r2_test']:.4f}", help=f"n = {r.n_test:,} test rows{ci}")
         m4.metric("Samples (train / test)", f"{r.n_train:,} / {r.n_test:,}")
-        st.caption(run.description)
-        st.plotly_chart(plots.r2_curve(r, ai, title=f"R² of {LABELS[name].title.lower()} across hooks"), key="reg_curve")
+        ho = run.held_out
+        st.caption(f"{run.description}. **Held out:** {reg.SPLITS[run.split_by]}; α chosen on "
+                   + ("the CV folds of the training rows" if r.n_folds else "the test split (no CV: optimistic)")
+                   + (f"; test rows of seen types {ho.n_seen:,}, of new types {ho.n_new:,} (table: R² on each)."
+                      if ho is not None else "."))
+        st.plotly_chart(plots.r2_curve(r, ai, title=f"R² of {LABELS[name].title.lower()} across hooks", test_name=run.test_name,
+                                       test_ci=None if ho is None else ho.r2_ci,
+                                       new_types=None if ho is None or run.split_by == "type" else ho.r2_new), key="reg_curve")
         st.dataframe(table, hide_index=True, width="stretch")
         hook = st.selectbox("R² against α for hook", list(r.hooks), key="reg_hook", bind=Q)
         st.plotly_chart(plots.r2_vs_alpha(r, hook), key="reg_vs_alpha")
@@ -106,8 +116,11 @@ if t2.open:
         num_thr = b.number_input("Numeric outlier threshold (value)", 1, 10**9, 1000, key="reg_num_thr", bind=Q)
         with glue.user_errors():
             emb = _embed(model, model.key, int(len_thr), int(num_thr))
-        st.caption(f"W_E: {emb.d_vocab:,} tokens × {emb.d_model} dims; ridge α chosen on a 20% held-out split; "
-                   "`r2_ols_train` is plain least squares in-sample (the reference notebook's number).")
+        st.caption(f"W_E: {emb.d_vocab:,} tokens × {emb.d_model} dims; each row is its own token type, so the 20 % test "
+                   "rows are types never seen in training. α chosen on 5-fold CV of the training rows; test R² at that α "
+                   "with a 95 % bootstrap CI. `r2_ols_all_rows` is least squares fit and scored on every row (the "
+                   f"notebook's in-sample number). Number tokens here: {emb.number_tokens[0]} all-digit, "
+                   f"{emb.number_tokens[1]} with a leading space allowed.")
         st.dataframe(pd.DataFrame(emb.table()), hide_index=True, width="stretch")
         for i, t in enumerate(emb.tasks):
             if t.note:

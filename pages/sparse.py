@@ -39,30 +39,33 @@ if glue.research():
     penalty = c2.selectbox("Penalty", ["l1", "l2", "elasticnet"], key="sparse_penalty", bind="query-params")
     l1_ratio = c3.slider("L1 ratio (elastic net)", 0.05, 0.95, 0.5, key="sparse_l1r", disabled=penalty != "elasticnet",
                          bind="query-params")
-    folds = c4.number_input("CV folds (selection frequency; 0 = off)", 0, 10, 0, key="sparse_cv", bind="query-params")
+    folds = c4.number_input("CV folds (choose C, selection frequency; 0 = 3)", 0, 10, 0, key="sparse_cv", bind="query-params")
 classes = tuple(tuple(t for t in s.split(",")) for s in (cls_a, cls_b))
+read_at = st.radio("Read the features at", list(sparse.PRESETS), horizontal=True, key="sparse_read", bind="query-params",
+                   help="The notebook read the class token itself: then the embedding alone says which token it is.")
+offset = sparse.PRESETS[read_at]
 
 
 @st.cache_data(max_entries=16, show_spinner="Mining contexts…")
-def _contexts(_acts, key, classes, before, after, whole, cap):
+def _contexts(_acts, key, classes, before, after, whole, cap, offset=0):
     return sparse.contexts_for(_acts, model.tokenizer.encode, model.tokenizer.decode_tokens, classes, before=before,
-                               after=after, whole_word_next=whole, max_per_class=cap)
+                               after=after, whole_word_next=whole, max_per_class=cap, offset=offset)
 
 
 @st.cache_data(max_entries=16, show_spinner="Fitting the whole C path at once…")
-def _path(_acts, key, hook, classes, before, after, whole, cap, penalty, l1_ratio, folds):
-    ctx = _contexts(_acts, key, classes, before, after, whole, cap)
+def _path(_acts, key, hook, classes, before, after, whole, cap, offset, penalty, l1_ratio, folds, Cs=None):
+    ctx = _contexts(_acts, key, classes, before, after, whole, cap, offset)
     return sparse.fit_sparse_path(sparse.features(_acts, hook, ctx), ctx, penalty=penalty, l1_ratio=l1_ratio,
-                                  cv=folds or None)
+                                  cv=folds or None, Cs=None if Cs is None else list(Cs))
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
-def _layer(_acts, key, hook, classes, before, after, whole, cap, penalty, l1_ratio, C):
-    ctx = _contexts(_acts, key, classes, before, after, whole, cap)
+def _layer(_acts, key, hook, classes, before, after, whole, cap, offset, penalty, l1_ratio, C):
+    ctx = _contexts(_acts, key, classes, before, after, whole, cap, offset)
     return sparse.fit_hook_at_C(_acts, hook, ctx, C, penalty=penalty, l1_ratio=l1_ratio)
 
 
-args = (acts.key, classes, int(before), int(after), whole, int(cap))
+args = (acts.key, classes, int(before), int(after), whole, int(cap), offset)
 with glue.user_errors():
     ctx = _contexts(acts, *args)
     X = sparse.features(acts, hook, ctx)
@@ -77,11 +80,30 @@ with st.expander(f"Contexts: {', '.join(f'{n}: {c:,}' for n, c in ctx.counts.ite
 # The slider (and the URL) holds the step along the path, not the C value: every path has the same steps, so a
 # link stays valid and in sync when the hook, the classes or the data change the C grid.
 k = st.slider(f"Step along the C path (C = 1/λ from {path.Cs[0]:.3g} to {path.Cs[-1]:.3g}; left = stronger penalty, "
-              "fewer neurons)", 0, len(path.Cs) - 1, len(path.Cs) // 2, key="sparse_C", bind="query-params")
+              "fewer neurons; starts at the C chosen on CV)", 0, len(path.Cs) - 1, sparse.chosen_index(path),
+              key="sparse_C", bind="query-params")
 C = float(path.Cs[k])
+st.info(f"**Question asked:** {ctx.question}")
+embed_path = None
+if "hook_embed" in acts.hooks:
+    with glue.user_errors():  # the same probe, C grid and split on hook_embed at the same rows
+        embed_path = _path(acts, acts.key, "hook_embed", *args[1:], penalty, l1_ratio, int(folds), tuple(path.Cs))
+state = (acts.key, hook, *args[1:], penalty, l1_ratio, int(folds))  # everything the path depends on
+
+
+def per_step(name: str, compute):  # a result at this C step, shared by every session (a move back is free)
+    return glue.shared_result(f"sparse_{name}", (state, k), lambda _: compute(), keep=64, label=f"Computing {name}")
+
+
+summary = per_step("summary", lambda: sparse.summarize(acts, hook, ctx, path, k=k, embed_path=embed_path))
+st.dataframe(pd.DataFrame(summary.rows()), hide_index=True, key="sparse_baselines")
+st.caption(f"Held out: {summary.n_test} of {summary.n_test + summary.n_train} contexts (stratified); C chosen on "
+           f"CV folds of the training rows (step {sparse.chosen_index(path)}); 95 % Wilson intervals.")
+if embed_path is None:
+    st.caption("No embed-only baseline: this entry has no hook_embed — build one with the embed family on Home.")
 m = st.columns(5 if glue.research() else 4)
 m[0].metric("C", f"{C:.4g}")
-m[1].metric("Test accuracy", f"{100 * path.test_accuracy[k]:.1f} %")
+m[1].metric("Test accuracy", f"{100 * path.test_accuracy[k]:.1f} %", help=f"n = {len(path.test_idx)} held-out contexts")
 m[2].metric("Density", f"{path.density[k]:.2f} %")
 m[3].metric("Non-zero neurons", int(path.n_nonzero[k]))
 if glue.research():
@@ -98,24 +120,25 @@ if not path.converged[k]:
     st.warning(f"Not converged at C = {C:.4g} (KKT residual {path.kkt_residual[k]:.1e} > {path.tol}); "
                "do not read its neurons as the answer — pick a smaller C.")
 
-st.plotly_chart(plots.density_vs_C(path, C), key="sparse_fig_path")
+st.plotly_chart(glue.cached_figure("sparse_path", (state, k), lambda: plots.density_vs_C(path, C)), key="sparse_fig_path")
 st.subheader("Which neurons survive")
 a, b = st.columns([2, 1])
-a.plotly_chart(plots.coefficients(path, k), key="sparse_fig_coef")
-b.plotly_chart(plots.nonzero_histogram(path, k), key="sparse_fig_hist")
+a.plotly_chart(glue.cached_figure("sparse_coef", (state, k), lambda: plots.coefficients(path, k)), key="sparse_fig_coef")
+b.plotly_chart(glue.cached_figure("sparse_hist", (state, k), lambda: plots.nonzero_histogram(path, k)), key="sparse_fig_hist")
 surv = path.surviving(k)[:20]
 if surv.size:
-    st.plotly_chart(plots.activation_strips(X, ctx.labels, surv, class_names=ctx.class_names), key="sparse_fig_strips")
-st.dataframe(pd.DataFrame(sparse.neuron_table(X, ctx, path, k)), key="sparse_neurons")
+    st.plotly_chart(glue.cached_figure("sparse_strips", (state, k), lambda: plots.activation_strips(
+        X, ctx.labels, surv, class_names=ctx.class_names)), key="sparse_fig_strips")
+st.dataframe(pd.DataFrame(per_step("neurons", lambda: sparse.neuron_table(X, ctx, path, k))), key="sparse_neurons")
 if path.cv_selection_frequency is not None:
     st.plotly_chart(plots.selection_frequency_bars(path.cv_selection_frequency[k]), key="sparse_fig_sel")
 
 st.subheader("Classification report (test split)")
-st.dataframe(pd.DataFrame(sparse.report_at(X, ctx, path, k)).T, key="sparse_report")
+st.dataframe(pd.DataFrame(per_step("report", lambda: sparse.report_at(X, ctx, path, k))).T, key="sparse_report")
 
 st.subheader("Control task")
 with glue.user_errors():
-    ct = sparse.control_task(X, ctx, path, C)
+    ct = per_step("control task", lambda: sparse.control_task(X, ctx, path, C))
 c1, c2, c3 = st.columns(3)
 c1.metric("Real task accuracy", f"{100 * ct.accuracy:.1f} %")
 c2.metric("Control task accuracy", f"{100 * ct.control_accuracy:.1f} %", help=f"chance {100 * ct.control_chance:.1f} %")

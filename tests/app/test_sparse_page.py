@@ -48,11 +48,15 @@ def test_byte_classes_fit_and_report(at: AppTest):
     for want in ("Test accuracy", "Density", "Non-zero neurons", "KKT residual", "Selectivity"):
         assert want in m, m
     assert 0 <= float(m["Density"].rstrip(" %")) <= 100
+    # The probe beside its baselines: embed-only (same C, same rows) and majority, with n, and the question asked.
+    base = next(d.value for d in at.dataframe if "probe" in d.value.columns)
+    assert base["probe"].iloc[1].startswith("embed only") and base["probe"].iloc[-1] == "majority class"
+    assert (base["n_test"] > 0).all() and any("Question asked" in i.value for i in at.info)
     labels = [b.label for b in at.get("download_button")]
     for want in ("Path (CSV)", "Coefficients (CSV)", "Weights (.npy)", "manifest"):
         assert any(want in lab for lab in labels), labels
     # The report has both classes and the accuracy row.
-    report = at.dataframe[1].value  # [neuron table, report]
+    report = next(d.value for d in at.dataframe if "accuracy" in set(d.value.index))  # the classification report
     assert {"'e'", "'a'", "accuracy"} <= set(report.index)
     # Move along the path: the stored path answers without refitting.
     slider = at.slider(key="sparse_C")
