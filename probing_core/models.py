@@ -569,8 +569,8 @@ def _write_processed(path: Path, state: dict[str, torch.Tensor], meta: dict[str,
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    for old in path.parent.glob(path.name.split("-")[0] + "-*.safetensors"):
-        if old != path:  # the same model under older versions/options: superseded
+    for old in path.parent.glob(path.name.split("-")[0] + "-*"):
+        if old.stem != path.stem:  # the same model under older versions/options (and their fingerprints): superseded
             old.unlink(missing_ok=True)
 
 
@@ -591,6 +591,39 @@ def _read_processed(path: Path, device: str, expect: dict[str, str]) -> dict[str
         return None  # damaged or foreign: process again and overwrite it
 
 
+def folder_identity(folder: Path) -> str:
+    """Hash of the names, sizes and modification times of the files directly in ``folder``: a
+    saved model's raw-weight identity without reading its weights (16 hex characters)."""
+    h = hashlib.blake2b(digest_size=8)
+    for f in sorted(Path(folder).iterdir()):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _read_fingerprint(sidecar: Path, key: str, weights: Path) -> str | None:
+    """The processed weights' fingerprint saved beside their file, if it was saved for this very file."""
+    try:
+        rec = json.loads(sidecar.read_text())
+        st = weights.stat()
+        if rec.get("key") == key and rec.get("file") == [st.st_size, st.st_mtime_ns] and re.fullmatch(r"[0-9a-f]{16}", rec.get("fingerprint", "")):
+            return str(rec["fingerprint"])
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    return None
+
+
+def _write_fingerprint(sidecar: Path, key: str, weights: Path, fingerprint: str) -> None:
+    st = weights.stat()
+    tmp = sidecar.with_name(f".tmp-{sidecar.name}-{os.getpid()}-{threading.get_ident()}")
+    try:
+        tmp.write_text(json.dumps({"key": key, "file": [st.st_size, st.st_mtime_ns], "fingerprint": fingerprint}))
+        os.replace(tmp, sidecar)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def enable_compat_cached(
     bridge: Any,
     ident: str,
@@ -598,41 +631,57 @@ def enable_compat_cached(
     dtype: str,
     device: str,
     cache_root: Path | None,
+    raw_identity: str | None = None,
     progress: Callable[[str], None] | None = None,
-) -> str:
+) -> tuple[str, str | None]:
     """Put ``bridge`` in compatibility mode, reading its processed weights from the cache when
     present and writing them there when not.
 
     Args:
         bridge: a freshly built, unprocessed TransformerBridge.
         ident: the model's identity (as in its key); cache_root: None = no cache (process only).
+        raw_identity: what identifies the raw weights (e.g. :func:`folder_identity` of the folder
+            they were read from); None = a fingerprint of the bridge's raw weights (~0.2 s).
 
     Returns:
-        "hit" (read from the cache), "written", "off" (no cache here or another TransformerLens
-        version) or "unwritable" (processed, but the file could not be saved).
+        (status, fingerprint): status is "hit" (read from the cache), "written", "off" (no cache
+        here, or another TransformerLens version) or "unwritable" (processed, but the file could not
+        be saved); fingerprint is :func:`weight_fingerprint` of the processed bridge when known
+        (saved beside the file: computing it costs ~0.2 s), else None.
     """
     if cache_root is None or not processed_cache_supported():
         bridge.enable_compatibility_mode()
-        return "off"
-    key = processed_weights_key(ident, dtype, device, weight_fingerprint(bridge))
+        return "off", None
+    key = processed_weights_key(ident, dtype, device, raw_identity or weight_fingerprint(bridge))
     name = hashlib.blake2b(ident.encode(), digest_size=4).hexdigest()
     path = Path(cache_root) / "models" / "processed" / f"{name}-{key}.safetensors"
+    sidecar = path.with_suffix(".json")
     meta = {"key": key, "ident": ident, "format": str(PROCESSED_FORMAT_VERSION)}
     bridge.enable_compatibility_mode(no_processing=True)  # hook aliases and flags; weights come next
     state = _read_processed(path, device, meta)
     if state is not None:
         _install_processed(bridge, state)
-        return "hit"
-    if progress:
-        progress("processing the weights for TransformerLens (fold LayerNorm, centre) once; later starts read them back…")
-    state = _process_weights(bridge)
-    try:
-        _write_processed(path, state, meta)
-        status = "written"
-    except OSError:
-        status = "unwritable"  # a full or read-only disk costs the next start time, not this one
-    _install_processed(bridge, state)
-    return status
+        status = "hit"
+        fp = _read_fingerprint(sidecar, key, path)
+        if fp is not None:
+            return status, fp
+    else:
+        if progress:
+            progress("processing the weights for TransformerLens (fold LayerNorm, centre) once; later starts read them back…")
+        state = _process_weights(bridge)
+        try:
+            _write_processed(path, state, meta)  # before installing: installing may change tensors in place
+            status = "written"
+        except OSError:
+            status = "unwritable"  # a full or read-only disk costs the next start time, not this one
+        _install_processed(bridge, state)
+    fp = weight_fingerprint(bridge)
+    if status != "unwritable":
+        try:
+            _write_fingerprint(sidecar, key, path, fp)
+        except OSError:
+            pass  # the next start computes it again
+    return status, fp
 
 
 # --------------------------------------------------------------------------------------------
@@ -762,6 +811,7 @@ def load_model(
     dtype = _torch_dtype(spec.dtype)
     notes: list[str] = []
     tokenizer: Tokenizer
+    raw_identity: str | None = None  # the raw weights' identity for the processed-weights cache (None: fingerprint them)
 
     if spec.kind == "embedded":
         try:
@@ -774,6 +824,7 @@ def load_model(
         bridge, tok = _bridge_from_hf_folder(str(folder), dtype, device, "SmolLM2-135M-Instruct")
         tokenizer = HFTokenizer(tok)
         ident = f"embedded:{folder.name}"
+        raw_identity = folder_identity(folder)
     elif spec.kind == "local":
         folder = check_model_folder(spec.name)  # before any look at the folder: outside the roots, say nothing of it
         if not (folder / "config.json").exists():
@@ -784,6 +835,7 @@ def load_model(
             raise ModelError(f"could not load the local model in {folder}: {e}") from e
         tokenizer = HFTokenizer(tok)
         ident = f"local:{folder.resolve()}"
+        raw_identity = folder_identity(folder)
     elif spec.kind == "hf":
         bridge, tokenizer, ident = _load_hub_model(spec, dtype, device)
     elif spec.kind == "native":
@@ -804,10 +856,10 @@ def load_model(
 
     # Native and tree models are small enough that processing costs milliseconds: no cache file.
     tp = time.perf_counter()
-    cached = enable_compat_cached(bridge, ident, dtype=spec.dtype, device=device, progress=progress,
-                                  cache_root=cache_root if spec.kind in ("embedded", "local", "hf") else None)
+    cached, fp = enable_compat_cached(bridge, ident, dtype=spec.dtype, device=device, progress=progress, raw_identity=raw_identity,
+                                      cache_root=cache_root if spec.kind in ("embedded", "local", "hf") else None)
     bridge.train(False)
-    fp = weight_fingerprint(bridge)
+    fp = fp or weight_fingerprint(bridge)
     key = hashlib.blake2b(f"{ident}|{spec.dtype}|{fp}".encode(), digest_size=8).hexdigest()
     secs = time.perf_counter() - t0
     if cached == "hit":

@@ -18,6 +18,7 @@ from probing_core.models import (
     load_model,
     processed_weights_key,
     tiny_native_config,
+    weight_fingerprint,
 )
 
 
@@ -70,7 +71,7 @@ def test_second_load_reads_the_cache_and_equals_a_fresh_processed_load(llama_fol
     spec = ModelSpec("local", str(llama_folder))
     first = load_model(spec, cache_root=tmp_path / "a")
     files = list((tmp_path / "a" / "models" / "processed").glob("*.safetensors"))
-    assert first.processed_cache == "written" and len(files) == 1
+    assert first.processed_cache == "written" and len(files) == 1 and files[0].with_suffix(".json").is_file()
     assert not [p for p in files[0].parent.iterdir() if p.name.startswith(".tmp")]
     warm = load_model(spec, cache_root=tmp_path / "a")
     fresh = load_model(spec, cache_root=tmp_path / "b")  # another cache: processes again
@@ -113,9 +114,10 @@ def test_native_model_through_the_cache_equals_transformer_lens_own(tmp_path):
 
     cfg = tiny_native_config()
     ours = TransformerBridge.boot_native(cfg, device="cpu", dtype=torch.float32)
-    assert enable_compat_cached(ours, "native-test", dtype="float32", device="cpu", cache_root=tmp_path) == "written"
+    assert enable_compat_cached(ours, "native-test", dtype="float32", device="cpu", cache_root=tmp_path)[0] == "written"
     again = TransformerBridge.boot_native(cfg, device="cpu", dtype=torch.float32)
-    assert enable_compat_cached(again, "native-test", dtype="float32", device="cpu", cache_root=tmp_path) == "hit"
+    status, fp = enable_compat_cached(again, "native-test", dtype="float32", device="cpu", cache_root=tmp_path)
+    assert status == "hit" and fp == weight_fingerprint(again)  # the saved fingerprint is the installed weights' own
     theirs = TransformerBridge.boot_native(cfg, device="cpu", dtype=torch.float32)
     theirs.enable_compatibility_mode()
     toks = TOKENS.clamp(max=256)
@@ -155,3 +157,25 @@ def test_embedded_model_warm_start_reads_the_cache(embedded_model, tmp_path):
     assert again.processed_cache == "hit" and again.key == embedded_model.key
     toks = torch.tensor([again.encode("The capital of France is")])
     assert torch.equal(again.logits(toks), embedded_model.logits(toks))
+
+
+def test_changed_weights_in_a_local_folder_are_processed_again(tmp_path, monkeypatch):
+    """The cache key follows the folder's files: new weights under the same path never read old processed ones."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "m"
+    monkeypatch.setenv("PROBING_MODEL_ROOTS", str(tmp_path))
+    cfg = LlamaConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=4, max_position_embeddings=64, bos_token_id=256, eos_token_id=257)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    _byte_tokenizer().save_pretrained(folder)
+    a = load_model(ModelSpec("local", str(folder)), cache_root=tmp_path / "c")
+    torch.manual_seed(1)
+    LlamaForCausalLM(cfg).save_pretrained(folder)  # same path, other weights
+    b = load_model(ModelSpec("local", str(folder)), cache_root=tmp_path / "c")
+    assert a.processed_cache == b.processed_cache == "written" and a.key != b.key
+    assert not torch.equal(a.logits(TOKENS), b.logits(TOKENS))
+    assert len(list((tmp_path / "c" / "models" / "processed").glob("*.safetensors"))) == 1  # the old file superseded
+    c = load_model(ModelSpec("local", str(folder)), cache_root=tmp_path / "c")
+    assert c.processed_cache == "hit" and c.key == b.key and torch.equal(c.logits(TOKENS), b.logits(TOKENS))
