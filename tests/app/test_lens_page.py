@@ -32,9 +32,15 @@ def test_next_token_view(at: AppTest):
     m = _metrics(at)
     assert "Answer rank (0 = top)" in m and int(m["Answer rank (0 = top)"]) >= 0
     df = at.dataframe[0].value
-    assert list(df.columns) == ["rank", "token", "token_id", "logit", "prob"] and len(df) == 5
+    assert list(df.columns) == ["rank", "token", "token_id", "logit (centred)", "prob"] and len(df) == 5
     labels = [b.label for b in at.get("download_button")]
     assert any("Top-k table" in lab for lab in labels) and any("manifest" in lab for lab in labels)
+    # BOS is a visible option: without it the prompt has one token fewer
+    with_bos = next(c.value for c in at.caption if c.value.startswith("Tokens:"))
+    at.checkbox(key="lens_bos").set_value(False).run()
+    assert not at.exception and not at.error
+    without = next(c.value for c in at.caption if c.value.startswith("Tokens:"))
+    assert without.count(" · ") == with_bos.count(" · ") - 1
 
 
 def test_multi_token_answer_shows_error(at: AppTest):
