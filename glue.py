@@ -363,6 +363,7 @@ def _model_options() -> dict[str, ModelSpec | None]:
 _DATASETS = {
     "Python documentation (offline corpus)": DatasetSpec("pydoc"),
     "Model vocabulary (every token once)": DatasetSpec("vocab"),
+    "True/false statements: cities (Geometry of Truth, CC BY 4.0)": DatasetSpec("statements", "cities", text_column="statement"),
     "Upload a file (.txt, .csv, .jsonl)": None,
     "Hugging Face dataset by name (online)": None,
 }
