@@ -71,7 +71,7 @@ def head_scores_view(everything: attention.AttentionResult, max_len: int) -> Non
     """Picking a token reruns only this part (not the model, not the 1.3 MB CircuitsVis frame)."""
     st.subheader("Head scores (every layer)")
     positions = list(range(len(everything.tokens)))
-    sel = st.selectbox("Attention to token", [None] + positions, key="attn_sel",
+    sel = st.selectbox("Attention to token", [None] + positions, key="attn_sel", bind="query-params",
                        format_func=lambda p: "(none)" if p is None else f"{p}: {everything.tokens[p]!r}")
     with glue.user_errors():
         scores = _scores(everything, max_len, sel)

@@ -50,7 +50,12 @@ def _show(res: lp.LayerAccuracyResult, name: str, params: dict) -> None:
                f"({', '.join(f'{len(c)} classes' for c in res.classes[:1])}). **Control** is the same probe on a task "
                "where each type of the token the label is about (e.g. the token two back) gets a random class "
                "(memorizing types scores there); **selectivity** = real − control: the part the layer really encodes.")
-    st.dataframe(shown.style.format(precision=3), hide_index=True, width="stretch")
+    ci_cols = [c for c in shown.columns if c.endswith("95% CI")]  # many columns (tree: 6) ran off the right edge
+    narrow = {c: st.column_config.Column(width="small", help=c) for c in res.columns} if len(res.columns) > 2 else None
+    st.dataframe(shown.drop(columns=ci_cols).style.format(precision=3), hide_index=True, width="stretch", column_config=narrow)
+    if ci_cols:
+        with st.expander("95 % intervals of these accuracies"):
+            st.dataframe(shown[["layer", *ci_cols]], hide_index=True, width="stretch")
     st.caption(f"Held out: a stratified {params.get('test_fraction', 0.3):.0%} of the samples per column. Chance (majority class of the test split): "
                f"{', '.join(f'{c} {v:.3f} (n_test {int(n):,})' for c, v, n in zip(res.columns, res.chance, res.n_test))}"
                + (f" · control majority {res.control_chance:.3f}" if res.control_column else "")
@@ -101,7 +106,7 @@ cols = sorted(acts.columns())
 l1, l2, l3 = st.columns(3)
 kind = l1.radio("Label", ["Token identity", "Dataset column"] if cols else ["Token identity"], key="layers_label", bind="query-params")
 if kind == "Dataset column":
-    column = l2.selectbox("Column", cols, key="layers_column")
+    column = l2.selectbox("Column", cols, key="layers_column", bind="query-params")
     label = lp.LayerLabelSpec("column", column=column)
 else:
     # Opens on the previous token: a question whose answer changes across layers (the current token is
@@ -117,7 +122,7 @@ rule = p1.radio("Positions", ["All tokens", "Fixed positions", "Matching tokens"
 if rule == "Fixed positions":
     text = p2.text_input("Positions (-1 = last token)", "1,2,-1", key="layers_positions", bind="query-params")
     with glue.user_errors():
-        pos = lp.parse_positions("at:" + text, split=p2.checkbox("One column per position", True, key="layers_split"))
+        pos = lp.parse_positions("at:" + text, split=p2.checkbox("One column per position", True, key="layers_split", bind="query-params"))
 elif rule == "Matching tokens":
     text = p2.text_input("Tokens (comma-separated, e.g. ' the, a')", " the", key="layers_tokens", bind="query-params")
     pos = lp.PositionSpec("tokens", tokens=tuple(t for t in text.split(",") if t))

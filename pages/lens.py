@@ -87,7 +87,7 @@ if view == VIEWS[0]:
 elif view == VIEWS[1]:
     c1, c2 = st.columns(2)
     incl_mid = c1.checkbox("Include mid-layer points (after attention)", False, key="lens_mid", bind="query-params")
-    colour = c2.selectbox("Colour by", ["top_prob", "next_prob", "next_rank_log"], key="lens_colour",
+    colour = c2.selectbox("Colour by", ["top_prob", "next_prob", "next_rank_log"], key="lens_colour", bind="query-params",
                           format_func={"top_prob": "top-1 probability", "next_prob": "probability of the actual next token",
                                        "next_rank_log": "rank of the actual next token (log)"}.get)
     with glue.user_errors():
@@ -95,7 +95,7 @@ elif view == VIEWS[1]:
     st.plotly_chart(plots.logit_lens_heatmap(res, value=colour), key="lens_heatmap")
     if len(res.tokens) > 1:
         pos = st.selectbox("Position for the next-token curve", list(range(len(res.tokens) - 1)),
-                           index=len(res.tokens) - 2, key="lens_pos",
+                           index=len(res.tokens) - 2, key="lens_pos", bind="query-params",
                            format_func=lambda p: f"{p}: {res.tokens[p]!r} → {res.tokens[p + 1]!r}")
         st.plotly_chart(plots.next_token_by_layer(res, pos), key="lens_next_curve")
     _csv(res.rows(), "logit-lens", "Logit lens (layer × position × top-k)")

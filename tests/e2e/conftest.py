@@ -200,11 +200,13 @@ def screenshot(page, name: str) -> Path:
     """The whole page (Streamlit scrolls inside its main block, so the window is made as tall as it for the shot)."""
     SHOTS.mkdir(parents=True, exist_ok=True)
     path = SHOTS / f"{name}.png"
+    # Streamlit draws grey placeholders until an element's content has arrived; shoot what the user finally sees.
+    page.wait_for_function("() => !document.querySelector(\"[data-testid='stSkeleton']\")", timeout=SCRIPT_TIMEOUT_MS)
     size = page.viewport_size
     tall = page.evaluate("() => document.querySelector(\"[data-testid='stMain']\")?.scrollHeight || 0")
     if size and tall > size["height"]:
         page.set_viewport_size({"width": size["width"], "height": min(int(tall) + 40, 12_000)})
-        page.wait_for_timeout(500)
+        page.wait_for_timeout(1500)  # plotly redraws for the new size
     page.screenshot(path=str(path), full_page=True)
     if size:
         page.set_viewport_size(size)

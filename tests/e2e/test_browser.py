@@ -133,7 +133,7 @@ def test_every_page_renders_without_an_exception(server, page, page_file):
     # The same page in an 800 px window (a reload: the page starts narrow, as on a small laptop or a tablet).
     page.set_viewport_size({"width": 800, "height": 1000})
     page.reload()
-    wait_idle(page)
+    wait_idle(page, settle_ms=2000)
     assert_no_exception(page, f"{page_file} at 800 px")
     sidebar = page.locator("[data-testid='stSidebar']")
     page.wait_for_function("() => document.querySelector(\"[data-testid='stSidebar']\")?.dataset.collapsed === 'true'",
