@@ -105,7 +105,7 @@ _STYLE = """<style>
 [data-testid="stMetricValue"], [data-testid="stMetricValue"] *, [data-testid="stMetricLabel"], [data-testid="stMetricLabel"] * {
   white-space: normal !important; overflow: visible !important; text-overflow: clip !important; overflow-wrap: anywhere;
 }
-[data-testid="stMetricValue"] { font-size: clamp(1.15rem, 2.1vw, 2.1rem) !important; line-height: 1.25 !important; }
+[data-testid="stMetricValue"] { font-size: clamp(1.3rem, 2.4vw, 2.25rem) !important; line-height: 1.25 !important; }
 [data-testid="stDownloadButton"] button, [data-testid="stDownloadButton"] button *,
 [data-testid="stBaseButton-secondary"] *, [data-testid="stBaseButton-primary"] * { white-space: normal !important; }
 [data-testid="stDownloadButton"] button { height: auto; min-height: 2.5rem; }
