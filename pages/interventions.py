@@ -25,8 +25,11 @@ saved: dict = st.session_state.setdefault("iv_directions", {})  # this session's
 
 
 @st.cache_data(max_entries=16, show_spinner="Making the direction…")
-def _make(_acts, key: str, hook: str, label, rule: str, method: str) -> tuple[bytes, bytes, object, object]:
+def _make(_acts, key: str, hook: str, label, rule: str, method: str, neurons: tuple = ()) -> tuple[bytes, bytes, object, object]:
     X, y, info = regression_data(_acts, [hook], label, rule)
+    if method == "neurons":
+        d = dirs.neuron_direction(neurons, model_key=model.key, hook=hook, width=X[hook].shape[1], X=X[hook])
+        return (*dirs.direction_to_bytes(d), info.rows, y)
     make = {"mass_mean": dirs.mass_mean_direction, "logistic": dirs.logistic_direction, "ridge": dirs.ridge_direction}
     extra = {} if method == "ridge" else {"positive": y.max()}
     d = make[method](X[hook], y, model_key=model.key, hook=hook, description=f"{method} of {info.description}", **extra)
@@ -91,9 +94,11 @@ elif view == VIEWS[1] or view == VIEWS[2]:
             acts = glue.entry_picker(model, page="iv")
             hook = st.selectbox("Hook", acts.hooks, index=len(acts.hooks) // 2, key="iv_hook", bind=q)
             label, rule, _ = glue.token_label_picker(acts, page="iv")
-            method = st.radio("Method", ["mass_mean", "logistic", "ridge"], horizontal=True, key="iv_method", bind=q,
-                              help="mass-mean (difference of class means) first: often the more causal direction")
-            npy, meta, rows, y = _make(acts, acts.key, hook, label, rule, method)
+            method = st.radio("Method", ["mass_mean", "logistic", "ridge"] + (["neurons"] if "mlp" in hook else []), horizontal=True,
+                              key="iv_method", bind=q, help="mass-mean (difference of class means) first: often the more causal direction")
+            idx = tuple(int(t) for t in st.text_input("Neurons", "0, 1", key="iv_set_neurons").split(",") if t.strip().isdigit()) \
+                if method == "neurons" else ()
+            npy, meta, rows, y = _make(acts, acts.key, hook, label, rule, method, idx)
             direction = dirs.direction_from_bytes(npy, meta)
             _keep(direction, f"{method}-{hook}")
         elif src == "Upload .npy + .json":
@@ -107,12 +112,13 @@ elif view == VIEWS[1] or view == VIEWS[2]:
             st.info("Make a direction first (Truth case, or from a cache entry), or upload one.")
             st.stop()
         dirs.check_direction(model, direction)
-        st.caption(f"{direction.method} at {direction.hook}: {direction.description} · σ along it {direction.proj_std:.4g}")
+        st.caption(f"{direction.method} at {direction.hook}: {direction.description} · σ along it {direction.proj_std or float('nan'):.4g}")
         c1, c2, c3 = st.columns(3)
-        kind = c1.selectbox("Intervention", ["steer", "ablate", "mean_ablate"], key="iv_kind", bind=q)
-        coef = c2.slider("c (σ along the direction)", -20.0, 20.0, 4.0, 0.5, key="iv_c", bind=q, disabled=kind != "steer")
+        kind = c1.selectbox("Intervention", list(iv.NEURON_KINDS) if direction.is_neuron_set else ["steer", "ablate", "mean_ablate"],
+                            key="iv_kind", bind=q)
+        coef = c2.slider("c (σ along the direction)", -20.0, 20.0, 4.0, 0.5, key="iv_c", bind=q, disabled=kind not in ("steer", "neuron_value"))
         pos = c3.text_input("Positions", "all", key="iv_pos", bind=q, help="all, last, last:N, match:TOK,TOK, idx:I,J")
-        step = iv.Intervention(kind, pos, coef)
+        step = iv.Intervention(kind, pos, coef, value=coef)  # neuron_value writes c
         K = st.slider("Random controls K", 1, 50, 20, key="iv_k2", bind=q)
         if view == VIEWS[1]:
             prompt = st.text_area("Prompt", "The city of Paris is in France. This statement is:", key="iv_prompt", bind=q)
@@ -133,6 +139,10 @@ elif view == VIEWS[1] or view == VIEWS[2]:
             st.plotly_chart(plots.loss_figure(le), key="iv_loss")
             kmax = st.slider("Amnesic probing: directions removed", 1, 10, 3, key="iv_kmax", bind=q)
             later = st.selectbox("Downstream hook", [h for h in acts.hooks if acts.hooks.index(h) > acts.hooks.index(hook)] or [None], key="iv_later")
+            if later and st.button("Fresh probe downstream (this intervention vs 3 random)", key="iv_down_go"):
+                dn = amnesic.downstream_probe(model, acts, direction, step, rows, y, later, k_controls=3)
+                (st.warning if dn.comparison.inside_band else st.success)(
+                    f"Probe accuracy at {later}: {dn.base:.3f} → {dn.after:.3f} (chance {dn.chance:.3f}). " + dn.comparison.summary())
             if st.button("Run amnesic probing", key="iv_amnesic_go"):
                 res = amnesic.amnesic_probing(model, acts, hook, rows, y, k_max=kmax, later_hook=later, n_loss_rows=2)
                 st.plotly_chart(plots.amnesic_figure(res), key="iv_amnesic")

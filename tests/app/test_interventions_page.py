@@ -76,3 +76,17 @@ def test_neuron_readout_and_an_index_out_of_range(at: AppTest):
     assert len(at.dataframe[0].value) == 3
     at.text_input(key="iv_neurons").set_value("5, 99999").run()
     assert at.error and "out of range" in at.error[0].value
+
+
+def test_dataset_view_loss_downstream_and_amnesic(at: AppTest):
+    at.radio(key="iv_view").set_value("On the cached dataset").run()
+    at.selectbox(key="iv_label").set_value("capitalised").run()
+    at.selectbox(key="iv_kind").set_value("ablate").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    notes = [x.value for x in list(at.success) + list(at.warning)]
+    assert any(n.startswith("LM loss") and "random band" in n for n in notes)
+    at.button(key="iv_down_go").click().run()
+    assert any("Probe accuracy at" in x.value for x in list(at.success) + list(at.warning))
+    at.slider(key="iv_kmax").set_value(2)
+    at.button(key="iv_amnesic_go").click().run()
+    assert not at.exception and list(at.dataframe[-1].value["k"]) == [0, 1, 2]

@@ -361,3 +361,45 @@ def test_downstream_probe_sees_no_change_for_a_noop_and_reports_controls(tiny_mo
     assert abl.control.shape == (2,) and 0 <= abl.after <= 1
     with pytest.raises(InputError, match="must come after"):
         amnesic.downstream_probe(tiny_model, acts, mass_mean, iv.Intervention("ablate"), rows, y, "blocks.0.hook_resid_pre")
+
+
+@pytest.mark.slow
+def test_steering_at_the_last_layer_of_the_embedded_model_matches_a_hand_computation(embedded_model):
+    """SmolLM2's final norm is an RMSNorm whose weight compatibility mode folds into W_U."""
+    m = embedded_model
+    hook = f"blocks.{m.n_layers - 1}.hook_resid_post"
+    v = np.random.default_rng(0).standard_normal(m.d_model)
+    d = iv.Direction(**{**iv.weights_direction(v, model_key=m.key, hook=hook).__dict__, "proj_std": 2.0})
+    ids = m.encode("The capital of France is")
+    out = iv.run_intervened(m, torch.tensor([ids]), d, iv.Intervention("steer", "last", 5.0))
+    b = m.bridge
+    with torch.inference_mode():
+        _, cache = b.run_with_cache(torch.tensor([ids]), names_filter=lambda n: n == hook)
+        x = cache[hook][0].double()
+        x[-1] += 5.0 * 2.0 * torch.from_numpy(d.unit).double()
+        if "RMS" in str(b.cfg.normalization_type):
+            xn = x / (x.pow(2).mean(-1, keepdim=True) + b.cfg.eps).sqrt()
+        else:
+            xc = x - x.mean(-1, keepdim=True)
+            xn = xc / (xc.pow(2).mean(-1, keepdim=True) + b.cfg.eps).sqrt()
+        hand = xn @ b.W_U.double() + b.b_U.double()
+    torch.testing.assert_close(out[0].double(), hand, atol=2e-3, rtol=1e-4)
+    torch.testing.assert_close(out[0, :-1], _bare(m, ids)[0, :-1])  # positions before the last are untouched
+
+
+def test_cli_prompt_and_readout(tiny_model, mass_mean, tmp_path, capsys):
+    from probing_core.cli import main
+
+    iv.save_direction(mass_mean, tmp_path / "d")
+    rc = main(["intervene", "prompt", "--model", "tiny", "--direction", str(tmp_path / "d"), "--prompt", "The cat sat.",
+               "--c", "2", "--k-controls", "3", "--answer", " ", "--wrong", "e", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["controls"]["KL"]["controls"].__len__() == 3 and out["logit_diff"]["after"] is not None
+    rc = main(["intervene", "readout", "--model", "tiny", "--layer", "1", "--neurons", "3,5", "--top-k", "4", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and [r["neuron"] for r in out["rows"]] == [3, 5] and len(out["rows"][0]["promotes"]) == 4
+    assert main(["intervene", "prompt", "--model", "tiny", "--direction", str(tmp_path / "d"), "--prompt", "x", "--c", "100"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert main(["intervene", "prompt", "--model", "tiny", "--direction", str(tmp_path / "d"), "--prompt", "x y",
+                 "--positions", "match:zzz"]) == 2
+    assert "matches no token" in capsys.readouterr().err
