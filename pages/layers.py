@@ -65,8 +65,9 @@ def _show(res: lp.LayerAccuracyResult, name: str, params: dict) -> None:
     if not res.converged.all():
         st.warning("Some probes did not fully converge; try a smaller C.")
     tab1, tab2 = st.tabs(["Heatmap", "Across layers"])
-    tab1.plotly_chart(plots.accuracy_heatmap(res), key=f"layers_heat_{name}")
-    tab2.plotly_chart(plots.accuracy_lines(res), key=f"layers_lines_{name}")
+    state = (name, repr(sorted(params.items())), None if acts is None else acts.key, tuple(res.columns))  # the result's inputs
+    tab1.plotly_chart(glue.cached_figure("layers_heat", state, lambda: plots.accuracy_heatmap(res)), key=f"layers_heat_{name}")
+    tab2.plotly_chart(glue.cached_figure("layers_lines", state, lambda: plots.accuracy_lines(res)), key=f"layers_lines_{name}")
     a, b = st.columns(2)
     a.download_button("⬇ Accuracy table (CSV)", table.to_csv(index=False), f"layer-probes-{name}.csv", "text/csv", key=f"layers_dl_csv_{name}")
     doc = {**glue.manifest_base(model, acts if name == "custom" else None), "page": "layer probes", "params": params, "result": res.to_json()}
