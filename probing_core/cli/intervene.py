@@ -61,7 +61,8 @@ def _truth(args: argparse.Namespace) -> int:
     update, close = tqdm_progress("truth case")
     try:
         res = truth_case.truth_case(model, ds, n_statements=args.n_statements, n_heldout=args.heldout, coefs=args.coefs,
-                                    k_controls=args.k_controls, seed=args.seed, progress=update)
+                                    k_controls=args.k_controls, seed=args.seed, progress=update,
+                                    answers=tuple(a.rstrip() for a in args.answers.split("|")))
     finally:
         close()
     saved = directions.save_direction(res.direction, args.save_direction) if args.save_direction else []
@@ -195,6 +196,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--heldout", type=int_range(1, 50), default=6, help="held-out statements per class to steer")
     t.add_argument("--coefs", type=coef_arg, nargs="+", default=list(truth_case.DEFAULT_COEFS), help="c values (σ units)")
     t.add_argument("--save-direction", default=None, help="write the mass-mean direction to STEM.npy + STEM.json")
+    t.add_argument("--answers", default=" True| False", help="answer pair 'A|B', one token each (default ' True| False')")
 
     d = s.add_parser("direction", help="make a direction (mass-mean, ridge, logistic, neurons) from a cache entry")
     _entry_args(d)
