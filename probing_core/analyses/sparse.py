@@ -223,12 +223,17 @@ def control_task(X: np.ndarray, ctx: ContextSet, path: LogisticPathResult, C: fl
 
 @dataclass(frozen=True)
 class LayerPoint:
+    """One hook at one C: test accuracy with its n and 95 % Wilson interval, density, convergence."""
+
     hook: str
     test_accuracy: float
     train_accuracy: float
     density: float
     n_nonzero: int
     converged: bool
+    n_test: int = 0
+    ci_low: float = float("nan")
+    ci_high: float = float("nan")
 
 
 def fit_hook_at_C(acts: CachedActivations, hook: str, ctx: ContextSet, C: float, *, penalty: str = "l1",
@@ -236,8 +241,10 @@ def fit_hook_at_C(acts: CachedActivations, hook: str, ctx: ContextSet, C: float,
     """One point of the all-layers curve: the probe on ``hook`` at one C."""
     r = fit_logistic_path(features(acts, hook, ctx), ctx.labels, Cs=[C], penalty=penalty, l1_ratio=l1_ratio,
                           test_fraction=test_fraction, seed=seed)
+    n_test = int(len(r.test_idx))
+    lo, hi = accuracy_ci(round(float(r.test_accuracy[0]) * n_test), n_test)
     return LayerPoint(hook, float(r.test_accuracy[0]), float(r.train_accuracy[0]), float(r.density[0]),
-                      int(r.n_nonzero[0]), bool(r.converged[0]))
+                      int(r.n_nonzero[0]), bool(r.converged[0]), n_test, float(lo), float(hi))
 
 
 def path_csv(path: LogisticPathResult) -> str:

@@ -24,7 +24,7 @@ from probing_core.data.labels import LABELS, LabelSpec, number_token_counts
 from probing_core.errors import LabelError
 from probing_core.models import ModelSpec, load_model, tiny_native_config
 from probing_core.solvers.ridge import fit_ridge_path, make_split
-from probing_core.solvers.splits import accuracy_ci, bootstrap_r2_ci, grouped_blocks, r2_score, seen_in_training
+from probing_core.solvers.splits import accuracy_ci, bootstrap_r2_ci, bootstrap_r2_ci_many, grouped_blocks, r2_score, seen_in_training
 from probing_core.store.activations import build_cache, open_entry
 from probing_core.store.entries import ActivationStore
 
@@ -225,3 +225,6 @@ def test_wilson_interval_matches_scipy_and_bootstrap_covers_r2():
     assert a < r2_score(y, pred) < b and b - a < 0.5
     small = bootstrap_r2_ci(y[:20], pred[:20])
     assert small[1] - small[0] > b - a  # fewer rows, wider interval
+    # several probes at once (the regression page's path): the same intervals up to resampling noise
+    many = bootstrap_r2_ci_many(y, np.stack([pred, y + rng.normal(scale=0.3, size=200)]))
+    assert many[0] == pytest.approx((a, b), abs=0.04) and many[1, 0] > many[0, 1]
