@@ -140,7 +140,7 @@ st.subheader("Control task")
 with glue.user_errors():
     ct = per_step("control task", lambda: sparse.control_task(X, ctx, path, C))
 c1, c2, c3 = st.columns(3)
-c1.metric("Real task accuracy", f"{100 * ct.accuracy:.1f} %")
+c1.metric("Real task accuracy", f"{100 * ct.accuracy:.1f} %", help=f"n = {len(path.test_idx)} held-out contexts")
 c2.metric("Control task accuracy", f"{100 * ct.control_accuracy:.1f} %", help=f"chance {100 * ct.control_chance:.1f} %")
 c3.metric("Selectivity", f"{100 * ct.selectivity:.1f} points")
 
@@ -156,7 +156,8 @@ if st.toggle("Compute every layer (the one in view is already done)", key="spars
             bar.progress((i + 1) / len(layer_hooks), f"{h}")
     bar.empty()
     st.plotly_chart(plots.layers_curve([p.hook for p in pts], [p.test_accuracy for p in pts],
-                                       [p.density for p in pts], C=C), key="sparse_fig_layers")
+                                       [p.density for p in pts], C=C, chance=summary.majority,
+                                       ci=[(p.ci_low, p.ci_high) for p in pts]), key="sparse_fig_layers")
     st.dataframe(pd.DataFrame([p.__dict__ for p in pts]), key="sparse_layers_table")
 
 st.subheader("Downloads")

@@ -143,11 +143,18 @@ def layers_curve(
     chance: float | None = None,
     train_accuracy: np.ndarray | None = None,
     C: float | None = None,
+    ci: np.ndarray | None = None,
 ) -> go.Figure:
-    """Accuracy (and L1 density) per layer/hook at one C; chance level dashed; NaN = not computed yet."""
+    """Accuracy (and L1 density) per layer/hook at one C; chance level dashed; NaN = not computed yet.
+    ``ci``: ``(hook, 2)`` 95 % interval of the test accuracy (fractions), drawn as a band."""
     fig = make_subplots(specs=[[{"secondary_y": density is not None}]])
     x = hook_labels(hooks)
     acc = [100 * np.asarray(test_accuracy, dtype=float)]
+    if ci is not None and np.isfinite(np.asarray(ci, dtype=float)).any():
+        band = 100 * np.asarray(ci, dtype=float)
+        fig.add_trace(go.Scatter(x=list(x) + list(x)[::-1], y=np.concatenate([band[:, 1], band[::-1, 0]]), fill="toself",
+                                 opacity=0.18, line=dict(width=0), hoverinfo="skip", name="test 95 % CI (Wilson)"))
+        acc.append(band.ravel())
     fig.add_trace(go.Scatter(x=x, y=acc[0], mode="lines+markers", name="test accuracy (%)"))
     if train_accuracy is not None:
         acc.append(100 * np.asarray(train_accuracy, dtype=float))
