@@ -58,17 +58,25 @@ WATCH_JS = """() => {
   const w = window.__bench = {t0: performance.now(), runs: 0, last: null,
                               running: app.getAttribute('data-test-script-state') === 'running'};
   if (window.__benchObs) window.__benchObs.disconnect();
-  window.__benchObs = new MutationObserver(() => {
-    const s = app.getAttribute('data-test-script-state');
-    if (s === 'running' && !w.running) { w.running = true; w.runs += 1; }
-    else if (s !== 'running' && w.running) { w.running = false; w.last = performance.now(); }
+  // Replay every recorded change (old values, then the current one): a run that starts and ends
+  // between two callbacks still counts.
+  window.__benchObs = new MutationObserver((records) => {
+    const states = records.map(r => r.oldValue).concat([app.getAttribute('data-test-script-state')]);
+    for (let i = 1; i < states.length; i++) {
+      const was = states[i - 1] === 'running', now = states[i] === 'running';
+      if (now && !was) { w.runs += 1; w.running = true; }
+      if (was && !now) { if (!w.running) { w.runs += 1; } w.running = false; w.last = performance.now(); }
+    }
   });
-  window.__benchObs.observe(app, {attributes: true, attributeFilter: ['data-test-script-state']});
+  window.__benchObs.observe(app, {attributes: true, attributeOldValue: true, attributeFilter: ['data-test-script-state']});
 }"""
 # Done: at least one run, none running now, 300 ms quiet since (a follow-up rerun would show), no spinner.
+# Or no run seen at all within 20 s while the app is idle: then the latency is unknown (reported as such).
 DONE_JS = """() => { const w = window.__bench;
-  return w && w.runs > 0 && !w.running && performance.now() - w.last > 300
-         && !document.querySelector("[data-testid='stSpinner']"); }"""
+  if (!w) return false;
+  if (w.runs === 0) return performance.now() - w.t0 > 20000 && !w.running &&
+      document.querySelector("[data-testid='stApp']").getAttribute('data-test-script-state') !== 'running';
+  return !w.running && performance.now() - w.last > 300 && !document.querySelector("[data-testid='stSpinner']"); }"""
 IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 
 
@@ -112,7 +120,12 @@ def prepare_cache(tokens: int) -> Path:
 
 
 class Server:
-    """``streamlit run app.py`` on a free port, plus a thread polling health and sampling RSS."""
+    """``streamlit run app.py`` on a free port, plus a thread polling health and sampling RSS.
+
+    The same thread polls a control: a bare ``python -m http.server`` started beside it. On a shared,
+    overloaded machine both answer late together (CPU starvation); only the app's own delays show as
+    the difference.
+    """
 
     def __init__(self, cache_dir: Path, log_path: Path) -> None:
         self.port = _free_port()
@@ -125,7 +138,12 @@ class Server:
                "--server.headless", "true", "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self.ps = psutil.Process(self.proc.pid)
-        self.samples: list[tuple[float, bool, float, int]] = []  # (time, ok, seconds, rss)
+        self.samples: list[tuple[float, bool, float, int, float]] = []  # (time, ok, seconds, rss, control seconds)
+        self._control_dir = tempfile.mkdtemp(prefix="bench-load-control-")
+        Path(self._control_dir, "health").write_text("ok")
+        self.control_port = _free_port()
+        self.control = subprocess.Popen([sys.executable, "-m", "http.server", str(self.control_port), "--bind", "127.0.0.1",
+                                         "--directory", self._control_dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._stop = threading.Event()
         deadline = time.monotonic() + 180
         while not _health(self.base, 3)[0]:
@@ -139,14 +157,21 @@ class Server:
     def _poll(self) -> None:
         while not self._stop.is_set():
             ok, secs = _health(self.base)
+            t0 = time.perf_counter()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.control_port}/health", timeout=5) as r:
+                    r.read()
+                control = time.perf_counter() - t0
+            except OSError:
+                control = float("inf")
             try:
                 rss = self.ps.memory_info().rss
             except psutil.Error:
                 rss = 0
-            self.samples.append((time.monotonic(), ok, secs, rss))
+            self.samples.append((time.monotonic(), ok, secs, rss, control))
             self._stop.wait(0.25)
 
-    def window(self, t0: float, t1: float) -> list[tuple[float, bool, float, int]]:
+    def window(self, t0: float, t1: float) -> list[tuple[float, bool, float, int, float]]:
         return [s for s in self.samples if t0 <= s[0] <= t1]
 
     def rss(self) -> int:
@@ -157,6 +182,8 @@ class Server:
 
     def close(self) -> None:
         self._stop.set()
+        self.control.terminate()
+        shutil.rmtree(self._control_dir, ignore_errors=True)
         self.proc.terminate()
         try:
             self.proc.wait(timeout=30)
@@ -171,7 +198,7 @@ async def _timed(page, act) -> float:
     await page.evaluate(WATCH_JS)
     await act()
     await page.wait_for_function(DONE_JS, timeout=ACTION_TIMEOUT_MS, polling=50)
-    return await page.evaluate("() => (window.__bench.last - window.__bench.t0) / 1000")
+    return await page.evaluate("() => window.__bench.runs ? (window.__bench.last - window.__bench.t0) / 1000 : NaN")
 
 
 async def _page_errors(page) -> list[str]:
@@ -227,9 +254,18 @@ async def session(browser, base: str, label: str, prompt: str) -> tuple[dict[str
         times["run_prompt"] = await _timed(page, run_prompt)
         errors += await _page_errors(page)
     except Exception as e:  # noqa: BLE001 — a timeout or a missing element is a result to report, not a crash
-        errors.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        try:  # where it stood: the in-page watch and the app's script state
+            state = await page.evaluate("() => JSON.stringify(window.__bench || null) + ' state=' + "
+                                        "document.querySelector(\"[data-testid='stApp']\").getAttribute('data-test-script-state')")
+        except Exception as e2:  # noqa: BLE001
+            state = f"(page unreadable: {type(e2).__name__})"
+        errors.append(f"{type(e).__name__} after {list(times)}: {str(e).splitlines()[0][:200]} {state}")
     finally:
         await ctx.close()
+    missed = [a for a, s in times.items() if s != s]  # NaN: no script run was seen after the action
+    for a in missed:
+        del times[a]
+        errors.append(f"{a}: no script run seen (latency unknown)")
     return times, errors
 
 
@@ -253,6 +289,10 @@ async def run_round(browser, server: Server, n: int, round_no: int) -> dict:
         "tracebacks": server.tracebacks() - tb0,
         "health_max": max((s[2] for s in win), default=float("nan")),
         "health_slow": sum(1 for s in win if not s[1] or s[2] > 1.0), "health_n": len(win),
+        "health_p50": statistics.median([s[2] for s in win]) if win else float("nan"),
+        "control_max": max((s[4] for s in win), default=float("nan")),
+        "control_slow": sum(1 for s in win if s[4] > 1.0),
+        "load": os.getloadavg()[0],
         "rss_peak": max((s[3] for s in win), default=0), "rss_end": server.rss(),
     }
 
@@ -269,8 +309,9 @@ def report(r: dict) -> None:
     print(f"  errors: {len(r['errors'])} in pages/timeouts, {r['tracebacks']} tracebacks in the server log"
           + "".join(f"\n    - {e}" for e in r["errors"][:8]))
     print(f"  server RSS: peak {r['rss_peak'] / 2**20:,.0f} MiB, after the round {r['rss_end'] / 2**20:,.0f} MiB")
-    print(f"  /_stcore/health: {r['health_n']} polls, slowest {r['health_max'] * 1000:.0f} ms, "
-          f"{r['health_slow']} failed or over 1 s")
+    print(f"  /_stcore/health: {r['health_n']} polls, median {r['health_p50'] * 1000:.0f} ms, slowest "
+          f"{r['health_max'] * 1000:.0f} ms, {r['health_slow']} failed or over 1 s; control http.server: slowest "
+          f"{r['control_max'] * 1000:.0f} ms, {r['control_slow']} over 1 s; machine load average {r['load']:.1f}")
 
 
 async def main_async(args) -> int:
@@ -285,6 +326,12 @@ async def main_async(args) -> int:
     try:
         async with async_playwright() as pw:
             browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            # Idle baseline: the server with no visitor, against the control.
+            t0 = time.monotonic()
+            await asyncio.sleep(15)
+            idle = server.window(t0, time.monotonic())
+            print(f"idle 15 s: health slowest {max(s[2] for s in idle) * 1000:.0f} ms, control slowest "
+                  f"{max(s[4] for s in idle) * 1000:.0f} ms, load average {os.getloadavg()[0]:.1f}")
             # Warm-up, not counted: the first visitor loads the model and makes the first (cold) fit.
             t0 = time.monotonic()
             times, errors = await session(browser, server.base, LABELS[-1], "Warm-up: the capital of France is")
