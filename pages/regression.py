@@ -97,8 +97,10 @@ if t1.open:
         st.plotly_chart(plots.r2_curve(r, ai, title=f"R² of {LABELS[name].title.lower()} across hooks", test_name=run.test_name,
                                        test_ci=None if ho is None else ho.r2_ci,
                                        new_types=None if ho is None or run.split_by == "type" else ho.r2_new), key="reg_curve")
-        st.dataframe(table, hide_index=True, width="stretch")
-        hook = st.selectbox("R² against α for hook", list(r.hooks), key="reg_hook", bind=Q)
+        shown = table.copy()
+        shown.insert(0, "layer", [glue.layer_words(h) for h in table["hook"]])
+        st.dataframe(shown if glue.research() else shown.drop(columns="hook"), hide_index=True, width="stretch")
+        hook = st.selectbox("R² against α for hook", list(r.hooks), key="reg_hook", bind=Q, format_func=glue.layer_words)
         st.plotly_chart(plots.r2_vs_alpha(r, hook), key="reg_vs_alpha")
         alpha = None if ai is None else float(r.alphas[ai])
         base = glue.manifest_base(model, acts)
