@@ -12,7 +12,8 @@ from typing import Sequence
 import numpy as np
 import plotly.graph_objects as go
 
-__all__ = ["hook_label", "hook_labels", "legend_below", "legend_above", "log_range", "vline_trace", "percent_range"]
+__all__ = ["hook_label", "hook_labels", "legend_below", "legend_above", "log_range", "vline_trace", "percent_range",
+           "fixed_format"]
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _LENS = re.compile(r"^(\d+|final)_(.+)$")  # TransformerLens's accumulated_resid / decompose_resid labels
@@ -92,6 +93,18 @@ def percent_range(values_pct: np.ndarray, *, floor: float = 50.0) -> list[float]
     lo = float(v.min()) if v.size else 0.0
     start = max(0.0, min(floor, 10.0 * math.floor(lo / 10.0)))
     return [start, 101.0]  # 1 point of headroom: markers at 100 % are not cut in half
+
+
+def fixed_format(values: np.ndarray, *, at_least: int = 2, at_most: int = 6) -> str:
+    """A d3 tick format with enough decimals to tell the ticks apart over the data's span.
+
+    ``.2f`` on R² values 0.003…0.004 printed "0.01, 0.01": the decimals follow the span here.
+    """
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    span = float(v.max() - v.min()) if v.size > 1 else 0.0
+    need = at_least if span <= 0 else math.ceil(-math.log10(span)) + 1
+    return f".{min(at_most, max(at_least, need))}f"
 
 
 def vline_trace(x: float, y_range: Sequence[float], *, name: str, text: str, color: str = "black",

@@ -6,7 +6,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import plotly.graph_objects as go
 
-from probing_core.plots._common import hook_label, hook_labels, legend_below, log_range, vline_trace
+from probing_core.plots._common import fixed_format, hook_label, hook_labels, legend_below, log_range, vline_trace
 from probing_core.solvers.ridge import RidgePathResult, TransferResult
 
 __all__ = ["r2_curve", "r2_by_hook", "abs_r2_log", "transfer_curve", "predicted_vs_true", "label_histogram", "r2_vs_alpha"]
@@ -60,7 +60,7 @@ def r2_curve(result: RidgePathResult, alpha_index: int | None = None, *, title: 
                         hovertemplate="%{x}<br>best α %{customdata:.3g}<br>R² %{y:.4f}<extra></extra>")
     fig.update_layout(title=f"{title} ({label})", xaxis_title="hook", yaxis_title="R²", hovermode="x unified",
                       height=520)
-    fig.update_yaxes(tickformat=".2f")
+    fig.update_yaxes(tickformat=fixed_format(np.concatenate([np.asarray(t.y, dtype=float).ravel() for t in fig.data])))
     return _hook_axis(fig, hooks)
 
 
@@ -87,7 +87,7 @@ def r2_by_hook(hooks: Sequence[str], series: Mapping[str, np.ndarray], *, title:
         fig.update_yaxes(type="log", range=log_range(np.concatenate(ys) if ys else np.ones(1)),
                          exponentformat="power")
     else:
-        fig.update_yaxes(tickformat=".2f")
+        fig.update_yaxes(tickformat=fixed_format(np.concatenate(ys) if ys else np.zeros(1)))
     return _hook_axis(fig, labels)
 
 
@@ -162,6 +162,6 @@ def r2_vs_alpha(result: RidgePathResult, hook: str) -> go.Figure:
     fig.add_trace(vline_trace(best, [lo - pad, hi + pad], name="best α", text=f"best α = {best:.3g}"))
     fig.update_xaxes(type="log", title="α (ridge strength)", range=log_range(a, pad=0.03), dtick=1,
                      exponentformat="power", showexponent="all")
-    fig.update_yaxes(range=[lo - 2 * pad, hi + 3 * pad], tickformat=".2f")
+    fig.update_yaxes(range=[lo - 2 * pad, hi + 3 * pad], tickformat=fixed_format(np.array([lo, hi])))
     fig.update_layout(title=f"R² vs α — {hook_label(hook)}", yaxis_title="R²", height=440)
     return legend_below(fig, tick_px=10)

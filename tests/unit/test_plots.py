@@ -335,6 +335,8 @@ def test_r2_vs_alpha_marks_the_best_alpha_where_it_is(acts):
         marker = next(t for t in fig.data if t.name == "best α")
         assert any(f"{best:.3g}" in str(s) for s in marker.text)  # the label is on the line itself
         assert hook_label(hook) in fig.layout.title.text
+        y0, y1 = fig.layout.yaxis.range  # enough decimals that ticks over this span differ ("0.01, 0.01" did not)
+        assert (y1 - y0) * 10 ** int(fig.layout.yaxis.tickformat[1:-1]) >= 2, (hook, fig.layout.yaxis.tickformat, y1 - y0)
 
 
 def test_r2_curve_names_hooks_and_keeps_the_legend_off_the_ticks(acts):
