@@ -9,7 +9,7 @@ from probing_core.analyses import amnesic, directions as dirs, interventions as 
 from probing_core.analyses.regression import regression_data
 from probing_core.data.datasets import load_dataset
 from probing_core.data.statements import STATEMENT_SETS, statements_spec
-from probing_core.plots import interventions as plots
+from probing_core.plots import interventions as plots, lens as lens_plots
 
 st.title("🎛️ Interventions")
 glue.explain(
@@ -39,7 +39,7 @@ def _make(_acts, key: str, hook: str, label, rule: str, method: str, neurons: tu
 @st.cache_data(max_entries=32, show_spinner="Running the prompt with the intervention and K random controls…")
 def _effect(_model, key: str, prompt: str, d: tuple, step: iv.Intervention, pair: tuple | None, K: int):
     direction = dirs.direction_from_bytes(*d)
-    return (iv.intervene_prompt(_model, prompt, direction, step, answers=pair, k_controls=K, n_generate=8),
+    return (iv.intervene_prompt(_model, prompt, direction, step, answers=pair, k_controls=K, n_generate=8, with_lens=True),
             iv.lens_difference(_model, prompt, direction, step))
 
 
@@ -96,8 +96,8 @@ elif view == VIEWS[1] or view == VIEWS[2]:
             label, rule, _ = glue.token_label_picker(acts, page="iv")
             method = st.radio("Method", ["mass_mean", "logistic", "ridge"] + (["neurons"] if "mlp" in hook else []), horizontal=True,
                               key="iv_method", bind=q, help="mass-mean (difference of class means) first: often the more causal direction")
-            idx = tuple(int(t) for t in st.text_input("Neurons", "0, 1", key="iv_set_neurons").split(",") if t.strip().isdigit()) \
-                if method == "neurons" else ()
+            idx = tuple(iv.parse_number_list(st.text_input("Neurons", "0, 1", key="iv_set_neurons"), what="neuron list",
+                                             integer=True)) if method == "neurons" else ()
             npy, meta, rows, y = _make(acts, acts.key, hook, label, rule, method, idx)
             direction = dirs.direction_from_bytes(npy, meta)
             _keep(direction, f"{method}-{hook}")
@@ -131,7 +131,9 @@ elif view == VIEWS[1] or view == VIEWS[2]:
                 (st.warning if cmp.inside_band else st.success)(cmp.summary())
                 st.plotly_chart(plots.controls_figure(cmp), key=f"iv_ctl_{cmp.metric[:8]}")
             st.plotly_chart(plots.topk_before_after(eff), key="iv_topk")
-            st.plotly_chart(plots.lens_diff_heatmap(ld), key="iv_lens")
+            t1, t2 = st.tabs(["Logit lens: after − before", "Logit lens after"])
+            t1.plotly_chart(plots.lens_diff_heatmap(ld), key="iv_lens")
+            t2.plotly_chart(lens_plots.logit_lens_heatmap(eff.lens_after), key="iv_lens_after")
             st.text(f"before: {eff.continuation_before!r}\nafter:  {eff.continuation_after!r}")
         else:
             le = _loss(model, acts, acts.key, dirs.direction_to_bytes(direction), step, K)
@@ -153,9 +155,13 @@ else:
     layer = c1.number_input("Layer", 0, model.n_layers - 1, model.n_layers // 2, key="iv_layer", bind=q)
     neurons = c2.text_input("Neurons (comma-separated)", "0, 1, 2", key="iv_neurons", bind=q)
     k = c3.slider("Tokens each way", 3, 20, 8, key="iv_rk", bind=q)
+    coefs = st.text_input("Their probe coefficients (optional, same order; e.g. from the Sparse page)", "", key="iv_coefs", bind=q)
     with glue.user_errors():
-        idx = [int(t) for t in neurons.split(",") if t.strip().lstrip("-").isdigit()]
-        r = iv.neuron_readout(model, int(layer), idx, k=k)
+        idx = iv.parse_number_list(neurons, what="neuron list", integer=True)
+        cf = iv.parse_number_list(coefs, what="coefficients") if coefs.strip() else None
+        if cf is not None and len(cf) != len(idx):
+            raise iv.InputError(f"{len(idx)} neurons but {len(cf)} coefficients; give one per neuron or none.")
+        r = iv.neuron_readout(model, int(layer), idx, k=k, coefs=cf)
     st.dataframe(pd.DataFrame(r.rows()), hide_index=True)
     st.caption("Each neuron's output weights W_out[n] times the unembedding W_U (final norm folded): the tokens it "
                "pushes up and down when it fires. Probe coefficients appear when the neurons come from a sparse probe.")

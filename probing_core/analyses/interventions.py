@@ -782,3 +782,21 @@ class _null:
 
     def __exit__(self, *a: Any) -> None:
         return None
+
+
+def parse_number_list(text: str, *, what: str = "numbers", integer: bool = False) -> list[float] | list[int]:
+    """``"3, 17, 40"`` → ``[3, 17, 40]`` (the page's and URL's form of neuron lists and coefficients).
+
+    Raises:
+        InputError: an item that is not a number (a whole number when ``integer``).
+    """
+    out: list = []
+    for item in (t.strip() for t in (text or "").split(",")):
+        if not item:
+            continue
+        try:
+            out.append(int(item) if integer else float(item))
+        except ValueError:
+            raise InputError(f"{item!r} in the {what} is not a {'whole ' if integer else ''}number; "
+                             "write them comma-separated, e.g. 3, 17, 40.") from None
+    return out

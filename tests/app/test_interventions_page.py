@@ -74,6 +74,11 @@ def test_neuron_readout_and_an_index_out_of_range(at: AppTest):
     at.radio(key="iv_view").set_value("Neuron read-out").run()
     assert not at.error
     assert len(at.dataframe[0].value) == 3
+    at.text_input(key="iv_coefs").set_value("0.5, -1, 2").run()
+    assert list(at.dataframe[0].value["probe_coef"]) == [0.5, -1.0, 2.0]
+    at.text_input(key="iv_coefs").set_value("0.5, x, 2").run()
+    assert at.error and "not a number" in at.error[0].value
+    at.text_input(key="iv_coefs").set_value("").run()
     at.text_input(key="iv_neurons").set_value("5, 99999").run()
     assert at.error and "out of range" in at.error[0].value
 
