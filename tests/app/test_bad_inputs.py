@@ -69,12 +69,18 @@ CASES = [
     ("pages/layers.py", "text_input", "layers_positions", "", ""),
     ("pages/regression.py", "text_input", "reg_match", "", ""),
     ("pages/home.py", "text_input", "model_local_dir", "/no/such/model/folder", "/no/such/model/folder"),
+    ("pages/tree.py", "text_input", "tree_text", "not a tree at all", ""),
+    ("pages/tree.py", "text_input", "tree_text", "0 →1 , | 9 : 0", ""),
+    ("pages/interventions.py", "text_input", "iv_neurons", "abc", ""),
+    ("pages/interventions.py", "text_input", "iv_neurons", "99999", ""),
 ]
 
 
 @pytest.mark.parametrize("page,kind,key,value,words", CASES, ids=[f"{c[0][6:-3]}-{c[2]}={c[3]!r}" for c in CASES])
 def test_bad_page_input_is_a_message(entry_key, page, kind, key, value, words):
     state = {"layers_rule": "Fixed positions"} if key == "layers_positions" else {}
+    if key == "iv_neurons":
+        state["iv_view"] = "Neuron read-out"
     if key == "reg_match":
         state["reg_positions"] = "match"
     if key == "model_local_dir":  # the sidebar's folder box, typed before the page runs
