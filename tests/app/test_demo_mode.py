@@ -205,6 +205,7 @@ def test_research_view_keeps_every_control(tiny_entries):
 def test_research_controls_hidden_in_demo(demo_env, tiny_entries):
     reg = _open("pages/regression.py", tiny_entries[0])
     assert not {"reg_cv", "reg_seed"} & _keys(reg)
+    reg.selectbox(key="reg_label").set_value("position").run()  # byte tokens: the default (length) is constant
     tables = [d.value for d in reg.dataframe]
     assert any("layer" in t.columns and "hook" not in t.columns for t in tables), "hooks not named in words"
     entry_label = reg.selectbox(key="reg_entry").format_func(reg.selectbox(key="reg_entry").value) \
