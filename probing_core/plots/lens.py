@@ -32,6 +32,7 @@ def next_token_bar(res: NextTokenResult) -> go.Figure:
         title += f" — answer {_show(res.answer)}: rank {res.answer_rank}, prob {res.answer_prob:.4f}"
     fig.update_layout(title=title, xaxis_title="probability", yaxis_title="token (rank)",
                       height=max(250, 28 * len(labels) + 100))
+    fig.update_xaxes(tickformat=".2f")
     return fig
 
 

@@ -40,8 +40,10 @@ def coefficients(path: LogisticPathResult, k: int, *, feature_name: str = "MLP n
     fig.update_layout(
         title=f"C = {path.Cs[k]:.4g}: {nz.size}/{d} coefficients non-zero ({100 * nz.size / d:.2f} % dense)",
         xaxis_title=feature_name, yaxis_title="coefficient (standardized units)", height=360,
-        legend=dict(orientation="h", y=1.02, yanchor="bottom", x=1, xanchor="right"), margin=dict(t=70),
+        legend=dict(orientation="h", y=1.02, yanchor="bottom", x=1, xanchor="right"), margin=dict(t=90),
     )
+    fig.update_xaxes(tickformat="d")
+    fig.update_yaxes(tickformat=".2f")
     return fig
 
 
@@ -51,6 +53,8 @@ def nonzero_histogram(path: LogisticPathResult, k: int, *, bins: int = 30) -> go
     fig = go.Figure(go.Histogram(x=w[w != 0], nbinsx=bins, marker=dict(color="#8d99ae", line=dict(width=1, color="black"))))
     fig.update_layout(title="Distribution of non-zero coefficients", xaxis_title="coefficient", yaxis_title="count",
                       height=360, bargap=0.02)
+    fig.update_xaxes(tickformat=".2f")
+    fig.update_yaxes(tickformat="d")
     return fig
 
 
@@ -91,6 +95,7 @@ def activation_strips(
         title="Activations of the surviving neurons, by class", yaxis_title="activation", height=380,
         xaxis=dict(tickmode="array", tickvals=list(range(len(neurons))), ticktext=[str(n) for n in neurons],
                    title="neuron (non-zero coefficient)"),
+        yaxis=dict(tickformat=".2f"),
     )
     return fig
 
@@ -182,5 +187,7 @@ def selection_frequency_bars(freq: np.ndarray, *, top: int = 30, feature_name: s
     idx = idx[freq[idx] > 0]
     fig = go.Figure(go.Bar(x=[str(i) for i in idx], y=freq[idx], marker_color=_NZ))
     fig.update_layout(title="Selection frequency across folds", xaxis_title=feature_name,
-                      yaxis=dict(title="share of folds with a non-zero coefficient", range=[0, 1.05]), height=340)
+                      yaxis=dict(title="share of folds with a non-zero coefficient", range=[0, 1.05], tickformat=".1f"),
+                      height=340)
+    fig.update_xaxes(type="category")  # neuron ids are names, not positions on a number line
     return fig

@@ -240,7 +240,8 @@ def all_figures(model, acts) -> dict[str, go.Figure]:
     """Every chart of probing_core.plots from real results (the gallery and the generic test)."""
     r = build_regression(acts)
     tr = build_transfer(model, acts)
-    path, _ = build_sparse(model, acts)
+    path, ctx = build_sparse(model, acts)
+    X = sparse.features(acts, "blocks.0.mlp.hook_post", ctx)
     k = int(np.argmax(path.n_nonzero > 0)) + 1
     ll = build_lens(model)
     ps = lens.PromptSet(("The capital of France is", "The capital of Italy is"), (("a", "b"), ("b", "a")))
@@ -272,6 +273,12 @@ def all_figures(model, acts) -> dict[str, go.Figure]:
         "layers_heatmap": layer_plots.accuracy_heatmap(lp),
         "layers_lines": layer_plots.accuracy_lines(lp),
         "tree": tree_plots.plot_tree(s, predicted_path=[12, 15, 4, 8]),
+        "sparse_coefficients": sparse_plots.coefficients(path, k),
+        "sparse_nonzero_hist": sparse_plots.nonzero_histogram(path, k),
+        "sparse_strips": sparse_plots.activation_strips(X, ctx.labels, path.surviving(k)[:5], class_names=ctx.class_names),
+        "sparse_selection": sparse_plots.selection_frequency_bars(np.linspace(0, 1, 40)),
+        "lens_next_token_bar": lens_plots.next_token_bar(lens.next_token_topk(model, "the cat", k=5)),
+        "attn_head_pattern": attention_plots.head_pattern_heatmap(pats.tokens, pats.pattern[0, 1]),
     }
     return figs
 
@@ -285,7 +292,8 @@ def figures(tiny_model, acts):
     "reg_r2_curve", "reg_r2_curve_alpha", "reg_r2_vs_alpha", "reg_transfer", "reg_transfer_log", "lens_heatmap",
     "lens_heatmap_rank", "lens_next_by_layer", "lens_logit_diff", "lens_accumulated", "lens_decomposition",
     "lens_head_dla", "attn_grid", "attn_prev", "attn_entropy", "sparse_density_vs_C", "sparse_layers",
-    "layers_heatmap", "layers_lines", "tree"])
+    "layers_heatmap", "layers_lines", "tree", "sparse_coefficients", "sparse_nonzero_hist", "sparse_strips",
+    "sparse_selection", "lens_next_token_bar", "attn_head_pattern"])
 def test_every_chart_passes_the_generic_checks(figures, name):
     check_figure(figures[name])
 
