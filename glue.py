@@ -522,9 +522,10 @@ class HookBuild:
 #: Home's default build: the token embedding and the residual stream after every block.
 DEFAULT_BUILD = HookBuild(("embed", "resid_post"), max_tokens=5_000, what="the embedding and the residual stream after every block")
 #: Sparse probes: MLP neurons of the first six blocks (the reference notebook reads block 3) on enough text that
-#: " an" (rarer than " the") gives ~170 contexts: ~200 test rows with the page's 30 % test split.
-SPARSE_BUILD = HookBuild(("mlp_post",), layers=6, max_tokens=40_000, dtype="float16",
-                         what="the MLP neurons of layers 0–5")
+#: " an" (rarer than " the") gives ~170 contexts: ~200 test rows with the page's 30 % test split. The embedding
+#: too: the page's embed-only baseline is the same probe on hook_embed at the same rows (issue 20).
+SPARSE_BUILD = HookBuild(("embed", "mlp_post"), layers=6, max_tokens=40_000, dtype="float16",
+                         what="the embedding and the MLP neurons of layers 0–5")
 
 
 def build_hooks_now(model: LoadedModel, want: HookBuild) -> StoreEntry:

@@ -134,5 +134,6 @@ def test_missing_hooks_are_built_in_place(tmp_path, monkeypatch):
     assert not app.exception
     entries = ActivationStore(tmp_path / "activations").entries()
     assert len(entries) == 1
-    assert entries[0].hooks == ["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"]  # exactly the page's hooks
+    # exactly the page's hooks: the MLP neurons, and hook_embed for the embed-only baseline
+    assert entries[0].hooks == ["hook_embed", "blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"]
     assert app.selectbox(key="sparse_entry").value == entries[0].key  # the page now runs on it
