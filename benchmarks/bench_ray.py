@@ -15,6 +15,7 @@ Run under the shared lock (the machine is shared):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -48,33 +49,42 @@ def bench_extraction(model_id: str, tokens: int, max_len: int, batch_size: int) 
           f"batch {batch_size}, {cores} cores, torch threads {torch.get_num_threads()}")
     kw = dict(max_len=max_len, max_tokens=tokens, batch_size=batch_size)
     with tempfile.TemporaryDirectory() as d:
-        t0 = time.perf_counter()
-        entry, _ = build_cache(model, ds, hooks, store=ActivationStore(Path(d) / "local"), **kw)
-        local_wall = time.perf_counter() - t0
-        n = entry.n_tokens
-        local_tps = n / float(entry.meta["seconds"])
-        print(f"local build: {n} tokens, extraction {entry.meta['seconds']:.1f} s → {local_tps:,.0f} tokens/s "
-              f"(wall incl. tokenizing {local_wall:.1f} s)")
+        local_tps = []
+
+        def local(tag: str) -> tuple[ActivationStore, str, int]:
+            store = ActivationStore(Path(d) / f"local-{tag}")
+            entry, _ = build_cache(model, ds, hooks, store=store, **kw)
+            local_tps.append(entry.n_tokens / float(entry.meta["seconds"]))
+            print(f"local build ({tag}): {entry.n_tokens} tokens, extraction {entry.meta['seconds']:.1f} s → "
+                  f"{local_tps[-1]:,.1f} tokens/s")
+            return store, entry.key, entry.n_tokens
+
+        ref_store, ref_key, n = local("before")
         t0 = time.perf_counter()
         ray_engine.connect(num_cpus=cores)
         print(f"ray.init (local cluster, {cores} CPUs): {time.perf_counter() - t0:.1f} s (once per process)")
+        ray_tps = {}
         for workers in (1, 2):
-            marks: list[tuple[float, str]] = []
             store = ActivationStore(Path(d) / f"ray{workers}")
             t0 = time.perf_counter()
-            res = ray_engine.build_cache_ray(model, ds, hooks, store=store, workers=workers, rows_per_shard=2 * batch_size,
-                                             progress=lambda f, m: marks.append((time.perf_counter(), m)), **kw)
+            res = ray_engine.build_cache_ray(model, ds, hooks, store=store, workers=workers, rows_per_shard=batch_size, **kw)
             wall = time.perf_counter() - t0
             same = all(np.array_equal(np.asarray(open_entry(store, res.entry.key).hook(h)),
-                                      np.asarray(open_entry(ActivationStore(Path(d) / "local"), entry.key).hook(h)))
+                                      np.asarray(open_entry(ref_store, ref_key).hook(h)))
                        for h in hooks[:: max(1, len(hooks) // 4)])
-            done = [t for t, m in marks if m.startswith("ray:") and "done" in m]
-            per_range = n / res.ranges_total
-            steady = (len(done) - 1) * per_range / (done[-1] - done[0]) if len(done) > 1 else float("nan")
-            print(f"ray, {workers} worker(s): {res.ranges_total} ranges, wall {wall:.1f} s → {n / wall:,.0f} tokens/s end to end "
-                  f"({n / wall / local_tps:.2f}× local); first range after {done[0] - t0:.1f} s (actor start); steady "
-                  f"{steady:,.0f} tokens/s ({steady / local_tps:.2f}× local); same bytes as local: {same}")
+            manifest = json.loads((res.entry.path / "shards.json").read_text())
+            busy = sum(float(s["seconds"]) for s in manifest["shards"]) / min(workers, res.ranges_total)
+            ray_tps[workers] = (n / wall, n / busy)
+            print(f"ray, {workers} worker(s): {res.ranges_total} ranges; wall {wall:.1f} s (actor start + extraction) → "
+                  f"{n / wall:,.1f} tokens/s end to end; extraction in the actors {busy:.1f} s per worker → "
+                  f"{n / busy:,.1f} tokens/s; same bytes as local: {same}")
         ray_engine.import_ray().shutdown()
+        local("after")
+        ref = float(np.mean(local_tps))
+        print(f"vs the local build (mean of before/after, {ref:,.1f} tokens/s; the two differ by "
+              f"{abs(local_tps[0] - local_tps[1]) / ref:.0%} on this shared machine):")
+        for workers, (e2e, ext) in ray_tps.items():
+            print(f"  {workers} worker(s): end to end {e2e / ref:.2f}×, extraction {ext / ref:.2f}×")
 
 
 def bench_ridge_memory(n_rows: int, d: int, n_shards: int) -> None:
@@ -123,8 +133,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--ridge-rows", type=int, default=200_000)
     ap.add_argument("--skip-extraction", action="store_true")
+    ap.add_argument("--skip-ridge", action="store_true")
     args = ap.parse_args()
-    bench_ridge_memory(args.ridge_rows, 576, 8)
+    if not args.skip_ridge:
+        bench_ridge_memory(args.ridge_rows, 576, 8)
     if not args.skip_extraction:
         bench_extraction(args.model, args.tokens, args.max_len, args.batch_size)
 
