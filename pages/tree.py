@@ -8,7 +8,7 @@ import streamlit as st
 import glue
 from probing_core.tree import model as tree_model, task as tree_task
 from probing_core.models import ModelSpec
-from probing_core.plots.tree import plot_tree
+from probing_core.plots.tree import accuracy_by_depth, plot_tree
 
 st.title("🌳 Tree search")
 glue.explain(
@@ -75,7 +75,7 @@ with glue.user_errors():
     ev, by_depth, rows = _accuracy(model.key, test_seed, n_test, trained_n)
 st.metric(f"Whole path right ({ev['n_samples']} puzzles, depths 1–{trained_n - 1} equally often)", f"{ev['accuracy']:.1%}")
 df = pd.DataFrame(by_depth)
-st.bar_chart(df, x="depth", y="accuracy")
+st.plotly_chart(accuracy_by_depth(df["depth"], df["accuracy"], df["puzzles"]), key="tree_depth_plot")
 st.dataframe(df, hide_index=True, width="stretch")
 st.caption("Exact-path accuracy of greedy decoding: a puzzle counts only if every node of the path is right.")
 

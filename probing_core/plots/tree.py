@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import plotly.graph_objects as go
 
 from probing_core.tree.task import TreeSample
@@ -129,4 +130,24 @@ def plot_tree(sample: TreeSample, predicted_path: Sequence[int] | None = None, t
         margin=dict(l=10, r=10, t=50, b=80),
         height=170 + 70 * (max(depth_of.values()) + 1),
     )
+    return fig
+
+
+def accuracy_by_depth(depths: Sequence[int], accuracy: Sequence[float], counts: Sequence[int], *,
+                      title: str = "Exact-path accuracy by path length") -> go.Figure:
+    """Bars of exact-path accuracy (%) per depth, the number of puzzles on each bar.
+
+    Args:
+        depths, accuracy, counts: per depth (as :meth:`TreeEvalResult.depth_rows` lists them); accuracy in 0…1.
+    """
+    acc = 100 * np.asarray(accuracy, dtype=float)
+    n = np.asarray(counts, dtype=int)
+    fig = go.Figure(go.Bar(
+        x=[int(d) for d in depths], y=acc, marker_color=_PRED_OK, name="whole path right",
+        text=[f"n={c}" for c in n], textposition="inside", insidetextanchor="start",
+        hovertemplate="depth %{x}: %{y:.1f} % (%{text})<extra></extra>",
+    ))
+    fig.update_layout(title=title, height=340, showlegend=False, margin=dict(l=10, r=10, t=50, b=10))
+    fig.update_xaxes(title="path length (depth)", tickformat="d", dtick=1)
+    fig.update_yaxes(title="puzzles solved (%)", range=[0, 100], tickformat=".0f", dtick=20)
     return fig

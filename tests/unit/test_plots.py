@@ -273,6 +273,7 @@ def all_figures(model, acts) -> dict[str, go.Figure]:
         "layers_heatmap": layer_plots.accuracy_heatmap(lp),
         "layers_lines": layer_plots.accuracy_lines(lp),
         "tree": tree_plots.plot_tree(s, predicted_path=[12, 15, 4, 8]),
+        "tree_accuracy": tree_plots.accuracy_by_depth([1, 2, 3, 4], [1.0, 0.9, 0.75, 0.5], [25, 25, 24, 26]),
         "sparse_coefficients": sparse_plots.coefficients(path, k),
         "sparse_nonzero_hist": sparse_plots.nonzero_histogram(path, k),
         "sparse_strips": sparse_plots.activation_strips(X, ctx.labels, path.surviving(k)[:5], class_names=ctx.class_names),
@@ -292,7 +293,7 @@ def figures(tiny_model, acts):
     "reg_r2_curve", "reg_r2_curve_alpha", "reg_r2_vs_alpha", "reg_transfer", "reg_transfer_log", "lens_heatmap",
     "lens_heatmap_rank", "lens_next_by_layer", "lens_logit_diff", "lens_accumulated", "lens_decomposition",
     "lens_head_dla", "attn_grid", "attn_prev", "attn_entropy", "sparse_density_vs_C", "sparse_layers",
-    "layers_heatmap", "layers_lines", "tree", "sparse_coefficients", "sparse_nonzero_hist", "sparse_strips",
+    "layers_heatmap", "layers_lines", "tree", "tree_accuracy", "sparse_coefficients", "sparse_nonzero_hist", "sparse_strips",
     "sparse_selection", "lens_next_token_bar", "attn_head_pattern"])
 def test_every_chart_passes_the_generic_checks(figures, name):
     check_figure(figures[name])
@@ -492,6 +493,14 @@ def test_tree_nodes_are_readable_and_explained():
         assert _contrast(t.marker.color, t.textfont.color) >= 4.5, t.name  # WCAG AA for the node numbers
     assert [int(v) for v in next(t for t in nodes if t.name == "root").text] == [12]
     assert [int(v) for v in next(t for t in nodes if t.name == "goal").text] == [3]
+    check_figure(fig)
+
+
+def test_tree_accuracy_by_depth_in_percent():
+    fig = tree_plots.accuracy_by_depth([1, 2, 3], [1.0, 0.5, 0.25], [10, 12, 8])
+    np.testing.assert_allclose(fig.data[0].y, [100, 50, 25])
+    assert list(fig.data[0].x) == [1, 2, 3] and list(fig.data[0].text) == ["n=10", "n=12", "n=8"]
+    assert list(fig.layout.yaxis.range) == [0, 100]
     check_figure(fig)
 
 
