@@ -234,3 +234,19 @@ def test_in_memory_probe_refuses_what_does_not_fit():
     with pytest.raises(ProbeError, match=r"needs the selected activations in memory: .* GB.*streams"):
         shards.check_fits_in_memory(10**15, "the per-layer multiclass probe")
     shards.check_fits_in_memory(1000, "the per-layer multiclass probe")
+
+
+def test_regression_analysis_reads_a_sharded_entry_like_a_one_file_entry(sharded_entry, local_entry):
+    """The page's own analysis on the sharded entry (streamed) and on the one-file entry (in memory)."""
+    from probing_core.analyses.regression import run_regression
+    from probing_core.data.labels import LabelSpec
+
+    hooks = ["hook_embed", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    runs = [run_regression(open_entry(s, e.key), hooks, LabelSpec.make("position"), "all", cv=3, split_by="tokens")
+            for s, e in (sharded_entry, local_entry)]
+    sharded, one_file = (r.result for r in runs)
+    assert isinstance(open_entry(*[sharded_entry[0], sharded_entry[1].key]).hook(hooks[0]), shards.ShardedArray)  # streamed
+    assert all(d.form == "primal" for d in sharded.decompositions.values())
+    np.testing.assert_allclose(sharded.r2_cv_mean, one_file.r2_cv_mean, atol=2e-6)
+    np.testing.assert_allclose(sharded.r2_test, one_file.r2_test, atol=2e-6)
+    assert np.array_equal(sharded.best_alpha, one_file.best_alpha)
