@@ -170,7 +170,7 @@ class TruthCaseResult:
     seconds: dict[str, float]
 
     def summary(self) -> dict[str, Any]:
-        """The figures a report needs: best layer and accuracy, steering effect vs the random band at the largest ±c."""
+        """The figures a report needs: best layer and accuracy, the steering effect vs the random band at every c ≠ 0."""
         out: dict[str, Any] = {
             "dataset": self.dataset, "best_hook": self.curve.best_hook, "best_layer": int(self.curve.layers[self.curve.best_index]),
             "best_logistic_accuracy": self.curve.best_accuracy,
@@ -180,7 +180,7 @@ class TruthCaseResult:
             "steering": {},
         }
         cs = self.sweep.coefs
-        for ci in (int(np.argmin(cs)), int(np.argmax(cs))):
+        for ci in np.flatnonzero(cs != 0):
             for cls in ("true", "false", None):
                 cmp = self.sweep.comparison(ci, cls)
                 out["steering"][f"c={cs[ci]:+g} {cls or 'all'}"] = {

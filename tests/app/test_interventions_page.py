@@ -49,7 +49,7 @@ def test_truth_case_runs_and_shows_the_best_layer_and_the_random_band(at: AppTes
     assert labels["Best layer (logistic)"] in ("0", "1")
     assert 0.0 <= float(labels["Held-out accuracy there"]) <= 1.0
     cases = at.dataframe[0].value
-    assert {"delta", "percentile", "z", "inside_band"} <= set(cases.columns) and len(cases) == 6
+    assert {"delta", "percentile", "z", "inside_band"} <= set(cases.columns) and len(cases) == 12  # 4 c values × (true, false, all)
 
 
 def test_truth_case_refuses_a_multi_token_answer(at: AppTest):
