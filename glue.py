@@ -323,7 +323,52 @@ def shared_result(shelf: str, key: Hashable, compute: Callable[[Callable[[float,
     return res
 
 
-def cached_figure(name: str, key: Hashable, build: Callable[[], Any], *, keep: int = 48) -> Any:
+@st.cache_resource(show_spinner=False)
+def _warm_lock() -> threading.Lock:
+    """Held while a background warm-up runs (one at a time per process: the CPU is shared by every session)."""
+    return threading.Lock()
+
+
+def warm_shelves(jobs: Sequence[tuple[str, Hashable, Callable[[], Any]]], *, keep: int = 64) -> bool:
+    """Fill shelf entries in a background thread, most likely first, so the next slider moves find them.
+
+    ``jobs``: ``(shelf, key, compute)`` exactly as a page later asks :func:`shared_result` (or
+    :func:`cached_figure`: shelf ``"figures"``, key ``(name, key)``). Present entries are skipped; a
+    compute that raises :class:`ProbingError` is skipped too (the page shows the error when it asks).
+    Returns False when another warm-up is still running (the next rerun asks again).
+    """
+    lock, shelves = _shelves()
+    busy = _warm_lock()
+    if not busy.acquire(blocking=False):
+        return False
+
+    def run() -> None:
+        try:
+            for shelf, key, compute in jobs:
+                with lock:
+                    if key in shelves.setdefault(shelf, OrderedDict()):
+                        continue
+                try:
+                    value = compute()
+                except ProbingError:
+                    continue
+                with lock:
+                    items = shelves[shelf]
+                    items[key] = value
+                    while len(items) > (FIGURES_KEEP if shelf == "figures" else keep):
+                        items.popitem(last=False)
+        finally:
+            busy.release()
+
+    threading.Thread(target=run, name="warm-shelves", daemon=True).start()
+    return True
+
+
+#: Figures kept per process (a sparse path's 17 steps × 4 figures fit, with room for other pages).
+FIGURES_KEEP = 160
+
+
+def cached_figure(name: str, key: Hashable, build: Callable[[], Any], *, keep: int = FIGURES_KEEP) -> Any:
     """A plotly figure built once per state and shared by every session (a rerun that changes nothing in a
     chart skips building it). ``key`` must hold everything the figure depends on. Streamlit serializes a
     figure through ``to_dict()`` (a copy), so a shared figure is never mutated."""

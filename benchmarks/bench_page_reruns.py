@@ -174,11 +174,13 @@ def _widget(at: AppTest, kind: str, key: str):
     return getattr(at, kind)(key=key)
 
 
-def step(kind: str, key: str, values: list | None = None, *, back: bool = False):
-    """A move of widget ``key``: to the next unseen option (or ``values`` in turn); ``back`` = revisit."""
+def step(kind: str, key: str, values: list | None = None, *, back: bool = False, pause: float = 0.0):
+    """A move of widget ``key``: to the next unseen option (or ``values`` in turn); ``back`` = revisit;
+    ``pause``: seconds on the page before the move (not timed: what a user spends reading)."""
     state = {"i": 0, "seen": []}
 
     def move(at: AppTest):
+        time.sleep(pause)
         w = _widget(at, kind, key)
         if back and state["seen"]:
             v = state["seen"][0]
@@ -208,8 +210,9 @@ PLANS: dict[str, list[tuple[str, Callable]]] = {
         ("label change", step("selectbox", "reg_label", ["capitalised", "starts_with_space", "position", "length_no_space"])),
     ],
     "sparse": [
-        ("C slider (one step)", step(_C_KIND, "sparse_C", [9, 10, 11, 12])),
+        ("C slider (one step, right after the last)", step(_C_KIND, "sparse_C", [9, 10, 11, 12])),
         ("C slider back to a seen value", step(_C_KIND, "sparse_C", [8])),
+        ("C slider (new step, after 10 s on the page)", step(_C_KIND, "sparse_C", [5, 3, 14, 1], pause=10.0)),
         ("hook change", step("selectbox", "sparse_hook")),
         ("class B tokens (label change)", step("text_input", "sparse_b", [" a", " an", " this"])),
     ],

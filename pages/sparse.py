@@ -95,6 +95,21 @@ def per_step(name: str, compute):  # a result at this C step, shared by every se
     return glue.shared_result(f"sparse_{name}", (state, k), lambda _: compute(), keep=64, label=f"Computing {name}")
 
 
+def step_jobs(j: int) -> list:
+    """What the page shows at C step ``j`` as ``(shelf, key, compute)``, keyed as per_step and glue.cached_figure ask."""
+    Cj, surv_j = float(path.Cs[j]), path.surviving(j)[:20]
+    jobs = [(f"sparse_{n}", (state, j), f) for n, f in (
+        ("summary", lambda: sparse.summarize(acts, hook, ctx, path, k=j, embed_path=embed_path)),
+        ("neurons", lambda: sparse.neuron_table(X, ctx, path, j)),
+        ("report", lambda: sparse.report_at(X, ctx, path, j)),
+        ("control task", lambda: sparse.control_task(X, ctx, path, Cj)))]
+    figs = [("sparse_path", lambda: plots.density_vs_C(path, Cj)), ("sparse_coef", lambda: plots.coefficients(path, j)),
+            ("sparse_hist", lambda: plots.nonzero_histogram(path, j))]
+    if surv_j.size:
+        figs.append(("sparse_strips", lambda: plots.activation_strips(X, ctx.labels, surv_j, class_names=ctx.class_names)))
+    return jobs + [("figures", (n, (state, j)), f) for n, f in figs]
+
+
 summary = per_step("summary", lambda: sparse.summarize(acts, hook, ctx, path, k=k, embed_path=embed_path))
 st.dataframe(pd.DataFrame(summary.rows()), hide_index=True, key="sparse_baselines")
 st.caption(f"Held out: {summary.n_test} of {summary.n_test + summary.n_train} contexts (stratified); C chosen on "
@@ -167,3 +182,6 @@ d2.download_button("⬇ Coefficients (CSV)", sparse.coefs_csv(path, k), "sparse-
 d3.download_button("⬇ Weights (.npy)", sparse.weights_npy(path, k), "sparse-weights.npy", key="sparse_dl_npy")
 d4.download_button("⬇ Run manifest (JSON)", sparse.manifest(path, ctx, hook, k, glue.manifest_base(model, acts)),
                    "sparse-manifest.json", "application/json", key="sparse_dl_manifest")
+
+# The other C steps are filled in the background, nearest first: the next slider moves find them ready.
+glue.warm_shelves([job for j in sorted(range(len(path.Cs)), key=lambda j: abs(j - k)) for job in step_jobs(j)])
