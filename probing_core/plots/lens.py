@@ -75,6 +75,7 @@ def logit_lens_heatmap(res: LogitLensResult, *, value: str = "top_prob") -> go.F
     fig = go.Figure(go.Heatmap(
         z=z, x=_pos_labels(res.tokens), y=hook_labels(res.labels), text=text, texttemplate="%{text}",
         customdata=hover, hovertemplate="%{customdata}<extra></extra>", colorscale="Blues",
+        reversescale=value == "next_rank_log",  # dark = the model's pick in every colouring (rank 1, high probability)
         colorbar=colorbar, zmin=0, zmax=1 if value != "next_rank_log" else None,
     ))
     fig.update_layout(title="Logit lens: top token per layer and position", xaxis_title="position: input token",
