@@ -42,7 +42,7 @@ def main() -> None:
     batch = tokenize_dataset(model, vocab, max_len=1, max_tokens=args.rows)
     n, bs = batch.n_tokens, args.batch_size
     print(f"{model.spec.label()}: {model.n_layers} blocks, vocabulary {model.d_vocab:,}; timing {n:,} rows, {bs} per pass, "
-          f"torch threads {torch.get_num_threads()}")
+          f"torch threads {torch.get_num_threads()}, load average {__import__('os').getloadavg()[0]:.1f}")
 
     def passes(return_logits: bool) -> float:
         t = time.perf_counter()

@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--skip-cold", action="store_true")
     args = ap.parse_args()
     root = M.default_cache_root()
-    print(f"torch threads {torch.get_num_threads()}, cache {root}")
+    print(f"torch threads {torch.get_num_threads()}, cache {root}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
     first = load_model(ModelSpec("embedded"), cache_root=root)  # converts/processes if this cache is new
     folder = M._convert_embedded(root, None)
@@ -117,6 +117,7 @@ def main() -> None:
     print(f"  B plain transformers load (same folder): {_fmt(b)}")
     print(f"  C warm start, processing every time    : {_fmt(c)}")
     ra = [x / y for x, y in zip(a, b)]
+    print(f"  (load average now {os.getloadavg()[0]:.1f})")
     print(f"  A/B = {statistics.median(ra):.2f}x (per-round {min(ra):.2f}–{max(ra):.2f}; goal ≤ 2)   "
           f"C/A = {statistics.median([x / y for x, y in zip(c, a)]):.2f}x faster than before")
 
