@@ -297,30 +297,51 @@ def shared_slot(shelf: str, key: Hashable, *, keep: int) -> list:
         return slot
 
 
+@st.cache_resource(show_spinner=False)
+def _in_flight() -> dict[tuple, threading.Event]:
+    """``(shelf, key) -> Event`` of the fits running now (guarded by the shelves' lock)."""
+    return {}
+
+
 def shared_result(shelf: str, key: Hashable, compute: Callable[[Callable[[float, str], None]], T], *,
                   keep: int, label: str) -> T:
     """The result stored under ``key``, or ``compute(progress)`` with a live progress bar, then stored.
 
     Not ``st.cache_data``: a fit's progress bar must draw while it runs, and results hold arrays that
     should not be pickled and copied per session. At most ``keep`` results per shelf (oldest dropped).
-    Two sessions asking for the same missing key at once may both compute it; the second result wins.
+    One fit per key at a time: a session that asks for a key another session is computing waits for
+    that result instead of computing it again (the load benchmark saw duplicated fits double memory
+    and label-change time at 4-8 sessions). If that fit fails, the waiting session computes it itself.
     """
     lock, shelves = _shelves()
-    with lock:
-        res = shelves.setdefault(shelf, OrderedDict()).get(key)
-    if res is not None:
-        return res
-    update, done = progress_bar(label)
+    flights = _in_flight()
+    while True:
+        with lock:
+            res = shelves.setdefault(shelf, OrderedDict()).get(key)
+            if res is not None:
+                return res
+            event = flights.get((shelf, key))
+            if event is None:
+                event = flights[(shelf, key)] = threading.Event()
+                break
+        with st.spinner(f"{label} — another session is computing this; waiting for its result…"):
+            event.wait()
     try:
-        res = compute(update)
+        update, done = progress_bar(label)
+        try:
+            res = compute(update)
+        finally:
+            done()
+        with lock:
+            items = shelves[shelf]
+            items[key] = res
+            while len(items) > keep:
+                items.popitem(last=False)
+        return res
     finally:
-        done()
-    with lock:
-        items = shelves[shelf]
-        items[key] = res
-        while len(items) > keep:
-            items.popitem(last=False)
-    return res
+        with lock:
+            flights.pop((shelf, key), None)
+        event.set()
 
 
 @st.cache_resource(show_spinner=False)
