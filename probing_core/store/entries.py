@@ -54,6 +54,7 @@ from probing_core.store.integrity import (
     checksum_problem,
     hook_filename,
     inspect_folder,
+    load_npy,
     open_problem,
     seal_entry,
 )
@@ -365,7 +366,7 @@ class ActivationStore:
 
     def _load_npy(self, entry: StoreEntry, fname: str, *, mmap: bool) -> np.ndarray:
         try:
-            return np.load(entry.path / fname, mmap_mode="r" if mmap else None, allow_pickle=False)
+            return load_npy(entry.path / fname, mmap=mmap)
         except FileNotFoundError as e:
             if not entry.path.is_dir():
                 raise StoreError(f"cache entry {entry.key} was deleted while it was being read; pick another entry.") from e

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,19 +118,48 @@ def hook_filename(hook: str) -> str:
 
 
 # ---- proving an entry complete, and checking it later ------------------------------------------
+#: numpy parses a ``.npy`` header with ``ast.literal_eval``, and CPython 3.11's AST constructor is
+#: not safe under concurrent use (python/cpython#106905: "SystemError: AST constructor recursion
+#: depth mismatch", seen with 8 browser sessions reading entries at once). Every header this
+#: package parses goes through this one lock; the data itself is mapped or read outside it.
+_HEADER_LOCK = threading.Lock()
+
+
 def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
     """(shape, dtype, header length) of a ``.npy`` file, reading only its header."""
     with open(path, "rb") as f:
         version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        else:
-            raise ValueError(f"unsupported .npy version {version}")
+        with _HEADER_LOCK:
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unsupported .npy version {version}")
         if fortran:
             raise ValueError("Fortran-ordered array")
+        if dtype.hasobject:
+            raise ValueError("an object array (would need pickle)")
         return tuple(shape), dtype, f.tell()
+
+
+def load_npy(path: Path, *, mmap: bool = True) -> np.ndarray:
+    """A ``.npy`` file as a read-only memmap (or an array when ``mmap`` is False), its header parsed
+    under the header lock: a thread-safe ``np.load(path, mmap_mode="r", allow_pickle=False)``.
+
+    Raises:
+        OSError, ValueError, EOFError: missing, unreadable or malformed file.
+    """
+    shape, dtype, offset = _npy_header(path)
+    count = int(np.prod(shape))
+    if mmap and count:
+        return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        arr = np.fromfile(f, dtype=dtype, count=count)
+    if arr.size != count:
+        raise EOFError(f"{path.name} holds {arr.size} of {count} values")
+    return arr.reshape(shape)
 
 
 def sample_hash(arr: np.ndarray) -> str:
@@ -185,7 +215,7 @@ def seal_entry(folder: Path, meta: dict[str, Any]) -> None:
         path = folder / fname
         if not path.is_file():
             raise StoreError(f"the build left no {fname}; nothing was stored.")
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        arr = load_npy(path)
         if arr.shape != shape or arr.dtype != dtype:
             raise StoreError(f"the build wrote {fname} as {arr.dtype}{arr.shape}, expected {dtype}{shape}; nothing was stored.")
         files[fname] = {"bytes": path.stat().st_size, "header": int(getattr(arr, "offset", 0)), "sample": sample_hash(arr)}
@@ -322,7 +352,7 @@ def checksum_problem(entry: StoreEntry) -> str | None:
     recorded: dict[str, dict[str, Any]] = entry.meta.get("files") or {}
     for fname in _expected_arrays(entry.meta):
         try:
-            arr = np.load(entry.path / fname, mmap_mode="r", allow_pickle=False)
+            arr = load_npy(entry.path / fname)
             digest = sample_hash(arr)
             zero = fname[:-4] in entry.meta["hooks"] and arr.shape[0] > 0 and not np.any(arr[:: max(1, arr.shape[0] // SAMPLE_ROWS)])
         except (OSError, ValueError, EOFError) as e:

@@ -248,6 +248,7 @@ bad("intervene prompt", "--wrong", TEXT + [" x"])  # " x" without --answer
 bad("intervene prompt", "--positions", ["bogus"])
 bad("intervene prompt", "--direction", ["{MISSING}/d", "{DIR}", "{FILE}"])
 bad("intervene truth", "--save-direction", ["", "{DIR}", "{MISSING}/d"])
+bad("intervene truth", "--answers", ["", "no pipe", " True|", "a|b|c"])
 
 # ---- rows the parser's own types give: every value-taking option's type is tried with the
 # candidates below, and each one it refuses becomes a row (so a new option is covered as soon

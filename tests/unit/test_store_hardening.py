@@ -416,3 +416,37 @@ def test_index_on_a_nearly_full_disk_is_one_line(tmp_path, capsys):
     finally:
         if subprocess.run(["umount", str(mnt)], capture_output=True).returncode:
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+# ---- header parsing under one lock (CPython 3.11's AST constructor is not thread-safe) ---------
+def test_load_npy_equals_np_load_and_is_shared_by_threads(tmp_path):
+    """Our reader (header parsed under a lock, data mapped outside it) gives np.load's arrays,
+    from many threads at once; object arrays (pickle) are refused."""
+    import threading
+
+    from probing_core.store.integrity import load_npy
+
+    rng = np.random.default_rng(0)
+    arrays = {"f32": rng.standard_normal((57, 9), dtype=np.float32), "f16": rng.standard_normal((5, 3)).astype(np.float16),
+              "i32": rng.integers(-5, 5, 31).astype(np.int32)}
+    for name, a in arrays.items():
+        np.save(tmp_path / f"{name}.npy", a)
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="pickle"):
+        load_npy(tmp_path / "obj.npy")
+    errors: list[str] = []
+
+    def reader() -> None:
+        for _ in range(200):
+            for name, a in arrays.items():
+                for mmap in (True, False):
+                    got = load_npy(tmp_path / f"{name}.npy", mmap=mmap)
+                    if got.dtype != a.dtype or not np.array_equal(got, a):
+                        errors.append(f"{name} mmap={mmap}")
+    threads = [threading.Thread(target=reader) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert isinstance(load_npy(tmp_path / "f32.npy"), np.memmap)
