@@ -59,7 +59,7 @@ from probing_core.store.activations import (
     write_token_table,
 )
 from probing_core.store.entries import ActivationStore, StoreEntry
-from probing_core.store.integrity import hook_filename, sample_hash, seal_entry
+from probing_core.store.integrity import hook_filename, load_npy, sample_hash, seal_entry
 
 __all__ = [
     "LAYOUT", "MANIFEST", "ShardedArray", "ShardedBuild", "RangeJob", "RangeDone", "plan_ranges",
@@ -149,7 +149,7 @@ def _seal_shard(tmp: Path, shards_dir: Path, r: Range, tokens: Range, hooks: Seq
     files: dict[str, dict[str, Any]] = {}
     for h in hooks:
         path = tmp / hook_filename(h)
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        arr = load_npy(path)
         if arr.ndim != 2 or arr.shape[0] != n:
             raise StoreError(f"shard rows {r[0]}–{r[1]} wrote {h} with shape {arr.shape}, expected {n} rows; nothing was kept.")
         files[h] = {"bytes": path.stat().st_size, "header": int(arr.offset), "shape": list(arr.shape),
@@ -196,7 +196,7 @@ def arrays_of_range(
     see the store: the driver writes them with :func:`write_shard`)."""
     with tempfile.TemporaryDirectory(prefix="probing-range-") as d:
         meta = extract_range(model, batch, hooks, r, Path(d), dtype=dtype, batch_size=batch_size, on_forward=on_forward)
-        arrays = {h: np.load(Path(d) / hook_filename(h), allow_pickle=False) for h in hooks}
+        arrays = {h: load_npy(Path(d) / hook_filename(h), mmap=False) for h in hooks}
     return arrays, meta
 
 
@@ -235,7 +235,7 @@ def shard_problem(folder: Path, record: Mapping[str, Any], hooks: Sequence[str],
             return f"{hook_filename(h)} has {size:,} bytes, not {n:,} rows × {widths[h]} {dtype}"
         if sampled:
             try:
-                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+                arr = load_npy(path)
             except (OSError, ValueError, EOFError) as e:
                 return f"{hook_filename(h)} is unreadable ({e})"
             if arr.shape != (n, int(widths[h])) or arr.dtype != np.dtype(dtype) or sample_hash(arr) != rec.get("sample"):
@@ -373,8 +373,7 @@ def open_hook(path: Path, meta: Mapping[str, Any], hook: str, *, mmap: bool = Tr
     """
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-        parts = [np.load(path / SHARDS_DIR / s["dir"] / hook_filename(hook), mmap_mode="r" if mmap else None,
-                         allow_pickle=False) for s in manifest["shards"]]
+        parts = [load_npy(path / SHARDS_DIR / s["dir"] / hook_filename(hook), mmap=mmap) for s in manifest["shards"]]
     except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
         raise StoreError(f"cache entry {meta.get('key', path.name)}: a shard of {hook} is unreadable ({e}); "
                          f"delete the entry (`cache rm {meta.get('key', path.name)}`) and build it again.") from e
