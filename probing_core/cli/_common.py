@@ -241,3 +241,21 @@ def _fmt(v: Any) -> str:
     if isinstance(v, list):
         return ",".join(map(str, v)) if len(v) <= 4 else f"{len(v)} items"
     return "" if v is None else str(v)
+
+
+def cached_entry(args: argparse.Namespace, model: LoadedModel, dataset: Dataset, hooks: list[str],
+                 store: ActivationStore):
+    """The store entry for these hooks (built with a progress bar on stderr if missing), opened.
+
+    Returns:
+        ``(CachedActivations, built)``.
+    """
+    from probing_core.store.activations import build_cache, open_entry
+
+    update, close = tqdm_progress("cache")
+    try:
+        entry, built = build_cache(model, dataset, hooks, store=store, max_len=args.max_len,
+                                   max_tokens=args.max_tokens, dtype=args.store_dtype, progress=update)
+    finally:
+        close()
+    return open_entry(store, entry.key), built

@@ -35,14 +35,13 @@ from probing_core.cli._common import (
     print_json,
     print_table,
     seed_int,
-    tqdm_progress,
+    cached_entry,
 )
 from probing_core.cli.cache import resolve_hooks
 from probing_core.cli.probe_regression import parse_label_params
 from probing_core.data.labels import LABELS, LabelSpec
 from probing_core.errors import HookError, InputError
 from probing_core.solvers.ridge import DEFAULT_ALPHAS
-from probing_core.store.activations import build_cache, open_entry
 
 #: The page's default α for the transfer probe (the 9th of the 20-value grid, ≈ 6.16).
 TRANSFER_DEFAULT_ALPHA = float(DEFAULT_ALPHAS[8])
@@ -116,22 +115,16 @@ def _transfer(args: argparse.Namespace) -> int:
     model = open_model(args, quiet=args.json)
     dataset = open_dataset(args)
     hooks = resolve_hooks(model, args.hooks or TRANSFER_FAMILIES)
-    update, close = tqdm_progress("cache")
-    try:
-        entry, built = build_cache(model, dataset, hooks, store=store, max_len=args.max_len,
-                                   max_tokens=args.max_tokens, dtype=args.store_dtype, progress=update)
-    finally:
-        close()
-    acts = open_entry(store, entry.key)
+    acts, built = cached_entry(args, model, dataset, hooks, store)
     # as the page: every embed/resid hook of the entry, unless hooks were named
     run = probe_transfer(model, acts, spec, rule, alpha=args.alpha, source=args.source,
                          hooks=None if args.hooks is None else transfer_hooks(hooks))
     if args.json:
-        print_json({"label": spec.to_dict(), "position_rule": str(rule), "cache_key": entry.key, "built": built,
+        print_json({"label": spec.to_dict(), "position_rule": str(rule), "cache_key": acts.key, "built": built,
                     **transfer_json(run)})
         return 0
     print(f"probe fit on {run.source} ({run.n_fit:,} rows, α = {run.alpha:.3g}, in-sample R² {run.source_r2:.4f}); "
-          f"scored unchanged on {run.transfer.n_samples:,} tokens: {run.description}; entry {entry.key}"
+          f"scored unchanged on {run.transfer.n_samples:,} tokens: {run.description}; entry {acts.key}"
           + (" (built now)" if built else ""), file=sys.stderr)
     print_table([{"hook": r["hook"], "r2": round(r["r2"], 4)} for r in run.rows()], ["hook", "r2"])
     return 0

@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 
-from probing_core.store.activations import build_cache, open_entry
 from probing_core.cli._common import (
     add_dataset_args,
     add_json_arg,
@@ -24,7 +23,7 @@ from probing_core.cli._common import (
     open_store,
     print_json,
     print_table,
-    tqdm_progress,
+    cached_entry,
 )
 from probing_core.cli.cache import resolve_hooks
 from probing_core.errors import InputError
@@ -79,13 +78,7 @@ def _run(args: argparse.Namespace) -> int:
     model = open_model(args, quiet=args.json)
     dataset = open_dataset(args)
     hooks = resolve_hooks(model, args.hooks or DEFAULT_FAMILIES)
-    update, close = tqdm_progress("cache")
-    try:
-        entry, built = build_cache(model, dataset, hooks, store=store, max_len=args.max_len,
-                                   max_tokens=args.max_tokens, dtype=args.store_dtype, progress=update)
-    finally:
-        close()
-    acts = open_entry(store, entry.key)
+    acts, built = cached_entry(args, model, dataset, hooks, store)
     run = run_regression(acts, hooks, spec, rule, alphas=alphas, cv=args.cv, test_fraction=args.test_fraction,
                          seed=args.seed, split_by=args.split, model_description=model.describe())
     r = run.result
@@ -93,14 +86,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         print_json({
             "label": spec.to_dict(), "description": run.description, "position_rule": str(rule),
-            "cache_key": entry.key, "built": built, "n_samples": run.info.n_selected,
+            "cache_key": acts.key, "built": built, "n_samples": run.info.n_selected,
             "n_train": r.n_train, "n_test": r.n_test, "cv_folds": r.n_folds, "alphas": r.alphas,
             "split": run.split_by, "held_out": SPLITS[run.split_by], "test_curve": run.test_name,
             "hooks": rows, "manifest": run.manifest,
         })
         return 0
     print(f"{run.description}; {r.n_train} train / {r.n_test} test rows, {r.n_folds} CV folds, "
-          f"{len(r.alphas)} α from {r.alphas.min():.3g} to {r.alphas.max():.3g}; entry {entry.key}"
+          f"{len(r.alphas)} α from {r.alphas.min():.3g} to {r.alphas.max():.3g}; entry {acts.key}"
           + (" (built now)" if built else ""), file=sys.stderr)
     ho = run.held_out
     print(f"held out: {SPLITS[run.split_by]} (--split {run.split_by}); α chosen on "
