@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -415,30 +416,48 @@ def test_circuitsvis_frame_fits_the_whole_view(tmp_path):
     rng = np.random.default_rng(0)
     args = ["--no-sandbox", "--disable-dev-shm-usage", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--no-first-run"]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=args)
+    # Playwright's sync API refuses to start where an asyncio loop is running (an earlier test in
+    # the same session can leave one on the main thread), so the browser runs on its own thread.
+    failures = []
+
+    def measure():
         try:
-            for n_heads, T in ((9, 64), (12, 16)):
-                pat = np.tril(rng.random((n_heads, T, T))).astype(np.float32)
-                pat /= pat.sum(-1, keepdims=True)
-                page_html = att.circuitsvis_html([f"t{i}" for i in range(T)], pat)
-                for width in (768, 1240):  # the app's main column at 800 px and 1400 px windows
-                    page = browser.new_page(viewport={"width": width, "height": 400})
-                    file = tmp_path / f"cv-{n_heads}-{T}.html"
-                    file.write_text(page_html)
-                    page.goto(file.as_uri())
-                    need = 0
-                    for _ in range(40):  # React renders after load; wait until the height settles
-                        page.wait_for_timeout(250)
-                        now = page.evaluate("document.body.scrollHeight")
-                        if now == need and now > 500:
-                            break
-                        need = now
-                    page.close()
-                    assert need <= attention_plots.circuitsvis_frame_height(n_heads), (n_heads, T, width, need)
-                    assert need > 720  # the old fixed frame cut the view
-        finally:
-            browser.close()
+            with sync_playwright() as p:
+                _measure_frames(p, args, rng, tmp_path)
+        except BaseException as e:  # re-raised on the test's thread below
+            failures.append(e)
+
+    worker = threading.Thread(target=measure)
+    worker.start()
+    worker.join()
+    if failures:
+        raise failures[0]
+
+
+def _measure_frames(p, args, rng, tmp_path):
+    browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=args)
+    try:
+        for n_heads, T in ((9, 64), (12, 16)):
+            pat = np.tril(rng.random((n_heads, T, T))).astype(np.float32)
+            pat /= pat.sum(-1, keepdims=True)
+            page_html = att.circuitsvis_html([f"t{i}" for i in range(T)], pat)
+            for width in (768, 1240):  # the app's main column at 800 px and 1400 px windows
+                page = browser.new_page(viewport={"width": width, "height": 400})
+                file = tmp_path / f"cv-{n_heads}-{T}.html"
+                file.write_text(page_html)
+                page.goto(file.as_uri())
+                need = 0
+                for _ in range(40):  # React renders after load; wait until the height settles
+                    page.wait_for_timeout(250)
+                    now = page.evaluate("document.body.scrollHeight")
+                    if now == need and now > 500:
+                        break
+                    need = now
+                page.close()
+                assert need <= attention_plots.circuitsvis_frame_height(n_heads), (n_heads, T, width, need)
+                assert need > 720  # the old fixed frame cut the view
+    finally:
+        browser.close()
 
 
 # ---------------------------------------------------------------- sparse
