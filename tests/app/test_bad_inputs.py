@@ -3,10 +3,9 @@ store entry: every one gives a message on the page, never an exception element (
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
+from conftest import open_page, tiny_entry_key
 from streamlit.testing.v1 import AppTest
 
 from probing_core.data.datasets import DatasetSpec, load_dataset
@@ -14,32 +13,14 @@ from probing_core.models import ModelSpec, load_model, tiny_native_config
 from probing_core.store.activations import build_cache
 from probing_core.store.entries import ActivationStore
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = "tiny native model"
-
 
 @pytest.fixture(scope="module")
 def entry_key() -> str:
     """A tiny entry in the session's cache (the probe pages need one to show their inputs)."""
-    model = load_model(ModelSpec.native(tiny_native_config()))
-    store = ActivationStore(Path(os.environ["PROBING_CACHE_DIR"]) / "activations")
-    entry, _ = build_cache(model, load_dataset(DatasetSpec("pydoc")),
-                           model.hook_names(["embed", "resid_post", "mlp_post"]), store=store, max_len=64, max_tokens=1500)
-    return entry.key
+    return tiny_entry_key("embed", "resid_post", "mlp_post")
 
 
-def _page(path: str, entry_key: str | None = None, **state) -> AppTest:
-    app = AppTest.from_file(str(REPO / "app.py"), default_timeout=180)
-    app.session_state["model_choice"] = TINY
-    app.session_state["dataset_choice"] = "Python documentation (offline corpus)"
-    if entry_key:
-        app.session_state["home_entry_key"] = entry_key
-    for k, v in state.items():
-        app.session_state[k] = v
-    app.run()
-    if path != "pages/home.py":
-        app.switch_page(path).run()
-    return app
+_page = open_page
 
 
 def _says_so(app: AppTest, *words: str) -> None:

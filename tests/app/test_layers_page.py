@@ -1,39 +1,19 @@
 """AppTest for the Layer probes page (tiny native model, an entry built through the core first)."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
+from conftest import REPO, open_page, tiny_entry_key
 from streamlit.testing.v1 import AppTest
-
-from probing_core.store.activations import build_cache
-from probing_core.data.datasets import DatasetSpec, load_dataset
-from probing_core.models import ModelSpec, load_model, tiny_native_config
-from probing_core.store.entries import ActivationStore
-
-REPO = Path(__file__).resolve().parents[2]
-TINY = "tiny native model"
 
 
 @pytest.fixture(scope="module")
 def entry_key() -> str:
-    model = load_model(ModelSpec.native(tiny_native_config()))
-    store = ActivationStore(Path(os.environ["PROBING_CACHE_DIR"]) / "activations")
-    entry, _ = build_cache(model, load_dataset(DatasetSpec("pydoc")), model.hook_names(["embed", "resid_post"]),
-                           store=store, max_len=64, max_tokens=1500)
-    return entry.key
+    return tiny_entry_key("embed", "resid_post")
 
 
 @pytest.fixture()
 def at(entry_key: str) -> AppTest:
-    app = AppTest.from_file(str(REPO / "app.py"), default_timeout=180)
-    app.session_state["model_choice"] = TINY
-    app.session_state["home_entry_key"] = entry_key
-    app.run()
-    app.switch_page("pages/layers.py").run()
-    assert not app.exception, app.exception
-    return app
+    return open_page("pages/layers.py", entry_key)
 
 
 def test_default_table_and_downloads(at: AppTest):

@@ -1,42 +1,20 @@
 """AppTest for the Regression probes page (tiny native model, an entry built through the core)."""
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 
 import pytest
+from conftest import open_page, tiny_entry_key
 from streamlit.testing.v1 import AppTest
-
-from probing_core.store.activations import build_cache
-from probing_core.data.datasets import DatasetSpec, load_dataset
-from probing_core.models import ModelSpec, load_model, tiny_native_config
-from probing_core.store.entries import ActivationStore
-
-REPO = Path(__file__).resolve().parents[2]
-TINY = "tiny native model"
 
 
 @pytest.fixture(scope="module")
 def entry_key() -> str:
-    model = load_model(ModelSpec.native(tiny_native_config()))
-    store = ActivationStore(Path(os.environ["PROBING_CACHE_DIR"]) / "activations")
-    entry, _ = build_cache(model, load_dataset(DatasetSpec("pydoc")), model.hook_names(["embed", "resid_pre", "resid_mid", "resid_post"]),
-                           store=store, max_len=64, max_tokens=1500)
-    return entry.key
+    return tiny_entry_key("embed", "resid_pre", "resid_mid", "resid_post")
 
 
 def _open(entry_key: str, **query: str) -> AppTest:
-    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=180)
-    at.session_state["model_choice"] = TINY
-    at.session_state["dataset_choice"] = "Python documentation (offline corpus)"
-    at.session_state["home_entry_key"] = entry_key
-    for k, v in query.items():
-        at.query_params[k] = v
-    at.run()
-    at.switch_page("pages/regression.py").run()
-    assert not at.exception, at.exception
-    return at
+    return open_page("pages/regression.py", entry_key, query=query)
 
 
 def _metrics(at: AppTest) -> dict[str, str]:
