@@ -15,16 +15,26 @@ What is held out and what a score is compared with (issue 20):
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 
-from probing_core.store.activations import CachedActivations
 from probing_core.data.contexts import ContextSet, mine_contexts, resolve_token_set
-from probing_core.errors import HookError
-from probing_core.solvers.logistic_path import LogisticPathResult, classification_report_dict, default_Cs, fit_control_task, fit_logistic_path, ControlTaskResult
-from probing_core.solvers.splits import accuracy_ci
+from probing_core.errors import HookError, LabelError
+from probing_core.solvers.logistic_path import (
+    ControlTaskResult,
+    LogisticPathResult,
+    classification_report_dict,
+    default_Cs,
+    fit_control_task,
+    fit_logistic_path,
+)
+from probing_core.solvers.splits import accuracy_ci, control_labels
+from probing_core.store.activations import CachedActivations
+
+Progress = Callable[[float, str], None]
 
 #: Where the features are read, relative to the class token (the page's one-click presets).
 PRESETS: dict[str, int] = {
@@ -33,6 +43,44 @@ PRESETS: dict[str, int] = {
 }
 #: Folds used to choose C when the caller asks for no CV.
 SELECT_CV = 3
+#: The reference notebook's layer (the page opens on it when the entry holds it).
+NOTEBOOK_HOOK = "blocks.3.mlp.hook_post"
+
+
+@dataclass(frozen=True)
+class SparseQuery:
+    """What the page asks, hashable (it keys the shared results): the contexts (classes, window, cap, where the
+    features are read) and the probe (penalty, L1 ratio, CV folds; 0 = :data:`SELECT_CV`)."""
+
+    classes: tuple[tuple[str, ...], ...]
+    before: int = 14
+    after: int = 3
+    whole_word_next: bool = True
+    max_per_class: int | None = 500
+    offset: int = -1
+    penalty: str = "l1"
+    l1_ratio: float = 0.5
+    cv: int = 0
+
+    def contexts_key(self) -> tuple:
+        """The fields the contexts depend on (not the probe's)."""
+        return (self.classes, self.before, self.after, self.whole_word_next, self.max_per_class, self.offset)
+
+
+def parse_classes(*texts: str) -> tuple[tuple[str, ...], ...]:
+    """One class per text, its token strings comma-separated (leading spaces kept: " the" is not "the")."""
+    return tuple(tuple(t.split(",")) for t in texts)
+
+
+def probe_hooks(hooks: Sequence[str]) -> list[str]:
+    """The hooks a sparse probe reads here: MLP neurons and the residual stream after each block."""
+    return [h for h in hooks if h.endswith(("mlp.hook_post", "hook_resid_post"))]
+
+
+def same_family(hooks: Sequence[str], hook: str) -> list[str]:
+    """``hooks`` of ``hook``'s family (MLP neurons or resid_post): the all-layers curve's x axis."""
+    fam = "mlp.hook_post" if "mlp" in hook else "hook_resid_post"
+    return [h for h in hooks if h.endswith(fam)]
 
 
 def contexts_for(
@@ -60,6 +108,19 @@ def contexts_for(
     return mine_contexts(acts.token_ids, acts.seq, acts.pos, acts.next_ids, lambda a: acts.text_strings(np.asarray(a)),
                          ids, names, before=before, after=after, whole_word_next=whole_word_next,
                          max_per_class=max_per_class, seed=seed, offset=offset)
+
+
+def mine(acts: CachedActivations, tokenizer: Any, q: SparseQuery) -> ContextSet:
+    """:func:`contexts_for` with a query's settings (``tokenizer``: has ``encode`` and ``decode_tokens``)."""
+    return contexts_for(acts, tokenizer.encode, tokenizer.decode_tokens, q.classes, before=q.before, after=q.after,
+                        whole_word_next=q.whole_word_next, max_per_class=q.max_per_class, offset=q.offset)
+
+
+def context_tables(ctx: ContextSet) -> tuple[list[dict], list[dict]]:
+    """Two tables for a reader: contexts found and kept per class; sample contexts (target in ⟦ ⟧)."""
+    counts = [{"class": n, "found": ctx.found[n], "kept": c} for n, c in ctx.counts.items()]
+    samples = [{"class": n, "example (target in ⟦ ⟧)": x} for n, xs in ctx.samples.items() for x in xs]
+    return counts, samples
 
 
 def features(acts: CachedActivations, hook: str, ctx: ContextSet) -> np.ndarray:
@@ -144,7 +205,7 @@ class SparseSummary:
         return [
             {"probe": f"{self.hook} at C = {self.C:.4g} (chosen on CV)", "test_accuracy": self.test_accuracy,
              "95% CI": ci(self.test_ci), "n_test": self.n_test},
-            {"probe": f"embed only (hook_embed, same C)", "test_accuracy": self.embed_accuracy,
+            {"probe": "embed only (hook_embed, same C)", "test_accuracy": self.embed_accuracy,
              "95% CI": ci(self.embed_ci), "n_test": self.n_test},
             {"probe": f"embed only at its CV-chosen C = {self.embed_best_C:.4g}", "test_accuracy": self.embed_best_accuracy,
              "95% CI": "", "n_test": self.n_test},
@@ -153,44 +214,197 @@ class SparseSummary:
 
 
 def summarize(acts: CachedActivations, hook: str, ctx: ContextSet, path: LogisticPathResult, *,
-              k: int | None = None, seed: int = 0, embed_path: LogisticPathResult | None = None) -> SparseSummary:
+              k: int | None = None, seed: int = 0, embed_path: LogisticPathResult | None = None,
+              embed_best: LogisticPathResult | None = None) -> SparseSummary:
     """The chosen point of ``path`` (default: :func:`chosen_index`) with the majority and embed-only baselines.
 
     Args:
         acts, hook, ctx: what ``path`` was fit on. path: from :func:`fit_sparse_path`.
         k: path point to report (None: chosen on CV). seed: the path's split seed.
-        embed_path: an already fitted embed-only path (same Cs); else it is fit here when the entry holds
-            ``hook_embed``.
+        embed_path: the embed-only probe on ``path``'s C grid and split (:func:`fit_embed_same`); fit here
+            when None and the entry holds ``hook_embed``.
+        embed_best: the embed-only probe on its own C grid with C chosen on CV (:func:`fit_embed_baseline`,
+            which does not depend on the hook); fit here when None and the entry holds ``hook_embed``.
 
     Returns:
         SparseSummary.
     """
-    k = chosen_index(path) if k is None else int(k)
+    if "hook_embed" in acts.hooks:
+        if embed_path is None:
+            embed_path = fit_embed_same(acts, ctx, path, seed=seed)
+        if embed_best is None:
+            embed_best = fit_embed_baseline(acts, ctx, penalty=path.penalty, l1_ratio=path.l1_ratio,
+                                            test_fraction=_test_fraction(path), seed=seed)
+    return _summary(ctx, hook, path, chosen_index(path) if k is None else int(k), embed_path, embed_best)
+
+
+def _test_fraction(path: LogisticPathResult) -> float:
+    return len(path.test_idx) / (len(path.test_idx) + len(path.train_idx))
+
+
+def _summary(ctx: ContextSet, hook: str, path: LogisticPathResult, k: int, embed_path: LogisticPathResult | None,
+             embed_best: LogisticPathResult | None) -> SparseSummary:
     te = path.test_idx
     n_test = int(te.size)
     _, counts = np.unique(ctx.labels[te], return_counts=True)
     acc = float(path.test_accuracy[k])
     ci = tuple(accuracy_ci(round(acc * n_test), n_test).tolist())
-    nan2 = (float("nan"), float("nan"))
     e_acc = e_best = e_C = float("nan")
-    e_ci = nan2
-    embed_hook = "hook_embed" if "hook_embed" in acts.hooks else None
-    if embed_hook is not None:
-        if embed_path is None:
-            frac = n_test / (n_test + len(path.train_idx))
-            embed_path = fit_sparse_path(features(acts, embed_hook, ctx), ctx, Cs=path.Cs, penalty=path.penalty,
-                                         l1_ratio=path.l1_ratio, test_fraction=frac, seed=seed)
+    e_ci = (float("nan"), float("nan"))
+    if embed_path is not None:
         e_acc = float(embed_path.test_accuracy[k])
         e_ci = tuple(accuracy_ci(round(e_acc * n_test), n_test).tolist())
-        eb = chosen_index(embed_path)
-        e_best, e_C = float(embed_path.test_accuracy[eb]), float(embed_path.Cs[eb])
+    if embed_best is not None:
+        eb = chosen_index(embed_best)
+        e_best, e_C = float(embed_best.test_accuracy[eb]), float(embed_best.Cs[eb])
     return SparseSummary(
         question=ctx.question, offset=int(ctx.offset), hook=hook, k=k, C=float(path.Cs[k]),
         cv_accuracy=float(path.cv_accuracy[k]) if path.cv_accuracy is not None else float("nan"),
-        test_accuracy=acc, test_ci=ci, n_train=int(len(path.train_idx)), n_test=n_test,
-        majority=float(counts.max() / counts.sum()), embed_hook=embed_hook, embed_accuracy=e_acc, embed_ci=e_ci,
-        embed_best_accuracy=e_best, embed_best_C=e_C,
+        test_accuracy=acc, test_ci=ci, n_train=len(path.train_idx), n_test=n_test,
+        majority=float(counts.max() / counts.sum()),
+        embed_hook="hook_embed" if embed_path is not None or embed_best is not None else None,
+        embed_accuracy=e_acc, embed_ci=e_ci, embed_best_accuracy=e_best, embed_best_C=e_C,
     )
+
+
+def fit_embed_same(acts: CachedActivations, ctx: ContextSet, path: LogisticPathResult, *,
+                   seed: int = 0) -> LogisticPathResult:
+    """The embed-only probe at ``path``'s C values, penalty and split (no CV: it only scores each C).
+
+    Raises:
+        HookError: the entry has no ``hook_embed``.
+    """
+    return fit_logistic_path(features(acts, "hook_embed", ctx), ctx.labels, Cs=path.Cs, penalty=path.penalty,
+                             l1_ratio=path.l1_ratio, test_fraction=_test_fraction(path), seed=seed, tol=path.tol)
+
+
+def fit_embed_baseline(acts: CachedActivations, ctx: ContextSet, *, penalty: str = "l1", l1_ratio: float = 0.5,
+                       cv: int | None = None, test_fraction: float = 0.3, seed: int = 0) -> LogisticPathResult | None:
+    """The embed-only probe on its own C grid, C chosen on CV (:func:`chosen_index`); None without ``hook_embed``.
+
+    It depends on the contexts and the penalty, not on the hook probed beside it: a page keeps one per
+    (entry, contexts, penalty) and a hook change costs no embed fit with CV.
+    """
+    if "hook_embed" not in acts.hooks:
+        return None
+    return fit_sparse_path(features(acts, "hook_embed", ctx), ctx, penalty=penalty, l1_ratio=l1_ratio,
+                           test_fraction=test_fraction, seed=seed, cv=cv)
+
+
+@dataclass(frozen=True)
+class ControlPath:
+    """The Hewitt–Liang control task at every C of a path (one batched fit), beside the real task.
+
+    Attributes:
+        Cs: (K,) the path's C values; accuracy: (K,) real-task test accuracy (the path's own);
+        control_accuracy: (K,) control-task test accuracy at each C; control_chance: its majority rate;
+        converged: (K,) both fits within their tolerance.
+    """
+
+    Cs: np.ndarray
+    accuracy: np.ndarray
+    control_accuracy: np.ndarray
+    control_chance: float
+    converged: np.ndarray
+
+    def at(self, k: int) -> ControlTaskResult:
+        """The control task at path point ``k`` (a lookup)."""
+        return ControlTaskResult(C=float(self.Cs[k]), accuracy=float(self.accuracy[k]),
+                                 control_accuracy=float(self.control_accuracy[k]),
+                                 selectivity=float(self.accuracy[k] - self.control_accuracy[k]),
+                                 control_chance=self.control_chance, converged=bool(self.converged[k]))
+
+
+def control_path(X: np.ndarray, ctx: ContextSet, path: LogisticPathResult, *, seed: int = 0) -> ControlPath:
+    """:func:`control_task` at every C of ``path`` at once: the control labels (one random class per following word
+    type) fitted along the same C grid with the same penalty, split and tolerance; the real task is ``path`` itself.
+
+    Raises:
+        LabelError: the control labels collapse to one usable class (too few word types).
+    """
+    yc = control_labels(ctx.next_ids, ctx.labels, seed=seed)
+    _, counts = np.unique(yc, return_counts=True)
+    if counts.size < 2 or counts.min() < 2:
+        raise LabelError("the control task has fewer than two usable classes (too few distinct token types); "
+                         "collect more contexts or use a token type with more variety.")
+    ctrl = fit_logistic_path(X, yc, Cs=path.Cs, penalty=path.penalty, l1_ratio=path.l1_ratio,
+                             test_fraction=_test_fraction(path), seed=seed, tol=path.tol)
+    return ControlPath(Cs=path.Cs, accuracy=np.asarray(path.test_accuracy), control_accuracy=ctrl.test_accuracy,
+                       control_chance=float(counts.max() / counts.sum()),
+                       converged=np.asarray(path.converged) & np.asarray(ctrl.converged))
+
+
+@dataclass(frozen=True)
+class SparseFit:
+    """Everything the page shows for one hook and one set of contexts, at every C of the path: a C move is a
+    lookup (:meth:`summary`, :meth:`neurons`, :meth:`report`, :meth:`control`), never a fit.
+
+    Attributes:
+        hook, ctx: what was probed. X: ``(n, d)`` features at ``ctx.feature_rows``.
+        path: the C path (:func:`fit_sparse_path`). embed_same: the embed-only probe on the same Cs and split;
+        embed_best: the embed-only probe on its own grid (None without ``hook_embed``).
+        controls: :class:`ControlPath`, or None with ``control_error`` saying why it could not be formed.
+    """
+
+    hook: str
+    ctx: ContextSet
+    X: np.ndarray
+    path: LogisticPathResult
+    embed_same: LogisticPathResult | None
+    embed_best: LogisticPathResult | None
+    controls: ControlPath | None
+    control_error: str | None = None
+
+    def summary(self, k: int) -> SparseSummary:
+        return _summary(self.ctx, self.hook, self.path, int(k), self.embed_same, self.embed_best)
+
+    def neurons(self, k: int, top: int = 25) -> list[dict]:
+        return neuron_table(self.X, self.ctx, self.path, int(k), top=top)
+
+    def report(self, k: int) -> dict:
+        return report_at(self.X, self.ctx, self.path, int(k))
+
+    def control(self, k: int) -> ControlTaskResult:
+        """Raises LabelError when the control task could not be formed."""
+        if self.controls is None:
+            raise LabelError(self.control_error or "no control task.")
+        return self.controls.at(int(k))
+
+
+def fit_sparse(acts: CachedActivations, hook: str, ctx: ContextSet, q: SparseQuery, *,
+               embed_best: LogisticPathResult | None = None, progress: Progress | None = None) -> SparseFit:
+    """The C path on ``hook``, the embed-only probe on the same Cs, and the control task along the path.
+
+    Args:
+        acts, hook, ctx: the entry, the hook and the contexts (:func:`mine`). q: penalty, L1 ratio and folds.
+        embed_best: :func:`fit_embed_baseline` for these contexts (fit here when None and the entry has
+            ``hook_embed``): pass a kept one so a hook change does not refit it.
+        progress: ``cb(fraction, message)``.
+
+    Raises:
+        HookError: the entry lacks ``hook``. LabelError: too few contexts for the split and folds.
+    """
+    def tick(f: float, msg: str) -> None:
+        if progress is not None:
+            progress(f, msg)
+
+    tick(0.0, f"features at {hook}")
+    X = features(acts, hook, ctx)
+    tick(0.05, "the whole C path at once (with CV folds to choose C)")
+    path = fit_sparse_path(X, ctx, penalty=q.penalty, l1_ratio=q.l1_ratio, cv=q.cv or None)
+    embed_same = None
+    if "hook_embed" in acts.hooks:
+        tick(0.6, "the embed-only baseline at the same C values")
+        embed_same = fit_embed_same(acts, ctx, path)
+        if embed_best is None:
+            embed_best = fit_embed_baseline(acts, ctx, penalty=q.penalty, l1_ratio=q.l1_ratio, cv=q.cv or None)
+    tick(0.75, "the control task along the path")
+    try:
+        controls, error = control_path(X, ctx, path), None
+    except LabelError as e:
+        controls, error = None, str(e)
+    tick(1.0, "done")
+    return SparseFit(hook, ctx, X, path, embed_same, embed_best, controls, error)
 
 
 def report_at(X: np.ndarray, ctx: ContextSet, path: LogisticPathResult, k: int) -> dict:
@@ -241,10 +455,38 @@ def fit_hook_at_C(acts: CachedActivations, hook: str, ctx: ContextSet, C: float,
     """One point of the all-layers curve: the probe on ``hook`` at one C."""
     r = fit_logistic_path(features(acts, hook, ctx), ctx.labels, Cs=[C], penalty=penalty, l1_ratio=l1_ratio,
                           test_fraction=test_fraction, seed=seed)
-    n_test = int(len(r.test_idx))
+    n_test = len(r.test_idx)
     lo, hi = accuracy_ci(round(float(r.test_accuracy[0]) * n_test), n_test)
     return LayerPoint(hook, float(r.test_accuracy[0]), float(r.train_accuracy[0]), float(r.density[0]),
                       int(r.n_nonzero[0]), bool(r.converged[0]), n_test, float(lo), float(hi))
+
+
+#: Fewer held-out contexts than this: one context is worth more than half an accuracy point.
+MIN_TEST = 200
+
+
+def step_warnings(path: LogisticPathResult, k: int) -> list[str]:
+    """What a reader must know before trusting path point ``k``: too few held-out contexts, no convergence."""
+    out = []
+    n_test = len(path.test_idx)
+    if n_test < MIN_TEST:
+        out.append(f"Only {n_test} held-out contexts: each is worth {100 / n_test:.1f} accuracy points, so this score "
+                   "rests on too few examples. Use more text (a bigger cache entry) or raise “Max per class”.")
+    if not path.converged[k]:
+        out.append(f"Not converged at C = {path.Cs[k]:.4g} (KKT residual {path.kkt_residual[k]:.1e} > {path.tol}); "
+                   "do not read its neurons as the answer — pick a smaller C.")
+    return out
+
+
+def layer_points(acts: CachedActivations, hooks: Sequence[str], ctx: ContextSet, C: float, q: SparseQuery, *,
+                 progress: Progress | None = None) -> list[LayerPoint]:
+    """The all-layers curve: :func:`fit_hook_at_C` for every hook (``progress`` once per hook)."""
+    out = []
+    for i, h in enumerate(hooks):
+        out.append(fit_hook_at_C(acts, h, ctx, C, penalty=q.penalty, l1_ratio=q.l1_ratio))
+        if progress is not None:
+            progress((i + 1) / len(hooks), h)
+    return out
 
 
 def path_csv(path: LogisticPathResult) -> str:
@@ -279,7 +521,7 @@ def manifest(path: LogisticPathResult, ctx: ContextSet, hook: str, k: int, base:
         **base, "page": "sparse probe", "hook": hook, "classes": ctx.class_names, "counts": ctx.counts,
         "window": {"before": ctx.before, "after": ctx.after}, "offset": ctx.offset, "question": ctx.question,
         "C_chosen_on": "CV folds of the training rows", "chosen_index_cv": chosen_index(path),
-        "n_train": int(len(path.train_idx)), "n_test": int(len(path.test_idx)),
+        "n_train": len(path.train_idx), "n_test": len(path.test_idx),
         "penalty": path.penalty, "l1_ratio": path.l1_ratio,
         "Cs": path.Cs.tolist(), "chosen": path.table()[k], "standardized": True, "tol": path.tol,
     }

@@ -4,13 +4,18 @@ Every function takes result arrays and returns a ``plotly.graph_objects.Figure``
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from probing_core.plots._common import hook_labels, legend_below, log_range, percent_range
+from probing_core.plots._common import (
+    hook_labels,
+    legend_below,
+    log_range,
+    percent_range,
+)
 from probing_core.solvers.logistic_path import LogisticPathResult
 
 _NZ = "#2a9d8f"
@@ -178,6 +183,12 @@ def layers_curve(
     fig.update_layout(title="Probe accuracy across layers" + (f" at C = {C:.4g}" if C else ""), height=440,
                       xaxis_title="hook")
     return legend_below(fig, tick_px=6 * max((len(v) for v in x), default=4) if len(x) > 6 else 20)
+
+
+def layer_points_curve(points: Sequence, *, C: float | None = None, chance: float | None = None) -> go.Figure:
+    """:func:`layers_curve` from ``analyses.sparse.LayerPoint`` objects (hook, test_accuracy, density, ci_low/high)."""
+    return layers_curve([p.hook for p in points], [p.test_accuracy for p in points], [p.density for p in points],
+                        C=C, chance=chance, ci=[(p.ci_low, p.ci_high) for p in points])
 
 
 def selection_frequency_bars(freq: np.ndarray, *, top: int = 30, feature_name: str = "neuron") -> go.Figure:
