@@ -13,7 +13,7 @@ import importlib
 import pkgutil
 import sqlite3
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from probing_core.cli._common import OneLineParser
 from probing_core.errors import ProbingError

@@ -12,14 +12,19 @@ import math
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 from probing_core.data.datasets import Dataset, DatasetSpec, load_dataset
 from probing_core.errors import DatasetError
-from probing_core.models import LoadedModel, load_model, spec_from_cli
+from probing_core.models import (
+    LoadedModel,
+    default_cache_root,
+    load_model,
+    spec_from_cli,
+)
 from probing_core.store.entries import ActivationStore, size_limit_from_env
-from probing_core.models import default_cache_root
 
 #: Seeds go to NumPy/torch generators, which take 0 … 2**32 - 1 everywhere.
 MAX_SEED = 2**32 - 1
@@ -153,6 +158,26 @@ def add_json_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
 
 
+def add_common_args(p: argparse.ArgumentParser, *, dataset: bool = True) -> None:
+    """The options of every command that loads a model: ``--model/--device/--dtype``, the dataset's
+    (``--dataset/--text-column/--max-docs``; not with ``dataset=False``), ``--cache-dir`` and ``--json``."""
+    add_model_args(p)
+    if dataset:
+        add_dataset_args(p)
+    add_store_args(p)
+    add_json_arg(p)
+
+
+def add_entry_size_args(p: argparse.ArgumentParser, *, store_dtype: bool = True) -> None:
+    """The size of the cache entry a command builds when its hooks are not cached yet: ``--max-tokens``,
+    ``--max-len`` and (not with ``store_dtype=False``: those commands store float32) ``--store-dtype``."""
+    p.add_argument("--max-tokens", type=positive_int, default=20_000, help="tokens cached (default 20000)")
+    p.add_argument("--max-len", type=int_range(2, 1_000_000), default=128, help="tokens per row (default 128)")
+    if store_dtype:
+        p.add_argument("--store-dtype", default="float32", choices=["float32", "float16"],
+                       help="dtype of the arrays on disk (default float32; float16 halves them)")
+
+
 def open_store(args: argparse.Namespace) -> ActivationStore:
     root = Path(args.cache_dir) if getattr(args, "cache_dir", None) else default_cache_root()
     return ActivationStore(root / "activations", size_limit=size_limit_from_env())
@@ -244,18 +269,21 @@ def _fmt(v: Any) -> str:
 
 
 def cached_entry(args: argparse.Namespace, model: LoadedModel, dataset: Dataset, hooks: list[str],
-                 store: ActivationStore):
-    """The store entry for these hooks (built with a progress bar on stderr if missing), opened.
+                 store: ActivationStore, *, bar: str | None = "cache"):
+    """The store entry for these hooks (built if missing, with the sizes of :func:`add_entry_size_args`), opened.
 
+    Args:
+        bar: label of the progress bar drawn on stderr while building; ``None`` draws none.
     Returns:
         ``(CachedActivations, built)``.
     """
     from probing_core.store.activations import build_cache, open_entry
 
-    update, close = tqdm_progress("cache")
+    update, close = tqdm_progress(bar) if bar else (None, lambda: None)
     try:
         entry, built = build_cache(model, dataset, hooks, store=store, max_len=args.max_len,
-                                   max_tokens=args.max_tokens, dtype=args.store_dtype, progress=update)
+                                   max_tokens=args.max_tokens, progress=update,
+                                   dtype=getattr(args, "store_dtype", "float32"))  # no --store-dtype: float32
     finally:
         close()
     return open_entry(store, entry.key), built

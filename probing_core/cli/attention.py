@@ -7,7 +7,13 @@ from pathlib import Path
 
 from probing_core.analyses import attention
 from probing_core.cli._common import (
-    add_json_arg, add_model_args, add_store_args, int_range, nonempty, nonneg_int, open_model, out_file_arg, print_json,
+    add_common_args,
+    int_range,
+    nonempty,
+    nonneg_int,
+    open_model,
+    out_file_arg,
+    print_json,
     print_table,
 )
 from probing_core.errors import InputError
@@ -45,13 +51,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("attention", help="attention head scores for one layer; --html writes a CircuitsVis page")
-    add_model_args(p)
-    add_store_args(p)
+    add_common_args(p, dataset=False)
     p.add_argument("--prompt", required=True, type=nonempty, help="the prompt text (BOS is prepended)")
     p.add_argument("--layer", type=nonneg_int, required=True, help="layer index (0-based)")
     p.add_argument("--max-len", type=int_range(2, 1_000_000), default=attention.DEFAULT_MAX_LEN, help="truncate longer prompts (tokens, with BOS)")
     p.add_argument("--token", type=nonneg_int, default=None, help="also score attention to this token position")
     p.add_argument("--html", default=None, type=out_file_arg, metavar="FILE", help="write a standalone CircuitsVis HTML page (works offline)")
     p.add_argument("--pattern", action="store_true", help="with --json: include the [head, query, key] pattern")
-    add_json_arg(p)
     p.set_defaults(func=_run)

@@ -4,27 +4,27 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 
-from probing_core.store.activations import build_cache, export_entry
 from probing_core.cli._common import (
-    add_dataset_args,
+    add_common_args,
+    add_entry_size_args,
     add_json_arg,
-    add_model_args,
     add_store_args,
     float_range,
     int_range,
     nonempty,
-    out_file_arg,
-    positive_int,
     open_dataset,
     open_model,
     open_store,
+    out_file_arg,
     print_json,
     print_table,
     tqdm_progress,
 )
 from probing_core.errors import HookError
-from probing_core.store.entries import StoreEntry
+from probing_core.store.activations import build_cache, export_entry
+from probing_core.store.entries import ActivationStore, StoreEntry
 
 DEFAULT_FAMILIES = ("embed", "resid_post")
 
@@ -96,22 +96,32 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ls(args: argparse.Namespace) -> int:
-    store = open_store(args)
-    good, broken = store.scan()
-    rows = [{**e.summary(), "engine": e.meta.get("engine", "local")} for e in good] + [b.summary() for b in broken]
+def _print_entries(args: argparse.Namespace, store: ActivationStore, rows: list[dict], table: Callable[[], None]) -> None:
+    """What ``ls`` and ``verify`` print: the rows as JSON (``--json``), a line saying the store is empty, or
+    ``table()``; then the store index's problem, if it has one, as a warning on stderr."""
     if args.json:
         print_json(rows)
     elif not rows:
         print(f"no entries in {store.root}")
     else:
+        table()
+    if store.index_problem:
+        print(f"warning: {store.index_problem}", file=sys.stderr)
+
+
+def _ls(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    good, broken = store.scan()
+    rows = [{**e.summary(), "engine": e.meta.get("engine", "local")} for e in good] + [b.summary() for b in broken]
+
+    def table() -> None:
         for r in rows:
             r["MB"] = round((r["bytes"] or 0) / 1e6, 1)
         print_table(rows, ["key", "status", "model", "dataset", "n_tokens", "n_hooks", "dtype", "MB", "engine"])
         for b in broken:
             print(f"broken {b.key}: {b.reason} — delete it with `cache rm {b.key}`")
-    if store.index_problem:
-        print(f"warning: {store.index_problem}", file=sys.stderr)
+
+    _print_entries(args, store, rows, table)
     return 0
 
 
@@ -126,16 +136,13 @@ def _verify(args: argparse.Namespace) -> int:
         rows.append({"key": key, "status": "ok" if ok else "broken",
                      "problem": None if ok else res.reason,  # type: ignore[union-attr]
                      "checksums": ok and "files" in res.meta})
-    if args.json:
-        print_json(rows)
-    elif not rows:
-        print(f"no entries in {store.root}")
-    else:
+
+    def table() -> None:
         for r in rows:
             note = "" if r["status"] == "broken" or r["checksums"] else " (built before checksums: sizes and headers checked)"
             print(f"{r['status']:6}  {r['key']}  {r['problem'] or ''}{note}")
-    if store.index_problem:
-        print(f"warning: {store.index_problem}", file=sys.stderr)
+
+    _print_entries(args, store, rows, table)
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
@@ -169,15 +176,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     cache.set_defaults(func=lambda a: (cache.print_help(), 2)[1])
 
     b = csub.add_parser("build", help="extract activations into the store (with a progress bar)")
-    add_model_args(b)
-    add_dataset_args(b)
-    add_store_args(b)
-    add_json_arg(b)
+    add_common_args(b)
+    add_entry_size_args(b)
     b.add_argument("--hooks", nargs="*", default=None, type=nonempty, help="hook names or families (embed resid_pre resid_mid resid_post attn_out mlp_out mlp_post); default: embed + resid_*")
-    b.add_argument("--max-tokens", type=positive_int, default=20_000, help="cap on tokens extracted (default 20000)")
-    b.add_argument("--max-len", type=int_range(2, 1_000_000), default=128, help="tokens per row (default 128)")
     b.add_argument("--batch-size", type=int_range(1, 1_000_000), default=16, help="rows per forward pass (default 16)")
-    b.add_argument("--store-dtype", default="float32", choices=["float32", "float16"])
     b.add_argument("--engine", default="local", choices=["local", "ray"],
                    help="local: this process; ray: row ranges over a Ray actor pool, written as shards (docs/scale.md)")
     b.add_argument("--address", default=None, type=nonempty, help="Ray cluster address host:port (default: $RAY_ADDRESS, else a local cluster)")

@@ -18,12 +18,11 @@ import argparse
 
 import numpy as np
 
-from probing_core.analyses import amnesic, directions, interventions as iv, truth_case
+from probing_core.analyses import amnesic, directions, truth_case
+from probing_core.analyses import interventions as iv
 from probing_core.analyses.regression import PositionRule, regression_data
 from probing_core.cli._common import (
-    add_json_arg,
-    add_model_args,
-    add_store_args,
+    add_common_args,
     float_range,
     int_range,
     nonempty,
@@ -86,7 +85,7 @@ def _truth(args: argparse.Namespace) -> int:
 
 def _direction(args: argparse.Namespace) -> int:
     model = open_model(args, quiet=True)
-    acts, X, y, info = _label_data(args, [args.hook])
+    _, X, y, info = _label_data(args, [args.hook])
     Xh = X[args.hook]
     if args.method == "neurons":
         if not args.neurons:
@@ -232,11 +231,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--top-k", type=int_range(1, 100), default=10)
 
     for sp, fn in ((t, _truth), (d, _direction), (q, _prompt), (a, _amnesic), (r, _readout)):
-        add_model_args(sp)
-        add_store_args(sp)
+        add_common_args(sp, dataset=False)
         if sp in (t, q):
             sp.add_argument("--k-controls", type=k_controls_arg, default=20, help="random controls K (1…256)")
         if sp in (t, q, a):
             sp.add_argument("--seed", type=seed_int, default=0, help="seed of the random controls and splits")
-        add_json_arg(sp)
         sp.set_defaults(func=fn)

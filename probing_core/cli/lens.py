@@ -4,10 +4,15 @@ from __future__ import annotations
 import argparse
 
 from probing_core.analyses import lens
-from probing_core.errors import InputError
 from probing_core.cli._common import (
-    add_json_arg, add_model_args, add_store_args, int_range, nonempty, open_model, print_json, print_table,
+    add_common_args,
+    int_range,
+    nonempty,
+    open_model,
+    print_json,
+    print_table,
 )
+from probing_core.errors import InputError
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -58,13 +63,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("lens", help="logit lens / next-token top-k / logit attribution for one prompt")
-    add_model_args(p)
-    add_store_args(p)
+    add_common_args(p, dataset=False)
     p.add_argument("--prompt", required=True, type=nonempty, help="the prompt text (BOS is prepended unless --no-bos)")
     p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token (results depend on it)")
     p.add_argument("--answer", default=None, type=nonempty, help="one-token answer to rank (e.g. ' Paris'); with --wrong: the correct answer")
     p.add_argument("--wrong", default=None, type=nonempty, help="one-token incorrect answer: adds logit difference attribution")
     p.add_argument("--top-k", type=int_range(1, 10_000), default=10, help="tokens listed per layer (default 10)")
     p.add_argument("--incl-mid", action="store_true", help="also read resid_mid of every block")
-    add_json_arg(p)
     p.set_defaults(func=_run)

@@ -20,10 +20,9 @@ from probing_core.analyses.regression import (
     transfer_hooks,
 )
 from probing_core.cli._common import (
-    add_dataset_args,
-    add_json_arg,
-    add_model_args,
-    add_store_args,
+    add_common_args,
+    add_entry_size_args,
+    cached_entry,
     fraction_open,
     int_range,
     nonempty,
@@ -31,11 +30,9 @@ from probing_core.cli._common import (
     open_model,
     open_store,
     positive_float,
-    positive_int,
     print_json,
     print_table,
     seed_int,
-    cached_entry,
 )
 from probing_core.cli.cache import resolve_hooks
 from probing_core.cli.probe_regression import parse_label_params
@@ -134,9 +131,7 @@ def register_probe(probe_sub: argparse._SubParsersAction) -> None:
     e = probe_sub.add_parser("embedding", help="ridge regression of token properties from W_E (no forward pass)",
                              description="The Regression page's embedding regression: token properties (length, "
                                          "numeric value) regressed from the rows of the embedding matrix W_E.")
-    add_model_args(e)
-    add_store_args(e)
-    add_json_arg(e)
+    add_common_args(e, dataset=False)
     e.add_argument("--tasks", nargs="+", choices=list(EMBEDDING_TASKS), default=list(EMBEDDING_TASKS),
                    metavar="TASK", help=f"tasks to run (default: all of {', '.join(repr(t) for t in EMBEDDING_TASKS)})")
     e.add_argument("--length-threshold", type=int_range(1, 10_000), default=15,
@@ -152,10 +147,7 @@ def register_probe(probe_sub: argparse._SubParsersAction) -> None:
     t = probe_sub.add_parser("transfer", help="fit one probe on the embeddings, score it on every residual hook",
                              description="The Regression page's probe transfer: a ridge probe fit on W_E (or on "
                                          "hook_embed of the corpus) and scored unchanged at every resid hook.")
-    add_model_args(t)
-    add_dataset_args(t)
-    add_store_args(t)
-    add_json_arg(t)
+    add_common_args(t)
     t.add_argument("--label", default="length", type=nonempty, help=f"one of: {', '.join(LABELS)} (default length)")
     t.add_argument("--label-param", action="append", type=nonempty, metavar="KEY=VALUE",
                    help="label parameter, repeatable (e.g. max_length=15)")
@@ -166,7 +158,5 @@ def register_probe(probe_sub: argparse._SubParsersAction) -> None:
                    help=f"ridge strength of the source fit (default {TRANSFER_DEFAULT_ALPHA:.3g}, the page's)")
     t.add_argument("--hooks", nargs="*", default=None, type=nonempty,
                    help="resid hook names or families to cache and score (default: embed resid_pre resid_mid resid_post)")
-    t.add_argument("--max-tokens", type=positive_int, default=20_000, help="tokens cached (default 20000)")
-    t.add_argument("--max-len", type=int_range(2, 1_000_000), default=128, help="tokens per row (default 128)")
-    t.add_argument("--store-dtype", default="float32", choices=["float32", "float16"])
+    add_entry_size_args(t)
     t.set_defaults(func=_transfer)

@@ -4,23 +4,21 @@ from __future__ import annotations
 import argparse
 
 from probing_core.analyses import layer_probes as lp
-from probing_core.store.activations import build_cache, open_entry
 from probing_core.cli._common import (
-    add_dataset_args,
-    add_json_arg,
-    add_model_args,
-    add_store_args,
+    add_common_args,
+    add_entry_size_args,
+    cached_entry,
     fraction_open,
     int_range,
-    positive_float,
     nonempty,
-    positive_int,
-    seed_int,
     open_dataset,
     open_model,
     open_store,
+    positive_float,
+    positive_int,
     print_json,
     print_table,
+    seed_int,
     tqdm_progress,
 )
 from probing_core.cli.cache import resolve_hooks
@@ -47,16 +45,10 @@ def _run(args: argparse.Namespace) -> int:
             raise InputError(f"--positions {args.positions!r}: every:K needs a step K of 1 or more.")
         dataset = open_dataset(args)
         hooks = resolve_hooks(model, args.hooks or ["embed", "resid_post"])
-        update, close = tqdm_progress("cache build")
-        try:
-            entry, _ = build_cache(model, dataset, hooks, store=store, max_len=args.max_len,
-                                   max_tokens=args.max_tokens, progress=update)
-        finally:
-            close()
-        acts = open_entry(store, entry.key)
+        acts, _ = cached_entry(args, model, dataset, hooks, store, bar="cache build")
         res = lp.probe_layers(acts, hooks, labels, pos, C=args.C, test_fraction=args.test_fraction, seed=args.seed,
                               max_samples=args.max_samples)
-        params = {"labels": args.label, "positions": args.positions, "entry": entry.key, "C": args.C}
+        params = {"labels": args.label, "positions": args.positions, "entry": acts.key, "C": args.C}
     if args.json:
         print_json({"model": model.describe(), "params": params, "result": res.to_json()})
         return 0
@@ -76,9 +68,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def register_probe(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("layers", help="categorical probe accuracy at every hook (token identity, dataset column, tree edges)")
-    add_model_args(p)
-    add_dataset_args(p)
-    add_store_args(p)
+    add_common_args(p)
     p.add_argument("--label", action="append", default=None, type=nonempty,
                    help="token-offset:N (token N positions away; 0 = current, -2 = two back) or column:NAME; repeat for more columns (default token-offset:0)")
     p.add_argument("--positions", default="all", help="all, at:0,1,-1 (fixed positions; -1 = last), every:K, or tokens:STR1,STR2 (default all)")
@@ -89,11 +79,9 @@ def register_probe(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-fraction", type=fraction_open, default=0.3)
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--max-samples", type=positive_int, default=lp.DEFAULT_MAX_SAMPLES, help="seeded subsample per column above this")
-    p.add_argument("--max-len", type=int_range(2, 1_000_000), default=128, help="tokens per row when building the cache")
-    p.add_argument("--max-tokens", type=positive_int, default=20_000, help="token cap when building the cache")
+    add_entry_size_args(p, store_dtype=False)
     p.add_argument("--preset", choices=["tree-edges"], default=None, help="tree-edges: the tree notebook's edge-probe table (--model tree)")
     p.add_argument("--n-samples", type=int_range(1, 10_000_000), default=400, help="trees for --preset tree-edges (default 400)")
-    add_json_arg(p)
     p.set_defaults(func=_run_default)
 
 

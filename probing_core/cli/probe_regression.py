@@ -7,28 +7,25 @@ from typing import Any
 
 import numpy as np
 
+from probing_core.analyses.regression import SPLITS, PositionRule, run_regression
 from probing_core.cli._common import (
-    add_dataset_args,
-    add_json_arg,
-    add_model_args,
-    add_store_args,
+    add_common_args,
+    add_entry_size_args,
+    cached_entry,
     fraction_open,
     int_range,
     nonempty,
-    positive_float,
-    positive_int,
-    seed_int,
     open_dataset,
     open_model,
     open_store,
+    positive_float,
     print_json,
     print_table,
-    cached_entry,
+    seed_int,
 )
 from probing_core.cli.cache import resolve_hooks
-from probing_core.errors import InputError
 from probing_core.data.labels import LABELS, LabelSpec
-from probing_core.analyses.regression import SPLITS, PositionRule, run_regression
+from probing_core.errors import InputError
 from probing_core.solvers.ridge import DEFAULT_ALPHAS
 
 DEFAULT_FAMILIES = ["embed", "resid_pre", "resid_mid", "resid_post"]
@@ -110,10 +107,7 @@ def _run(args: argparse.Namespace) -> int:
 def register_probe(probe_sub: argparse._SubParsersAction) -> None:
     p = probe_sub.add_parser("regression", help="ridge regression probe of a token label on every hook",
                              description="Fit ridge probes (whole α path, CV, shuffled baseline) on each hook.")
-    add_model_args(p)
-    add_dataset_args(p)
-    add_store_args(p)
-    add_json_arg(p)
+    add_common_args(p)
     p.add_argument("--label", required=True, type=nonempty, help=f"one of: {', '.join(LABELS)}")
     p.add_argument("--label-param", action="append", type=nonempty, metavar="KEY=VALUE",
                    help="label parameter, repeatable (e.g. max_length=15, token=' the', pattern='^[A-Z]')")
@@ -128,7 +122,5 @@ def register_probe(probe_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=["auto", "type", "tokens"], default="auto",
                    help="what the test set holds: type = token types never seen in training (CV folds too), tokens = "
                         "random tokens (mostly seen types), auto (default) = type for labels the token's identity decides")
-    p.add_argument("--max-tokens", type=positive_int, default=20_000, help="tokens cached (default 20000)")
-    p.add_argument("--max-len", type=int_range(2, 1_000_000), default=128, help="tokens per row (default 128)")
-    p.add_argument("--store-dtype", default="float32", choices=["float32", "float16"])
+    add_entry_size_args(p)
     p.set_defaults(func=_run)

@@ -3,29 +3,24 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-
 from probing_core.analyses import sparse
-from probing_core.store.activations import build_cache, open_entry
 from probing_core.cli._common import (
-    add_dataset_args,
-    add_json_arg,
-    add_model_args,
-    add_store_args,
+    add_common_args,
+    add_entry_size_args,
+    cached_entry,
     fraction_open,
     int_range,
     nonempty,
     nonneg_int,
-    positive_float,
-    positive_int,
-    seed_int,
-    unit_interval,
     open_dataset,
     open_model,
     open_store,
+    positive_float,
+    positive_int,
     print_json,
     print_table,
-    tqdm_progress,
+    seed_int,
+    unit_interval,
 )
 from probing_core.errors import InputError
 
@@ -39,14 +34,8 @@ def _run(args: argparse.Namespace) -> int:
     hook = f"blocks.{args.layer}.mlp.hook_post" if args.features == "mlp_post" else f"blocks.{args.layer}.hook_resid_post"
     dataset = open_dataset(args)
     store = open_store(args)
-    cb, close = tqdm_progress("extracting") if not args.json else (None, lambda: None)
-    try:
-        # hook_embed too: the embed-only baseline is the same probe on it, at the same rows
-        entry, _ = build_cache(model, dataset, ["hook_embed", hook], store=store, max_len=args.max_len,
-                               max_tokens=args.max_tokens, progress=cb)
-    finally:
-        close()
-    acts = open_entry(store, entry.key)
+    # hook_embed too: the embed-only baseline is the same probe on it, at the same rows
+    acts, _ = cached_entry(args, model, dataset, ["hook_embed", hook], store, bar=None if args.json else "extracting")
     classes = [[t for t in c.split(",")] for c in args.classes]
     ctx = sparse.contexts_for(acts, model.tokenizer.encode, model.tokenizer.decode_tokens, classes,
                               before=args.before, after=args.after, whole_word_next=not args.any_next,
@@ -61,7 +50,7 @@ def _run(args: argparse.Namespace) -> int:
     neurons = sparse.neuron_table(X, ctx, path, k, top=args.top)
     report = sparse.report_at(X, ctx, path, k)
     if args.json:
-        print_json({"model": model.describe(), "hook": hook, "cache_key": entry.key, "classes": ctx.class_names,
+        print_json({"model": model.describe(), "hook": hook, "cache_key": acts.key, "classes": ctx.class_names,
                     "counts": ctx.counts, "found": ctx.found, "offset": ctx.offset, "question": ctx.question,
                     "path": path.table(), "chosen_index": k, "chosen_on": "show-C" if args.show_C else "CV",
                     "chosen": path.table()[k], "baselines": summary.rows(), "summary": summary.__dict__,
@@ -87,10 +76,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def register_probe(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sparse", help="sparse (L1) logistic probe of one layer's neurons at a target token")
-    add_model_args(p)
-    add_dataset_args(p)
-    add_store_args(p)
-    add_json_arg(p)
+    add_common_args(p)
     p.add_argument("--classes", nargs=2, required=True, type=nonempty, metavar="TOKENS",
                    help="two classes, each one token string or a comma-separated set (e.g. ' the' ' an')")
     p.add_argument("--layer", type=nonneg_int, required=True, help="layer index")
@@ -115,6 +101,5 @@ def register_probe(sub: argparse._SubParsersAction) -> None:
                         "(does the layer already know the next word?), 0 = the class token itself (the notebook)")
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--top", type=positive_int, default=20, help="surviving neurons to list")
-    p.add_argument("--max-len", type=int_range(2, 1_000_000), default=128)
-    p.add_argument("--max-tokens", type=positive_int, default=20_000)
+    add_entry_size_args(p, store_dtype=False)
     p.set_defaults(func=_run)

@@ -17,7 +17,15 @@ from typing import Any
 import torch
 
 from probing_core.cli._common import (
-    device_arg, existing_folder_arg, folder_arg, int_range, nonneg_int, positive_float, positive_int, seed_int, unit_interval,
+    device_arg,
+    existing_folder_arg,
+    folder_arg,
+    int_range,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    seed_int,
+    unit_interval,
 )
 from probing_core.errors import InputError
 
@@ -57,7 +65,9 @@ def register(subparsers: Any) -> None:
 
 def run_train_tree(args: argparse.Namespace) -> int:
     """Handler: train, evaluate by depth, save. Returns the exit status."""
-    from probing_core.tree import model as tree_model, task as tree_task, train as tree_train
+    from probing_core.tree import model as tree_model
+    from probing_core.tree import task as tree_task
+    from probing_core.tree import train as tree_train
 
     if args.d_model % args.n_heads:
         raise InputError(f"--d-model {args.d_model} must be a multiple of --n-heads {args.n_heads}.")
