@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,19 +24,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from probing_core.store.activations import extract_to_folder  # noqa: E402
+from _timing import best_of  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+
 from probing_core.data.datasets import DatasetSpec, load_dataset, tokenize_dataset  # noqa: E402
 from probing_core.models import load_model, spec_from_cli  # noqa: E402
+from probing_core.store.activations import extract_to_folder  # noqa: E402
 from probing_core.store.entries import ActivationStore  # noqa: E402
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def bench_extraction(model_name: str, n_tokens: int, batch_size: int) -> None:

@@ -13,23 +13,20 @@ import hashlib
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from probing_core.store.integrity import checksum_problem, inspect_folder, open_problem, seal_entry  # noqa: E402
+from _timing import best_of  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
-
-def best_of(fn, k: int = 5) -> float:
-    times = []
-    for _ in range(k):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from probing_core.store.integrity import (  # noqa: E402
+    checksum_problem,
+    inspect_folder,
+    open_problem,
+    seal_entry,
+)
 
 
 def main() -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,7 +15,17 @@ import torch.nn.functional as F
 
 from probing_core.errors import InputError
 from probing_core.tree.model import build_native_model, model_config
-from probing_core.tree.task import DEFAULT_N_NODES, MAX_NODES, TreeSample, TreeTokenizer, batch_tensors, check_n_nodes, generate_tree, prompt_length, sequence_length
+from probing_core.tree.task import (
+    DEFAULT_N_NODES,
+    MAX_NODES,
+    TreeSample,
+    TreeTokenizer,
+    batch_tensors,
+    check_n_nodes,
+    generate_tree,
+    prompt_length,
+    sequence_length,
+)
 
 
 @dataclass(frozen=True)
@@ -73,11 +84,16 @@ class TreeTrainResult:
     seconds: float = 0.0
 
 
+def _ramp(start: int, end: int, frac: float, over: float) -> int:
+    """A curriculum value at training progress ``frac`` (0…1): ``start`` rising linearly to ``end``
+    over the first ``over`` of training, then ``end``."""
+    return round(start + (end - start) * min(1.0, frac / max(1e-9, over)))
+
+
 def _max_depth_at(cfg: TreeTrainConfig, frac: float) -> int:
     """Curriculum: the deepest depth-controlled path at training progress ``frac`` (0…1)."""
     top = cfg.n_nodes - 1
-    start = min(max(1, cfg.curriculum_start_depth), top)
-    return int(round(start + (top - start) * min(1.0, frac / max(1e-9, cfg.curriculum_frac))))
+    return _ramp(min(max(1, cfg.curriculum_start_depth), top), top, frac, cfg.curriculum_frac)
 
 
 def _lr_at(cfg: TreeTrainConfig, step: int, frac: float) -> float:
@@ -94,8 +110,7 @@ def train_batch(cfg: TreeTrainConfig, rng: np.random.Generator, frac: float) -> 
     top = _max_depth_at(cfg, frac)
     n_cur = cfg.n_nodes
     if cfg.min_nodes > 0:
-        lo = min(max(2, cfg.min_nodes), cfg.n_nodes)
-        n_cur = int(round(lo + (cfg.n_nodes - lo) * min(1.0, frac / max(1e-9, cfg.node_curriculum_frac))))
+        n_cur = _ramp(min(max(2, cfg.min_nodes), cfg.n_nodes), cfg.n_nodes, frac, cfg.node_curriculum_frac)
     out = []
     for _ in range(cfg.batch_size):
         n = n_cur
