@@ -711,3 +711,198 @@ def token_label_picker(acts: CachedActivations, *, page: str) -> tuple[LabelSpec
         params["column"] = c3.selectbox("column", list(acts.columns()), key=f"{page}_column", bind=q)
     label = LabelSpec.make(name, **{p: (int(v) if isinstance(v, float) else v) for p, v in params.items()})
     return label, rule, name
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared page blocks (issue 19, thin pages): a metric row, a verdict, a per-hook table, downloads
+# and the run manifest — the blocks several pages repeat, in one place
+# ---------------------------------------------------------------------------------------------
+
+#: The label of every page's run-manifest download.
+MANIFEST_LABEL = "⬇ Run manifest (JSON)"
+#: MIME type by file extension (others: Streamlit's default for the data).
+_MIME = {".csv": "text/csv", ".json": "application/json", ".zip": "application/zip", ".html": "text/html"}
+
+
+def metric_row(*items: tuple) -> None:
+    """One row of ``st.metric`` in equal columns.
+
+    Each item is ``(label, value)`` or ``(label, value, {"help": …, "delta": …, "delta_color": …})``.
+    """
+    for col, (label, value, *kw) in zip(st.columns(len(items)), items):
+        col.metric(label, value, **(kw[0] if kw else {}))
+
+
+def verdict(good: bool, text: str) -> None:
+    """``st.success`` when ``good`` (a check that holds, an effect outside the random band), else ``st.warning``."""
+    (st.success if good else st.warning)(text)
+
+
+def versus_controls(cmp: Any, lead: str = "") -> None:
+    """A ``ControlComparison`` (an effect beside K random controls) in words after ``lead``: ``st.success``
+    outside the random band, ``st.warning`` inside it."""
+    verdict(not cmp.inside_band, lead + cmp.summary())
+
+
+def hook_table(rows: Sequence[dict[str, Any]]) -> None:
+    """A table with one row per hook: a "layer" column named for people first; the raw ``hook`` column
+    only in the research view."""
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    table.insert(0, "layer", [layer_words(h) for h in table["hook"]])
+    st.dataframe(table if research() else table.drop(columns="hook"), hide_index=True, width="stretch")
+
+
+def download_data(data: Any) -> str | bytes:
+    """What a download sends: rows (a list of dicts) or a DataFrame as CSV, a dict as indented JSON
+    (non-JSON values as text), text or bytes as they are."""
+    import json
+
+    import pandas as pd
+
+    if isinstance(data, list):
+        data = pd.DataFrame(data)
+    if isinstance(data, pd.DataFrame):
+        return data.to_csv(index=False)
+    if isinstance(data, dict):
+        return json.dumps(data, indent=1, default=str)
+    return data
+
+
+def download(label: str, data: Any, file_name: str, key: str, *, where: Any = None) -> None:
+    """One download button (in ``where``, a column, or the page); data as :func:`download_data` makes it,
+    the MIME type from the file name's extension."""
+    (where or st).download_button(label, download_data(data), file_name, _MIME.get(Path(file_name).suffix), key=key)
+
+
+def downloads(*items: tuple[str, Any, str, str]) -> None:
+    """A row of download buttons in equal columns; each item is ``(label, data, file_name, key)`` as for :func:`download`."""
+    for col, (label, data, file_name, key) in zip(st.columns(len(items)), items):
+        download(label, data, file_name, key, where=col)
+
+
+def run_manifest(model: LoadedModel, acts: CachedActivations | None = None, /, *, core: dict[str, Any] | None = None,
+                 **fields: Any) -> dict[str, Any]:
+    """A page's JSON run manifest: the core's manifest when there is one, overlaid by :func:`manifest_base`
+    (``versions`` merged: the core's and the app's), then the page's own ``fields``."""
+    base = manifest_base(model, acts)
+    if core is None:
+        return {**base, **fields}
+    return {**core, **base, "versions": {**core.get("versions", {}), **base["versions"]}, **fields}
+
+
+# ---------------------------------------------------------------------------------------------
+# Regression probes, Logit lens and Interventions (issue 19): their cached core calls. Fits shared by
+# every session go on the shelves above; st.cache_data holds results that are small to copy.
+# ---------------------------------------------------------------------------------------------
+
+
+def regression_run(key: str, hooks: tuple[str, ...], label: LabelSpec, rule: str, cv: int, seed: int,
+                   split: str = "auto") -> Any:
+    """The Regression page's fit over the default α grid (a ``RegressionRun``), shared by every session.
+
+    The label-independent decompositions are kept per rows and split (the 3 latest), so a label change
+    refits without a new eigendecomposition.
+    """
+    from probing_core.analyses import regression as reg
+
+    slot = shared_slot("reg_decompositions", (key, hooks, rule, cv, seed), keep=4)
+
+    def fit(progress: Callable[[float, str], None]) -> Any:
+        run = reg.run_regression(get_entry(key), list(hooks), label, rule, alphas=list(reg.alpha_labels().values()),
+                                 cv=cv, seed=seed, split_by=split, decompositions=slot, progress=progress)
+        return reg.remember_decompositions(slot, run, keep=3)  # identical content for every session
+
+    verb = "Refitting for the new label" if slot else "Fitting ridge probes on every hook (all α at once)"
+    return shared_result("reg_runs", (key, hooks, label, rule, cv, seed, split), fit, keep=3, label=verb)
+
+
+@st.cache_data(max_entries=4, show_spinner="Regressing token properties from W_E over the vocabulary…")
+def embedding_regression(_model: LoadedModel, model_key: str, len_thr: int, num_thr: int) -> Any:
+    from probing_core.analyses import regression as reg
+
+    return reg.embedding_regression(_model, length_threshold=len_thr, numeric_threshold=num_thr)
+
+
+@st.cache_data(max_entries=8, show_spinner="Fitting the embedding probe and scoring it on every hook…")
+def probe_transfer(_model: LoadedModel, key: str, label: LabelSpec, rule: str, alpha: float, source: str) -> Any:
+    from probing_core.analyses import regression as reg
+
+    return reg.probe_transfer(_model, get_entry(key), label, rule, alpha=alpha, source=source)
+
+
+@st.cache_data(max_entries=32, show_spinner="Running the model…")
+def next_token_topk(_model: LoadedModel, key: str, prompt: str, k: int, answer: str | None, bos: bool = True) -> Any:
+    from probing_core.analyses import lens
+
+    return lens.next_token_topk(_model, prompt, k=k, answer=answer, prepend_bos=bos)
+
+
+@st.cache_data(max_entries=16, show_spinner="Reading every layer…")
+def logit_lens(_model: LoadedModel, key: str, prompt: str, k: int, incl_mid: bool, bos: bool = True) -> Any:
+    from probing_core.analyses import lens
+
+    return lens.logit_lens(_model, prompt, k=k, incl_mid=incl_mid, max_tokens=128, prepend_bos=bos)  # heatmap unreadable beyond
+
+
+@st.cache_data(max_entries=8, show_spinner="Attributing the logit difference…")
+def logit_attribution(_model: LoadedModel, key: str, ps: Any, bos: bool = True) -> tuple[Any, Any]:
+    """``(LogitDiffResult, AttributionResult)`` of the prompt set ``ps``."""
+    from probing_core.analyses import lens
+
+    return lens.logit_difference(_model, ps, prepend_bos=bos), lens.logit_attribution(_model, ps, prepend_bos=bos)
+
+
+@st.cache_data(max_entries=16, show_spinner="Making the direction…")
+def _direction_bytes(_acts: CachedActivations, key: str, hook: str, label: LabelSpec, rule: str, method: str,
+                     neurons: tuple[int, ...], model_key: str) -> tuple[bytes, bytes, Any, Any]:
+    from probing_core.analyses import directions as dirs
+
+    d, rows, y = dirs.direction_from_entry(_acts, hook, label, rule, method, model_key=model_key, neurons=neurons)
+    return (*dirs.direction_to_bytes(d), rows, y)  # bytes: cheap and safe to copy
+
+
+def entry_direction(acts: CachedActivations, hook: str, label: LabelSpec, rule: str, method: str, neurons: str,
+                    model_key: str) -> tuple[Any, Any, Any]:
+    """``(Direction, rows, y)``: a direction made by ``method`` from the entry's rows of a token label (cached);
+    ``neurons``: the neuron set's indices as typed ("3, 17, 40"; only for the method "neurons")."""
+    from probing_core.analyses import directions as dirs
+    from probing_core.analyses import interventions as iv
+
+    idx = tuple(iv.parse_number_list(neurons, what="neuron list", integer=True)) if method == "neurons" else ()
+    npy, meta, rows, y = _direction_bytes(acts, acts.key, hook, label, rule, method, idx, model_key)
+    return dirs.direction_from_bytes(npy, meta), rows, y
+
+
+@st.cache_data(max_entries=32, show_spinner="Running the prompt with the intervention and K random controls…")
+def prompt_effect(_model: LoadedModel, key: str, prompt: str, d: tuple[bytes, bytes], step: Any, pair: tuple | None,
+                  K: int) -> tuple[Any, Any]:
+    """``(PromptEffect, LensDiff)`` of intervention ``step`` along the direction ``d`` (``(npy, json)`` bytes)."""
+    from probing_core.analyses import directions as dirs
+    from probing_core.analyses import interventions as iv
+
+    direction = dirs.direction_from_bytes(*d)
+    return (iv.intervene_prompt(_model, prompt, direction, step, answers=pair, k_controls=K, n_generate=8, with_lens=True),
+            iv.lens_difference(_model, prompt, direction, step))
+
+
+@st.cache_data(max_entries=16, show_spinner="Scoring the LM loss with the intervention and K random controls…")
+def loss_effect(_model: LoadedModel, _acts: CachedActivations, key: str, d: tuple[bytes, bytes], step: Any, K: int) -> Any:
+    """The LM loss on the entry ``key``'s rows with intervention ``step`` along ``d``, beside K random controls."""
+    from probing_core.analyses import amnesic
+    from probing_core.analyses import directions as dirs
+
+    return amnesic.loss_effect(_model, _acts, dirs.direction_from_bytes(*d), step, n_rows=4, k_controls=K)
+
+
+def truth_case(model: LoadedModel, name: str, n: int, held: int, K: int, pair: tuple[str, ...]) -> Any:
+    """The Interventions page's truth case on the statement set ``name`` (a ``TruthCaseResult``), shared by every
+    session; a bad input is shown as a message and stops the page."""
+    from probing_core.analyses import truth_case as tc
+    from probing_core.data.statements import statements_spec
+
+    with user_errors():
+        return shared_result("interventions_truth", (model.key, name, n, held, K, pair), lambda p: tc.truth_case(
+            model, load_dataset(statements_spec(name)), n_statements=n, n_heldout=held, k_controls=K, answers=pair,
+            progress=p), keep=4, label="Probing truth per layer, then steering")

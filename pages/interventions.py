@@ -1,14 +1,9 @@
 """Interventions: steer and ablate along what a probe found, against random directions of the same norm."""
-import json
-
-import pandas as pd
 import streamlit as st
 
 import glue
 from probing_core.analyses import amnesic, directions as dirs, interventions as iv, truth_case as tc
-from probing_core.analyses.regression import regression_data
-from probing_core.data.datasets import load_dataset
-from probing_core.data.statements import STATEMENT_SETS, statements_spec
+from probing_core.data.statements import STATEMENT_SETS
 from probing_core.plots import interventions as plots, lens as lens_plots
 
 st.title("🎛️ Interventions")
@@ -24,36 +19,10 @@ view = st.radio("View", VIEWS, horizontal=True, key="iv_view", bind=q)
 saved: dict = st.session_state.setdefault("iv_directions", {})  # this session's directions: name → (npy, json) bytes
 
 
-@st.cache_data(max_entries=16, show_spinner="Making the direction…")
-def _make(_acts, key: str, hook: str, label, rule: str, method: str, neurons: tuple = ()) -> tuple[bytes, bytes, object, object]:
-    X, y, info = regression_data(_acts, [hook], label, rule)
-    if method == "neurons":
-        d = dirs.neuron_direction(neurons, model_key=model.key, hook=hook, width=X[hook].shape[1], X=X[hook])
-        return (*dirs.direction_to_bytes(d), info.rows, y)
-    make = {"mass_mean": dirs.mass_mean_direction, "logistic": dirs.logistic_direction, "ridge": dirs.ridge_direction}
-    extra = {} if method == "ridge" else {"positive": y.max()}
-    d = make[method](X[hook], y, model_key=model.key, hook=hook, description=f"{method} of {info.description}", **extra)
-    return (*dirs.direction_to_bytes(d), info.rows, y)
-
-
-@st.cache_data(max_entries=32, show_spinner="Running the prompt with the intervention and K random controls…")
-def _effect(_model, key: str, prompt: str, d: tuple, step: iv.Intervention, pair: tuple | None, K: int):
-    direction = dirs.direction_from_bytes(*d)
-    return (iv.intervene_prompt(_model, prompt, direction, step, answers=pair, k_controls=K, n_generate=8, with_lens=True),
-            iv.lens_difference(_model, prompt, direction, step))
-
-
-@st.cache_data(max_entries=16, show_spinner="Scoring the LM loss with the intervention and K random controls…")
-def _loss(_model, _acts, key: str, d: tuple, step: iv.Intervention, K: int):
-    return amnesic.loss_effect(_model, _acts, dirs.direction_from_bytes(*d), step, n_rows=4, k_controls=K)
-
-
 def _keep(d: dirs.Direction, name: str) -> None:
-    npy, meta = dirs.direction_to_bytes(d)
-    saved[name] = (npy, meta)
-    a, b = st.columns(2)
-    a.download_button("⬇ Direction (.npy)", npy, f"{name}.npy", key=f"iv_dl_npy_{name}")
-    b.download_button("⬇ Its description (.json)", meta, f"{name}.json", "application/json", key=f"iv_dl_json_{name}")
+    npy, meta = saved[name] = dirs.direction_to_bytes(d)
+    glue.downloads(("⬇ Direction (.npy)", npy, f"{name}.npy", f"iv_dl_npy_{name}"),
+                   ("⬇ Its description (.json)", meta, f"{name}.json", f"iv_dl_json_{name}"))
 
 
 if view == VIEWS[0]:
@@ -67,68 +36,56 @@ if view == VIEWS[0]:
                f"of 1 + K prompts per held-out statement and c.")
     if st.button("Run the truth case", key="iv_truth_go", type="primary") or st.session_state.get("iv_truth_ran"):
         st.session_state["iv_truth_ran"] = True
-        with glue.user_errors():
-            res = glue.shared_result("interventions_truth", (model.key, name, n, held, K, pair), lambda p: tc.truth_case(
-                model, load_dataset(statements_spec(name)), n_statements=n, n_heldout=held, k_controls=K, answers=pair,
-                progress=p),
-                keep=4, label="Probing truth per layer, then steering")
+        res = glue.truth_case(model, name, n, held, K, pair)  # a bad input: its message, and the page stops
         s = res.summary()
-        a, b, c = st.columns(3)
-        a.metric("Best layer (logistic)", s["best_layer"], help=s["best_hook"])
-        b.metric("Held-out accuracy there", f"{s['best_logistic_accuracy']:.3f}", f"chance {s['chance']:.2f}", delta_color="off")
-        c.metric("Mass-mean probe there", f"{s['mass_mean_accuracy_at_best']:.3f}")
+        glue.metric_row(("Best layer (logistic)", s["best_layer"], {"help": s["best_hook"]}), ("Held-out accuracy there",
+                         f"{s['best_logistic_accuracy']:.3f}", {"delta": f"chance {s['chance']:.2f}", "delta_color": "off"}),
+                        ("Mass-mean probe there", f"{s['mass_mean_accuracy_at_best']:.3f}"))
         st.plotly_chart(plots.truth_curve_figure(res.curve), key="iv_truth_curve")
         st.plotly_chart(plots.steering_sweep_figure(res.sweep), key="iv_truth_sweep")
-        st.dataframe(pd.DataFrame([{"case": k, **v} for k, v in s["steering"].items()]), hide_index=True)
+        st.dataframe([{"case": k, **v} for k, v in s["steering"].items()], hide_index=True)
         st.caption("Few-shot prompt: " + " ⏎ ".join(f"{t} This statement is:{pair[0] if y else pair[1]}" for t, y in res.examples)
                    + f" ⏎ ⟨held-out statement⟩ This statement is: — steered at positions {res.positions}.")
         _keep(res.direction, f"truth-{name}-{res.curve.best_hook}")
-        st.download_button("⬇ Summary (JSON)", json.dumps({**glue.manifest_base(model), **s}, indent=1, default=float),
-                           "truth-case.json", "application/json", key="iv_dl_truth")
+        glue.download("⬇ Summary (JSON)", glue.run_manifest(model, **s), "truth-case.json", "iv_dl_truth")
 
 elif view == VIEWS[1] or view == VIEWS[2]:
     src = st.radio("Direction", ["Made here", "From a cache entry", "Upload .npy + .json"], horizontal=True, key="iv_src")
-    direction = None
     with glue.user_errors():
         if src == "From a cache entry" or view == VIEWS[2]:
             acts = glue.entry_picker(model, page="iv")
             hook = st.selectbox("Hook", acts.hooks, index=len(acts.hooks) // 2, key="iv_hook", bind=q)
             label, rule, _ = glue.token_label_picker(acts, page="iv")
-            method = st.radio("Method", ["mass_mean", "logistic", "ridge"] + (["neurons"] if "mlp" in hook else []), horizontal=True,
-                              key="iv_method", bind=q, help="mass-mean (difference of class means) first: often the more causal direction")
-            idx = tuple(iv.parse_number_list(st.text_input("Neurons", "0, 1", key="iv_set_neurons"), what="neuron list",
-                                             integer=True)) if method == "neurons" else ()
-            npy, meta, rows, y = _make(acts, acts.key, hook, label, rule, method, idx)
-            direction = dirs.direction_from_bytes(npy, meta)
+            method = st.radio("Method", dirs.methods_at(hook), horizontal=True, key="iv_method", bind=q,
+                              help="mass-mean (difference of class means) first: often the more causal direction")
+            neurons = st.text_input("Neurons", "0, 1", key="iv_set_neurons") if method == "neurons" else ""
+            direction, rows, y = glue.entry_direction(acts, hook, label, rule, method, neurons, model.key)
             _keep(direction, f"{method}-{hook}")
         elif src == "Upload .npy + .json":
             f1, f2 = st.file_uploader("Vector (.npy)", ["npy"], key="iv_up_npy"), st.file_uploader("Description (.json)", ["json"], key="iv_up_json")
-            if f1 and f2:
-                direction = dirs.direction_from_bytes(f1.getvalue(), f2.getvalue())
-        elif saved:
-            pick = st.selectbox("Direction made this session", list(saved), key="iv_pick")
-            direction = dirs.direction_from_bytes(*saved[pick])
+            direction = dirs.direction_from_bytes(f1.getvalue(), f2.getvalue()) if f1 and f2 else None
+        else:
+            pick = st.selectbox("Direction made this session", list(saved), key="iv_pick") if saved else None
+            direction = dirs.direction_from_bytes(*saved[pick]) if pick else None
         if direction is None:
             st.info("Make a direction first (Truth case, or from a cache entry), or upload one.")
             st.stop()
         dirs.check_direction(model, direction)
         st.caption(f"{direction.method} at {direction.hook}: {direction.description} · σ along it {direction.proj_std or float('nan'):.4g}")
         c1, c2, c3 = st.columns(3)
-        kind = c1.selectbox("Intervention", list(iv.NEURON_KINDS) if direction.is_neuron_set else ["steer", "ablate", "mean_ablate"],
-                            key="iv_kind", bind=q)
+        kind = c1.selectbox("Intervention", list(iv.kinds_for(direction)), key="iv_kind", bind=q)
         coef = c2.slider("c (σ along the direction)", -20.0, 20.0, 4.0, 0.5, key="iv_c", bind=q, disabled=kind not in ("steer", "neuron_value"))
         pos = c3.text_input("Positions", "all", key="iv_pos", bind=q, help="all, last, last:N, match:TOK,TOK, idx:I,J")
         step = iv.Intervention(kind, pos, coef, value=coef)  # neuron_value writes c
         K = st.slider("Random controls K", 1, 50, 20, key="iv_k2", bind=q)
         if view == VIEWS[1]:
             prompt = st.text_area("Prompt", "The city of Paris is in France. This statement is:", key="iv_prompt", bind=q)
-            pair = st.text_input("Answer pair (a | b)", " True | False", key="iv_pair", bind=q).split("|")
-            answers = tuple(t.rstrip() for t in pair) if len(pair) == 2 else None
-            eff, ld = _effect(model, model.key, prompt, dirs.direction_to_bytes(direction), step, answers, K)
+            answers = iv.parse_answer_pair(st.text_input("Answer pair (a | b)", " True | False", key="iv_pair", bind=q))
+            eff, ld = glue.prompt_effect(model, model.key, prompt, dirs.direction_to_bytes(direction), step, answers, K)
             if eff.answers:
                 st.metric("P(a) − P(b)", f"{eff.prob_diff_after:+.4f}", f"{eff.prob_diff_after - eff.prob_diff_before:+.4f} vs before")
             for cmp in eff.controls.values():
-                (st.warning if cmp.inside_band else st.success)(cmp.summary())
+                glue.versus_controls(cmp)
                 st.plotly_chart(plots.controls_figure(cmp), key=f"iv_ctl_{cmp.metric[:8]}")
             st.plotly_chart(plots.topk_before_after(eff), key="iv_topk")
             t1, t2 = st.tabs(["Logit lens: after − before", "Logit lens after"])
@@ -136,19 +93,18 @@ elif view == VIEWS[1] or view == VIEWS[2]:
             t2.plotly_chart(lens_plots.logit_lens_heatmap(eff.lens_after), key="iv_lens_after")
             st.text(f"before: {eff.continuation_before!r}\nafter:  {eff.continuation_after!r}")
         else:
-            le = _loss(model, acts, acts.key, dirs.direction_to_bytes(direction), step, K)
-            (st.warning if le.comparison.inside_band else st.success)(f"LM loss {le.base:.4f} → {le.after:.4f}. " + le.comparison.summary())
+            le = glue.loss_effect(model, acts, acts.key, dirs.direction_to_bytes(direction), step, K)
+            glue.versus_controls(le.comparison, f"LM loss {le.base:.4f} → {le.after:.4f}. ")
             st.plotly_chart(plots.loss_figure(le), key="iv_loss")
             kmax = st.slider("Amnesic probing: directions removed", 1, 10, 3, key="iv_kmax", bind=q)
             later = st.selectbox("Downstream hook", [h for h in acts.hooks if acts.hooks.index(h) > acts.hooks.index(hook)] or [None], key="iv_later")
             if later and st.button("Fresh probe downstream (this intervention vs 3 random)", key="iv_down_go"):
                 dn = amnesic.downstream_probe(model, acts, direction, step, rows, y, later, k_controls=3)
-                (st.warning if dn.comparison.inside_band else st.success)(
-                    f"Probe accuracy at {later}: {dn.base:.3f} → {dn.after:.3f} (chance {dn.chance:.3f}). " + dn.comparison.summary())
+                glue.versus_controls(dn.comparison, f"Probe accuracy at {later}: {dn.base:.3f} → {dn.after:.3f} (chance {dn.chance:.3f}). ")
             if st.button("Run amnesic probing", key="iv_amnesic_go"):
                 res = amnesic.amnesic_probing(model, acts, hook, rows, y, k_max=kmax, later_hook=later, n_loss_rows=2)
                 st.plotly_chart(plots.amnesic_figure(res), key="iv_amnesic")
-                st.dataframe(pd.DataFrame(res.rows()), hide_index=True)
+                st.dataframe(res.rows(), hide_index=True)
 
 else:
     c1, c2, c3 = st.columns(3)
@@ -157,11 +113,8 @@ else:
     k = c3.slider("Tokens each way", 3, 20, 8, key="iv_rk", bind=q)
     coefs = st.text_input("Their probe coefficients (optional, same order; e.g. from the Sparse page)", "", key="iv_coefs", bind=q)
     with glue.user_errors():
-        idx = iv.parse_number_list(neurons, what="neuron list", integer=True)
-        cf = iv.parse_number_list(coefs, what="coefficients") if coefs.strip() else None
-        if cf is not None and len(cf) != len(idx):
-            raise iv.InputError(f"{len(idx)} neurons but {len(cf)} coefficients; give one per neuron or none.")
+        idx, cf = iv.parse_readout(neurons, coefs)
         r = iv.neuron_readout(model, int(layer), idx, k=k, coefs=cf)
-    st.dataframe(pd.DataFrame(r.rows()), hide_index=True)
+    st.dataframe(r.rows(), hide_index=True)
     st.caption("Each neuron's output weights W_out[n] times the unembedding W_U (final norm folded): the tokens it "
                "pushes up and down when it fires. Probe coefficients appear when the neurons come from a sparse probe.")

@@ -1,7 +1,4 @@
 """Logit lens: next-token top-k, layer-by-layer predictions, logit difference and its attribution."""
-import json
-from dataclasses import replace
-
 import pandas as pd
 import streamlit as st
 
@@ -27,39 +24,16 @@ VIEWS = ["Next token", "Logit lens", "Logit difference & attribution"]
 view = st.radio("View", VIEWS, horizontal=True, key="lens_view", bind="query-params")
 bos = st.checkbox("Prepend the BOS token (as TransformerLens does; every result here depends on it)", True,
                   key="lens_bos", bind="query-params")
-
-
-@st.cache_data(max_entries=32, show_spinner="Running the model…")
-def _topk(_model, key: str, prompt: str, k: int, answer: str | None, bos: bool = True):
-    return lens.next_token_topk(_model, prompt, k=k, answer=answer, prepend_bos=bos)
-
-
 TOP_K_MAX = 20
 
 
-def _first_k(res: lens.NextTokenResult, k: int) -> lens.NextTokenResult:
-    return replace(res, top_ids=res.top_ids[:k], top_tokens=res.top_tokens[:k], top_logits=res.top_logits[:k],
-                   top_probs=res.top_probs[:k])
-
-
-@st.cache_data(max_entries=16, show_spinner="Reading every layer…")
-def _lens(_model, key: str, prompt: str, k: int, incl_mid: bool, bos: bool = True):
-    return lens.logit_lens(_model, prompt, k=k, incl_mid=incl_mid, max_tokens=128, prepend_bos=bos)  # heatmap unreadable beyond
-
-
-@st.cache_data(max_entries=8, show_spinner="Attributing the logit difference…")
-def _attr(_model, key: str, ps: lens.PromptSet, bos: bool = True):
-    return lens.logit_difference(_model, ps, prepend_bos=bos), lens.logit_attribution(_model, ps, prepend_bos=bos)
-
-
 def _csv(rows, name: str, label: str) -> None:
-    st.download_button(f"⬇ {label} (CSV)", pd.DataFrame(rows).to_csv(index=False), f"{name}.csv", "text/csv", key=f"lens_dl_{name}")
+    glue.download(f"⬇ {label} (CSV)", rows, f"{name}.csv", f"lens_dl_{name}")
 
 
 def _manifest(params: dict, result: dict) -> None:
-    doc = {**glue.manifest_base(model), "page": "logit lens", "view": view, "params": params, "result": result}
-    st.download_button("⬇ Run manifest (JSON)", json.dumps(doc, indent=1, default=str), "lens-manifest.json",
-                       "application/json", key="lens_dl_manifest")
+    manifest = glue.run_manifest(model, page="logit lens", view=view, params=params, result=result)
+    glue.download(glue.MANIFEST_LABEL, manifest, "lens-manifest.json", "lens_dl_manifest")
 
 
 if view != VIEWS[2]:
@@ -71,14 +45,12 @@ if view == VIEWS[0]:
                            bind="query-params")
     with glue.user_errors():
         # One forward pass for the slider's whole range: a top-k move only shortens the list.
-        res = _first_k(_topk(model, model.key, prompt, TOP_K_MAX, answer or None, bos), k)
+        res = glue.next_token_topk(model, model.key, prompt, TOP_K_MAX, answer or None, bos).first(k)
     st.caption("Tokens: " + " · ".join(repr(t) for t in res.tokens))
     if res.answer is not None:
-        a, b, c = st.columns(3)
-        a.metric("Answer rank (0 = top)", res.answer_rank)
-        b.metric("Answer probability", f"{res.answer_prob:.4f}")
-        c.metric("Answer logit (centred)", f"{res.answer_logit:.3f}",
-                 help="raw logit − its mean over the vocabulary (the centred unembedding); probabilities are unchanged")
+        glue.metric_row(("Answer rank (0 = top)", res.answer_rank), ("Answer probability", f"{res.answer_prob:.4f}"),
+                        ("Answer logit (centred)", f"{res.answer_logit:.3f}", {"help": "raw logit − its mean over the "
+                         "vocabulary (the centred unembedding); probabilities are unchanged"}))
     st.dataframe(pd.DataFrame(res.rows()), hide_index=True)
     st.plotly_chart(plots.next_token_bar(res), key="lens_next_bar")
     _csv(res.rows(), "next-token-topk", "Top-k table")
@@ -87,11 +59,10 @@ if view == VIEWS[0]:
 elif view == VIEWS[1]:
     c1, c2 = st.columns(2)
     incl_mid = c1.checkbox("Include mid-layer points (after attention)", False, key="lens_mid", bind="query-params")
-    colour = c2.selectbox("Colour by", ["top_prob", "next_prob", "next_rank_log"], key="lens_colour", bind="query-params",
-                          format_func={"top_prob": "top-1 probability", "next_prob": "probability of the actual next token",
-                                       "next_rank_log": "rank of the actual next token (log)"}.get)
+    colour = c2.selectbox("Colour by", list(plots.LENS_COLOURS), key="lens_colour", bind="query-params",
+                          format_func=plots.LENS_COLOURS.get)
     with glue.user_errors():
-        res = _lens(model, model.key, prompt, k, incl_mid, bos)
+        res = glue.logit_lens(model, model.key, prompt, k, incl_mid, bos)
     st.plotly_chart(plots.logit_lens_heatmap(res, value=colour), key="lens_heatmap")
     if len(res.tokens) > 1:
         pos = st.selectbox("Position for the next-token curve", list(range(len(res.tokens) - 1)),
@@ -99,9 +70,7 @@ elif view == VIEWS[1]:
                            format_func=lambda p: f"{p}: {res.tokens[p]!r} → {res.tokens[p + 1]!r}")
         st.plotly_chart(plots.next_token_by_layer(res, pos), key="lens_next_curve")
     _csv(res.rows(), "logit-lens", "Logit lens (layer × position × top-k)")
-    _manifest({"prompt": prompt, "k": k, "incl_mid": incl_mid},
-              {"layers": res.labels, "tokens": res.tokens,
-               "final_top1": [res.top_tokens[-1][p][0] for p in range(len(res.tokens))]})
+    _manifest({"prompt": prompt, "k": k, "incl_mid": incl_mid}, res.summary())
 
 else:
     source = st.radio("Prompts", ["Sentiment templates", "My prompts"], horizontal=True, key="lens_source",
@@ -116,16 +85,10 @@ else:
                                 value="The capital of France is | Paris | London\nThe capital of Italy is | Rome | Paris",
                                 help='Answers get one leading space; write "ing" in quotes to keep it exact.')
             ps = lens.parse_prompt_lines(text)
-        ld, at = _attr(model, model.key, ps, bos)
-    a, b, c = st.columns(3)
-    ci = ld.logit_diff_ci
-    a.metric("Model logit difference (mean)", f"{at.model_logit_diff:.4f}",
-             help=f"n = {len(ld.prompts)} prompts" + (f"; 95 % bootstrap CI {ci[0]:.3f}…{ci[1]:.3f}" if len(ld.prompts) > 1 else ""))
-    b.metric("Sum of components", f"{at.decomposition_sum:.4f}")
-    c.metric("Max |error| per prompt", f"{at.max_abs_error:.2e}")
-    ok = at.max_abs_error <= 1e-3 * max(1.0, abs(at.model_logit_diff))
-    (st.success if ok else st.warning)(
-        "The per-layer components add up to the model's logit difference." if ok else " ".join(at.notes) or "Components do not add up.")
+        ld, at = glue.logit_attribution(model, model.key, ps, bos)
+    glue.metric_row(("Model logit difference (mean)", f"{at.model_logit_diff:.4f}", {"help": ld.n_note()}),
+                    ("Sum of components", f"{at.decomposition_sum:.4f}"), ("Max |error| per prompt", f"{at.max_abs_error:.2e}"))
+    glue.verdict(at.adds_up, at.sum_message())
     st.plotly_chart(plots.logit_diff_bar(ld), key="lens_ld_bar")
     _csv(ld.rows(), "logit-difference", "Logit difference per prompt")
     st.plotly_chart(plots.accumulated_resid_line(at), key="lens_acc_line")

@@ -1,14 +1,11 @@
 """Regression probes: R² across layers, embedding regression over the vocabulary, probe transfer."""
-import json
-
 import pandas as pd
 import streamlit as st
 
 import glue
 from probing_core.analyses import regression as reg
-from probing_core.data.labels import LABELS, LabelSpec
+from probing_core.data.labels import LABELS
 from probing_core.plots import hook_label, regression as plots
-from probing_core.solvers.ridge import DEFAULT_ALPHAS
 
 st.title("📈 Regression probes")
 glue.explain(
@@ -27,35 +24,7 @@ glue.explain(
 model = glue.selected_model()
 acts = glue.entry_picker(model, page="reg", hooks_like="resid", build_hooks=glue.DEFAULT_BUILD)
 Q = "query-params"
-ALPHAS = [float(a) for a in DEFAULT_ALPHAS]
-GRID = {f"{a:.3g}".replace("e+0", "e").replace("e+", "e"): a for a in ALPHAS}  # URL-safe labels ("1e6", no "+")
-
-
-def _fit(key: str, hooks: tuple, label: LabelSpec, rule: str, cv: int, seed: int, split: str = "auto") -> reg.RegressionRun:
-    """A shared run, or a fresh fit; the label-independent decompositions are reused across labels."""
-    slot = glue.shared_slot("reg_decompositions", (key, hooks, rule, cv, seed), keep=4)
-
-    def fit(progress):
-        run = reg.run_regression(glue.get_entry(key), list(hooks), label, rule, alphas=ALPHAS, cv=cv, seed=seed,
-                                 split_by=split, decompositions=slot, progress=progress)
-        if all(d is not run.decompositions for d in slot):
-            slot[:] = [run.decompositions, *slot][:3]  # bounded; identical content for every session
-        return run
-
-    verb = "Refitting for the new label" if slot else "Fitting ridge probes on every hook (all α at once)"
-    return glue.shared_result("reg_runs", (key, hooks, label, rule, cv, seed, split), fit, keep=3, label=verb)
-
-
-@st.cache_data(max_entries=4, show_spinner="Regressing token properties from W_E over the vocabulary…")
-def _embed(_model, model_key: str, len_thr: int, num_thr: int) -> reg.EmbeddingRegressionResult:
-    return reg.embedding_regression(_model, length_threshold=len_thr, numeric_threshold=num_thr)
-
-
-@st.cache_data(max_entries=8, show_spinner="Fitting the embedding probe and scoring it on every hook…")
-def _transfer(_model, key: str, label: LabelSpec, rule: str, alpha: float, source: str) -> reg.TransferRun:
-    return reg.probe_transfer(_model, glue.get_entry(key), label, rule, alpha=alpha, source=source)
-
-
+GRID = reg.alpha_labels()  # URL-safe labels ("1e6", no "+") → α: the grid glue.regression_run fits
 label, rule, name = glue.token_label_picker(acts, page="reg")
 
 t1, t2, t3 = st.tabs(["R² across layers", "Embedding regression", "Probe transfer"], key="reg_tab", bind=Q, on_change="rerun")
@@ -63,53 +32,35 @@ t1, t2, t3 = st.tabs(["R² across layers", "Embedding regression", "Probe transf
 if t1.open:
     with t1:
         fams = reg.families_present(model, acts.hooks)
-        default = [f for f in ("embed", "resid_pre", "resid_mid", "resid_post") if f in fams] or list(fams)[:1]
         a, b, c = st.columns([3, 1, 1])
-        picked = a.multiselect("Hooks" if glue.research() else "Places in the model", list(fams), default=default,
-                               key="reg_families", bind=Q)
+        picked = a.multiselect("Hooks" if glue.research() else "Places in the model", list(fams),
+                               default=reg.default_families(fams), key="reg_families", bind=Q)
         cv, seed = 3, 0  # demo mode: the research defaults, not shown
         if glue.research():
             cv = b.selectbox("CV folds", [0, 2, 3, 5, 10], index=2, key="reg_cv", bind=Q, help="choose α by k-fold CV (0 = by the test split)")
             seed = c.number_input("Split seed", 0, 10_000, 0, key="reg_seed", bind=Q)
         hooks = tuple(h for f in picked for h in fams[f])
-        split = st.radio("Test set", ["auto", "type", "tokens"], horizontal=True, key="reg_split", bind=Q,
-                         format_func={"auto": "auto (new token types when the token decides the label)",
-                                      "type": "new token types", "tokens": "random tokens (mostly seen types)"}.get)
+        split = st.radio("Test set", list(reg.SPLIT_CHOICES), horizontal=True, key="reg_split", bind=Q,
+                         format_func=reg.SPLIT_CHOICES.get)
         with glue.user_errors():
-            run = _fit(acts.key, hooks, label, rule, int(cv), int(seed), split)
+            run = glue.regression_run(acts.key, hooks, label, rule, int(cv), int(seed), split)
         r = run.result
         choice = st.select_slider("α (ridge strength)", ["best per hook", *GRID], value="best per hook", key="reg_alpha", bind=Q)
         ai = None if choice not in GRID else int(r.alphas.searchsorted(GRID[choice]))
-        table = pd.DataFrame(run.table(ai))
-        score = "r2_cv_mean" if r.n_folds else "r2_test"
-        top = table.loc[table[score].idxmax()]
-        m1, m2, m3, m4 = st.columns(4)
-        m1.metric(f"Best {'CV' if r.n_folds else 'test'} R²", f"{top[score]:.4f}")
-        m2.metric("At hook", hook_label(top["hook"]))
-        ci = f" (95 % CI {top['r2_test_ci_low']:.2f}…{top['r2_test_ci_high']:.2f})" if "r2_test_ci_low" in top else ""
-        m3.metric("Test R² there", f"{top['r2_test']:.4f}", help=f"n = {r.n_test:,} test rows{ci}")
-        m4.metric("Samples (train / test)", f"{r.n_train:,} / {r.n_test:,}")
-        ho = run.held_out
-        st.caption(f"{run.description}. **Held out:** {reg.SPLITS[run.split_by]}; α chosen on "
-                   + ("the CV folds of the training rows" if r.n_folds else "the test split (no CV: optimistic)")
-                   + (f"; test rows of seen types {ho.n_seen:,}, of new types {ho.n_new:,} (table: R² on each)."
-                      if ho is not None else "."))
-        st.plotly_chart(plots.r2_curve(r, ai, title=f"R² of {LABELS[name].title.lower()} across hooks", test_name=run.test_name,
-                                       test_ci=None if ho is None else ho.r2_ci,
-                                       new_types=None if ho is None or run.split_by == "type" else ho.r2_new), key="reg_curve")
-        shown = table.copy()
-        shown.insert(0, "layer", [glue.layer_words(h) for h in table["hook"]])
-        st.dataframe(shown if glue.research() else shown.drop(columns="hook"), hide_index=True, width="stretch")
+        top = run.best_row(ai)
+        glue.metric_row((f"Best {'CV' if r.n_folds else 'test'} R²", f"{top[run.score_name]:.4f}"), ("At hook", hook_label(top["hook"])),
+                        ("Test R² there", f"{top['r2_test']:.4f}", {"help": run.test_note(top)}),
+                        ("Samples (train / test)", f"{r.n_train:,} / {r.n_test:,}"))
+        st.caption(f"{run.description}. **Held out:** {run.held_out_note()}")
+        st.plotly_chart(plots.run_r2_curve(run, ai, title=f"R² of {LABELS[name].title.lower()} across hooks"), key="reg_curve")
+        glue.hook_table(run.table(ai))
         hook = st.selectbox("R² against α for hook", list(r.hooks), key="reg_hook", bind=Q, format_func=glue.layer_words)
         st.plotly_chart(plots.r2_vs_alpha(r, hook), key="reg_vs_alpha")
         alpha = None if ai is None else float(r.alphas[ai])
-        base = glue.manifest_base(model, acts)
-        manifest = {**run.manifest, **base, "versions": {**run.manifest["versions"], **base["versions"]},
-                    "page": "regression", "alpha_shown": alpha or "best per hook"}
-        d1, d2, d3 = st.columns(3)
-        d1.download_button("⬇ R² curves (CSV)", pd.DataFrame(reg.curve_rows(run)).to_csv(index=False), "r2-curves.csv", "text/csv", key="reg_dl_csv")
-        d2.download_button("⬇ Probe weights (.npy per hook, zip)", reg.weights_zip(run, alpha), "probe-weights.zip", "application/zip", key="reg_dl_zip")
-        d3.download_button("⬇ Run manifest (JSON)", json.dumps(manifest, indent=1, default=str), "regression-manifest.json", "application/json", key="reg_dl_manifest")
+        glue.downloads(("⬇ R² curves (CSV)", reg.curve_rows(run), "r2-curves.csv", "reg_dl_csv"),
+                       ("⬇ Probe weights (.npy per hook, zip)", reg.weights_zip(run, alpha), "probe-weights.zip", "reg_dl_zip"),
+                       (glue.MANIFEST_LABEL, glue.run_manifest(model, acts, core=run.manifest, page="regression",
+                                                               alpha_shown=alpha or "best per hook"), "regression-manifest.json", "reg_dl_manifest"))
 
 if t2.open:
     with t2:
@@ -117,12 +68,8 @@ if t2.open:
         len_thr = a.number_input("Length outlier threshold (characters)", 1, 200, 15, key="reg_len_thr", bind=Q)
         num_thr = b.number_input("Numeric outlier threshold (value)", 1, 10**9, 1000, key="reg_num_thr", bind=Q)
         with glue.user_errors():
-            emb = _embed(model, model.key, int(len_thr), int(num_thr))
-        st.caption(f"W_E: {emb.d_vocab:,} tokens × {emb.d_model} dims; each row is its own token type, so the 20 % test "
-                   "rows are types never seen in training. α chosen on 5-fold CV of the training rows; test R² at that α "
-                   "with a 95 % bootstrap CI. `r2_ols_all_rows` is least squares fit and scored on every row (the "
-                   f"notebook's in-sample number). Number tokens here: {emb.number_tokens[0]} all-digit, "
-                   f"{emb.number_tokens[1]} with a leading space allowed.")
+            emb = glue.embedding_regression(model, model.key, int(len_thr), int(num_thr))
+        st.caption(emb.describe())
         st.dataframe(pd.DataFrame(emb.table()), hide_index=True, width="stretch")
         for i, t in enumerate(emb.tasks):
             if t.note:
@@ -135,14 +82,14 @@ if t2.open:
 if t3.open:
     with t3:
         a, b = st.columns(2)
-        source = a.radio("Fit the probe on", ["W_E", "hook_embed"], horizontal=True, key="reg_source", bind=Q,
-                         format_func={"W_E": "the embedding matrix (whole vocabulary)", "hook_embed": "hook_embed (this corpus)"}.get)
+        source = a.radio("Fit the probe on", list(reg.TRANSFER_SOURCES), horizontal=True, key="reg_source", bind=Q,
+                         format_func=reg.TRANSFER_SOURCES.get)
         t_alpha = GRID[b.select_slider("α of the embedding probe", list(GRID), value=list(GRID)[8], key="reg_t_alpha", bind=Q)]
         with glue.user_errors():
-            tr = _transfer(model, acts.key, label, rule, float(t_alpha), source)
+            tr = glue.probe_transfer(model, acts.key, label, rule, float(t_alpha), source)
         st.metric(f"In-sample R² on {source} ({tr.n_fit:,} rows)", f"{tr.source_r2:.4f}")
         st.caption(f"Scored on {tr.transfer.n_samples:,} tokens: {tr.description}. Negative R² = worse than predicting the mean.")
         st.plotly_chart(plots.transfer_curve(tr.transfer, source=source), key="reg_transfer")
         st.plotly_chart(plots.abs_r2_log(tr.transfer.hooks, tr.transfer.r2), key="reg_transfer_log")
         st.dataframe(pd.DataFrame(tr.rows()), hide_index=True, width="stretch")
-        st.download_button("⬇ Transfer curve (CSV)", pd.DataFrame(tr.rows()).to_csv(index=False), "probe-transfer.csv", "text/csv", key="reg_dl_transfer")
+        glue.download("⬇ Transfer curve (CSV)", tr.rows(), "probe-transfer.csv", "reg_dl_transfer")

@@ -12,12 +12,16 @@ import io
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from probing_core.errors import InputError, ProbeError
 from probing_core.models import LoadedModel
+
+if TYPE_CHECKING:
+    from probing_core.data.labels import LabelSpec
+    from probing_core.store.activations import CachedActivations
 
 DIRECTION_FORMAT = 1
 METHODS = ("mass_mean", "ridge", "logistic", "neurons", "random", "weights")
@@ -225,6 +229,53 @@ def neuron_direction(neurons: Sequence[int], *, model_key: str, hook: str, width
     return Direction(vector=vec, model_key=model_key, hook=hook, width=width, method="neurons",
                      description=description or f"{len(idx)} neurons", neurons=tuple(idx), neuron_means=means,
                      mean_activation=mean_act)
+
+
+def methods_at(hook: str) -> list[str]:
+    """The ways to make a direction at ``hook``, mass-mean first (often the more causal one); a neuron set only
+    at MLP neurons."""
+    return ["mass_mean", "logistic", "ridge"] + (["neurons"] if "mlp" in hook else [])
+
+
+def direction_from_data(method: str, X: np.ndarray, y: np.ndarray, *, model_key: str, hook: str,
+                        neurons: Sequence[int] = (), about: str = "") -> Direction:
+    """A direction made by ``method`` from activations ``X`` [n, width] at ``hook`` and labels ``y`` [n].
+
+    mass_mean and logistic contrast the label's largest value with every other row; ridge regresses the label;
+    neurons is the neuron set ``neurons`` with its dataset means from ``X``. ``about`` (what the rows and label
+    are) makes the description "<method> of <about>" (not for neuron sets).
+
+    Raises:
+        InputError: an unknown method; see also the maker of each method.
+    """
+    if method == "neurons":
+        return neuron_direction(neurons, model_key=model_key, hook=hook, width=X.shape[1], X=X)
+    make = {"mass_mean": mass_mean_direction, "logistic": logistic_direction, "ridge": ridge_direction}
+    if method not in make:
+        raise InputError(f"unknown method {method!r}; use one of {', '.join([*make, 'neurons'])}.")
+    extra = {} if method == "ridge" else {"positive": y.max()}
+    return make[method](X, y, model_key=model_key, hook=hook, description=f"{method} of {about}" if about else "", **extra)
+
+
+def direction_from_entry(acts: CachedActivations, hook: str, label: LabelSpec, rule: str, method: str, *, model_key: str,
+                         neurons: Sequence[int] = ()) -> tuple[Direction, np.ndarray, np.ndarray]:
+    """:func:`direction_from_data` on a cache entry's rows of a token label (``regression_data``'s selection).
+
+    Args:
+        acts: the cache entry; hook: one of its hooks; label: the token label; rule: the position rule
+            ("all", "last", "match:TOK,TOK").
+
+    Returns:
+        ``(direction, rows, y)``: the entry rows used and their labels (for downstream and amnesic probes).
+
+    Raises:
+        ProbingError: see ``regression_data`` and :func:`direction_from_data`.
+    """
+    from probing_core.analyses.regression import regression_data
+
+    X, y, info = regression_data(acts, [hook], label, rule)
+    d = direction_from_data(method, X[hook], y, model_key=model_key, hook=hook, neurons=neurons, about=info.description)
+    return d, info.rows, y
 
 
 def check_direction(model: LoadedModel, direction: Direction) -> None:

@@ -92,6 +92,11 @@ class Intervention:
         return f"{what} @ {self.positions}"
 
 
+def kinds_for(direction: Direction) -> tuple[str, ...]:
+    """The interventions that fit ``direction``: the neuron patches for a neuron set, else steer / ablate / mean-ablate."""
+    return NEURON_KINDS if direction.is_neuron_set else ("steer", "ablate", "mean_ablate")
+
+
 def check_intervention(direction: Direction, iv: Intervention) -> None:
     """Refuse an intervention that does not fit the direction.
 
@@ -800,3 +805,23 @@ def parse_number_list(text: str, *, what: str = "numbers", integer: bool = False
             raise InputError(f"{item!r} in the {what} is not a {'whole ' if integer else ''}number; "
                              "write them comma-separated, e.g. 3, 17, 40.") from None
     return out
+
+
+def parse_answer_pair(text: str) -> tuple[str, ...] | None:
+    """``" True | False"`` → ``(" True", " False")``: trailing spaces dropped (a leading space belongs to the
+    token); None unless the text holds exactly two answers."""
+    parts = (text or "").split("|")
+    return tuple(t.rstrip() for t in parts) if len(parts) == 2 else None
+
+
+def parse_readout(neurons: str, coefs: str) -> tuple[list[int], list[float] | None]:
+    """The neuron read-out's two text boxes: neuron indices, and their probe coefficients (None when empty).
+
+    Raises:
+        InputError: an item that is not a number, or not one coefficient per neuron.
+    """
+    idx = parse_number_list(neurons, what="neuron list", integer=True)
+    cf = parse_number_list(coefs, what="coefficients") if (coefs or "").strip() else None
+    if cf is not None and len(cf) != len(idx):
+        raise InputError(f"{len(idx)} neurons but {len(cf)} coefficients; give one per neuron or none.")
+    return idx, cf

@@ -28,7 +28,7 @@ Conventions (documented choices):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -267,6 +267,11 @@ class NextTokenResult:
             for i, (t, tid, lg, p) in enumerate(zip(self.top_tokens, self.top_ids, self.top_logits, self.top_probs))
         ]
 
+    def first(self, k: int) -> NextTokenResult:
+        """The same result with only the ``k`` best tokens (a top-k slider move needs no new forward pass)."""
+        return replace(self, top_ids=self.top_ids[:k], top_tokens=self.top_tokens[:k], top_logits=self.top_logits[:k],
+                       top_probs=self.top_probs[:k])
+
     def to_json(self) -> dict[str, Any]:
         return {
             "prompt": self.prompt,
@@ -369,6 +374,11 @@ class LogitLensResult:
     @property
     def k(self) -> int:
         return int(self.top_ids.shape[-1])
+
+    def summary(self) -> dict[str, Any]:
+        """Row labels, tokens and the model's own top-1 token at every position (the final row), for a manifest."""
+        return {"layers": self.labels, "tokens": self.tokens,
+                "final_top1": [self.top_tokens[-1][p][0] for p in range(len(self.tokens))]}
 
     def rows(self) -> list[dict[str, Any]]:
         """Long-form rows (layer, position, rank-in-top-k) for CSV export."""
@@ -571,6 +581,11 @@ class LogitDiffResult:
     prepend_bos: bool = True
     logit_diff_ci: tuple[float, float] = (float("nan"), float("nan"))
 
+    def n_note(self) -> str:
+        """How many prompts the mean rests on, with its 95 % bootstrap interval when there are several."""
+        ci = self.logit_diff_ci
+        return f"n = {len(self.prompts)} prompts" + (f"; 95 % bootstrap CI {ci[0]:.3f}…{ci[1]:.3f}" if len(self.prompts) > 1 else "")
+
     def rows(self) -> list[dict[str, Any]]:
         return [
             {"prompt": p, "class": c, "correct": a[0], "incorrect": a[1], "n_tokens": int(n),
@@ -705,6 +720,17 @@ class AttributionResult:
     def head_rows(self) -> list[dict[str, Any]]:
         L, H = self.head_dla.shape
         return [{"layer": li, "head": h, "logit_diff": float(self.head_dla[li, h])} for li in range(L) for h in range(H)]
+
+    @property
+    def adds_up(self) -> bool:
+        """The components sum to the model's logit difference: within 1e-3 of max(1, |logit difference|)."""
+        return self.max_abs_error <= 1e-3 * max(1.0, abs(self.model_logit_diff))
+
+    def sum_message(self) -> str:
+        """One line saying whether the per-layer components add up (and, if not, why the notes think so)."""
+        if self.adds_up:
+            return "The per-layer components add up to the model's logit difference."
+        return " ".join(self.notes) or "Components do not add up."
 
     def check(self) -> dict[str, float]:
         return {"decomposition_sum": self.decomposition_sum, "model_logit_diff": self.model_logit_diff,

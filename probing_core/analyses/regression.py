@@ -54,12 +54,17 @@ __all__ = [
     "TransferRun",
     "regression_data",
     "run_regression",
+    "remember_decompositions",
     "embedding_regression",
     "probe_transfer",
     "transfer_hooks",
     "curve_rows",
     "weights_zip",
     "families_present",
+    "default_families",
+    "alpha_labels",
+    "SPLIT_CHOICES",
+    "TRANSFER_SOURCES",
 ]
 
 _RESID = re.compile(r"^(hook_embed|blocks\.(\d+)\.hook_resid_(pre|mid|post))$")
@@ -274,6 +279,12 @@ SPLITS: dict[str, str] = {
     "type": "new token types: no token type of the test set (or of a CV fold) occurs in training",
     "tokens": "random tokens: test tokens are mostly token types also seen in training",
 }
+#: The ``split_by`` choices as a page offers them (name → words).
+SPLIT_CHOICES: dict[str, str] = {
+    "auto": "auto (new token types when the token decides the label)",
+    "type": "new token types",
+    "tokens": "random tokens (mostly seen types)",
+}
 
 
 def resolve_split(split_by: str, label_spec: LabelSpec) -> str:
@@ -406,6 +417,32 @@ class RegressionRun:
             out.append(row)
         return out
 
+    @property
+    def score_name(self) -> str:
+        """The column α was chosen on: "r2_cv_mean" with CV folds, else "r2_test"."""
+        return "r2_cv_mean" if self.result.n_folds else "r2_test"
+
+    def best_row(self, alpha_index: int | None = None) -> dict[str, Any]:
+        """The row of :meth:`table` with the highest :attr:`score_name` (NaN skipped; the first on ties, and the
+        first row when every score is NaN: its NaN is then shown, not an error)."""
+        rows = self.table(alpha_index)
+        scores = np.array([row[self.score_name] for row in rows], dtype=np.float64)
+        return rows[0 if np.isnan(scores).all() else int(np.nanargmax(scores))]
+
+    def test_note(self, row: Mapping[str, Any]) -> str:
+        """How many test rows a row of :meth:`table` rests on, with the 95 % bootstrap interval of its test R²
+        when the row has one (each hook's best α): "n = 1,234 test rows (95 % CI 0.41…0.47)"."""
+        ci = f" (95 % CI {row['r2_test_ci_low']:.2f}…{row['r2_test_ci_high']:.2f})" if "r2_test_ci_low" in row else ""
+        return f"n = {self.result.n_test:,} test rows{ci}"
+
+    def held_out_note(self) -> str:
+        """What is held out, where α was chosen, and (with a test split) the seen/new-type test rows, in words."""
+        ho = self.held_out
+        return (f"{SPLITS[self.split_by]}; α chosen on "
+                + ("the CV folds of the training rows" if self.result.n_folds else "the test split (no CV: optimistic)")
+                + (f"; test rows of seen types {ho.n_seen:,}, of new types {ho.n_new:,} (table: R² on each)."
+                   if ho is not None else "."))
+
     def weights(self, alpha: float | None = None) -> dict[str, np.ndarray]:
         """Hook → float32 ``(width + 1,)``: coefficients then the intercept (None = each hook's best α)."""
         r = self.result
@@ -471,6 +508,14 @@ def run_regression(
                          split_by=how, held_out=held)
 
 
+def remember_decompositions(kept: list[ReusableDecompositions], run: RegressionRun, keep: int = 3) -> RegressionRun:
+    """Put ``run``'s decompositions first in the caller's list ``kept`` (at most ``keep``; unchanged when it
+    already holds them), for the next :func:`run_regression` on the same rows. Returns ``run``."""
+    if all(d is not run.decompositions for d in kept):
+        kept[:] = [run.decompositions, *kept][:keep]
+    return run
+
+
 def _versions() -> dict[str, str]:
     import sklearn
     import torch
@@ -524,6 +569,21 @@ def families_present(model: LoadedModel, hooks: Sequence[str]) -> dict[str, list
     have = set(hooks)
     out = {f: [h for h in model.hook_names([f]) if h in have] for f in HOOK_FAMILIES}
     return {f: hs for f, hs in out.items() if hs}
+
+
+#: Hook families a page preselects, in this order (those the entry holds).
+DEFAULT_FAMILIES = ("embed", "resid_pre", "resid_mid", "resid_post")
+
+
+def default_families(families: Mapping[str, Sequence[str]]) -> list[str]:
+    """The families to preselect among ``families`` (from :func:`families_present`): the residual stream and
+    the embedding that are there, else the first family."""
+    return [f for f in DEFAULT_FAMILIES if f in families] or list(families)[:1]
+
+
+def alpha_labels(alphas: Sequence[float] | np.ndarray = DEFAULT_ALPHAS) -> dict[str, float]:
+    """URL-safe short labels of an α grid → α (``1e6``, ``0.001``: three significant digits, no "+")."""
+    return {f"{float(a):.3g}".replace("e+0", "e").replace("e+", "e"): float(a) for a in alphas}
 
 
 def curve_rows(run: RegressionRun) -> list[dict[str, Any]]:
@@ -599,6 +659,17 @@ class EmbeddingRegressionResult:
     numeric_threshold: int
     alphas: np.ndarray
     number_tokens: tuple[int, int] = (0, 0)
+    test_fraction: float = 0.2
+    cv: int = 5
+
+    def describe(self) -> str:
+        """How to read :meth:`table`, in words: what the test rows are, where α was chosen, the number tokens."""
+        chosen = f"{self.cv}-fold CV of the training rows" if self.cv >= 2 else "the test split (no CV: optimistic)"
+        return (f"W_E: {self.d_vocab:,} tokens × {self.d_model} dims; each row is its own token type, so the "
+                f"{100 * self.test_fraction:g} % test rows are types never seen in training. α chosen on {chosen}; "
+                "test R² at that α with a 95 % bootstrap CI. `r2_ols_all_rows` is least squares fit and scored on "
+                "every row (the notebook's in-sample number). Number tokens here: "
+                f"{self.number_tokens[0]} all-digit, {self.number_tokens[1]} with a leading space allowed.")
 
     def table(self) -> list[dict[str, Any]]:
         return [{"task": t.name, "tokens": t.n_tokens, "n_test": t.n_test, "best_alpha (CV)": t.best_alpha,
@@ -694,7 +765,8 @@ def embedding_regression(
     return EmbeddingRegressionResult(tasks=tuple(out), d_vocab=int(W.shape[0]), d_model=int(W.shape[1]),
                                      length_threshold=int(length_threshold), numeric_threshold=int(numeric_threshold),
                                      alphas=np.asarray(alphas, dtype=np.float64),
-                                     number_tokens=number_token_counts([s for s, o in zip(strs, ok) if o], marker))
+                                     number_tokens=number_token_counts([s for s, o in zip(strs, ok) if o], marker),
+                                     test_fraction=float(test_fraction), cv=int(cv))
 
 
 # --------------------------------------------------------------------------------------------
@@ -727,6 +799,10 @@ class TransferRun:
 
     def rows(self) -> list[dict[str, Any]]:
         return [{"hook": h, "r2": float(v), "abs_r2": float(abs(v))} for h, v in zip(self.transfer.hooks, self.transfer.r2)]
+
+
+#: ``probe_transfer``'s sources as a page offers them (name → words).
+TRANSFER_SOURCES: dict[str, str] = {"W_E": "the embedding matrix (whole vocabulary)", "hook_embed": "hook_embed (this corpus)"}
 
 
 def probe_transfer(

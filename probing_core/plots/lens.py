@@ -36,6 +36,11 @@ def next_token_bar(res: NextTokenResult) -> go.Figure:
     return fig
 
 
+#: What :func:`logit_lens_heatmap` can colour by (``value`` → words for a picker).
+LENS_COLOURS = {"top_prob": "top-1 probability", "next_prob": "probability of the actual next token",
+                "next_rank_log": "rank of the actual next token (log)"}
+
+
 def logit_lens_heatmap(res: LogitLensResult, *, value: str = "top_prob") -> go.Figure:
     """Layers × positions; cell text = top-1 token; hover = top-k with probabilities.
 

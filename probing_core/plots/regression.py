@@ -6,10 +6,11 @@ from typing import Mapping, Sequence
 import numpy as np
 import plotly.graph_objects as go
 
+from probing_core.analyses.regression import RegressionRun
 from probing_core.plots._common import fixed_format, hook_label, hook_labels, legend_below, log_range, vline_trace
 from probing_core.solvers.ridge import RidgePathResult, TransferResult
 
-__all__ = ["r2_curve", "r2_by_hook", "abs_r2_log", "transfer_curve", "predicted_vs_true", "label_histogram", "r2_vs_alpha"]
+__all__ = ["r2_curve", "run_r2_curve", "r2_by_hook", "abs_r2_log", "transfer_curve", "predicted_vs_true", "label_histogram", "r2_vs_alpha"]
 
 _TRAIN, _TEST, _CV, _BASE = "#1f77b4", "#d62728", "#2ca02c", "#7f7f7f"
 
@@ -62,6 +63,14 @@ def r2_curve(result: RidgePathResult, alpha_index: int | None = None, *, title: 
                       height=520)
     fig.update_yaxes(tickformat=fixed_format(np.concatenate([np.asarray(t.y, dtype=float).ravel() for t in fig.data])))
     return _hook_axis(fig, hooks)
+
+
+def run_r2_curve(run: RegressionRun, alpha_index: int | None = None, *, title: str = "R² across hooks") -> go.Figure:
+    """:func:`r2_curve` of a :class:`RegressionRun`: its test set named in the legend, the test CI band, and the
+    new-type curve when the test set also holds seen types (not with a by-type split, where all are new)."""
+    ho = run.held_out
+    return r2_curve(run.result, alpha_index, title=title, test_name=run.test_name, test_ci=None if ho is None else ho.r2_ci,
+                    new_types=None if ho is None or run.split_by == "type" else ho.r2_new)
 
 
 def _hook_axis(fig: go.Figure, labels: Sequence[str]) -> go.Figure:
