@@ -37,7 +37,8 @@ def bench_extraction(model_id: str, tokens: int, max_len: int, batch_size: int) 
     from probing_core.data.datasets import DatasetSpec, load_dataset
     from probing_core.models import ModelSpec, load_model, tiny_native_config
     from probing_core.store import ray_engine
-    from probing_core.store.activations import build_cache, open_entry
+    from probing_core.store.activations import BuildParams, build_cache
+    from probing_core.store.shards import compare_entries
     from probing_core.store.entries import ActivationStore
 
     spec = ModelSpec("embedded") if model_id == "embedded" else ModelSpec.native(tiny_native_config())
@@ -67,11 +68,10 @@ def bench_extraction(model_id: str, tokens: int, max_len: int, batch_size: int) 
         for workers in (1, 2):
             store = ActivationStore(Path(d) / f"ray{workers}")
             t0 = time.perf_counter()
-            res = ray_engine.build_cache_ray(model, ds, hooks, store=store, workers=workers, rows_per_shard=batch_size, **kw)
+            res = ray_engine.build_cache_ray(model, ds, hooks, store=store, options=ray_engine.RayOptions(workers=workers),
+                                             params=BuildParams(**kw), rows_per_shard=batch_size)
             wall = time.perf_counter() - t0
-            same = all(np.array_equal(np.asarray(open_entry(store, res.entry.key).hook(h)),
-                                      np.asarray(open_entry(ref_store, ref_key).hook(h)))
-                       for h in hooks[:: max(1, len(hooks) // 4)])
+            same = not compare_entries(store, res.entry.key, ref_store, ref_key)
             manifest = json.loads((res.entry.path / "shards.json").read_text())
             busy = sum(float(s["seconds"]) for s in manifest["shards"]) / min(workers, res.ranges_total)
             ray_tps[workers] = (n / wall, n / busy)

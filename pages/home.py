@@ -3,7 +3,8 @@ import pandas as pd
 import streamlit as st
 
 import glue
-from probing_core.store.activations import build_cache
+from probing_core.store.activations import BuildParams
+from probing_core.store.ray_engine import build_cache_on, ray_address_from_env
 
 st.title("🏠 Home")
 st.caption("Cache a model's activations once, then probe them: R² curves, sparse L1 paths, layer accuracy, attention and the logit lens.")
@@ -15,8 +16,8 @@ glue.explain(
     demo="A language model turns every word into a long list of numbers, layer after layer. A **probe** is a tiny "
          "test that checks whether some fact (say, how long a word is) can be read from those numbers. This page "
          "runs some text through the model once and saves the numbers, so every other page answers in seconds.",
-    steps=["click **Build cache** below", "wait for the bar to finish", "open a page in the sidebar (start with "
-           "**Regression probes**)"],
+    steps=["click **Build cache** below", "wait for the bar to finish",
+           "open a page in the sidebar (start with **Regression probes**)"],
 )
 
 glue.open_access_note()
@@ -58,14 +59,15 @@ store_dtype = "float32"
 if glue.research():
     store_dtype = c.selectbox("Storage dtype", ["float32", "float16"], key="home_store_dtype", help="float16 halves disk and read time; R² changes by ≤ 1.5e-4")
 
+address = None if glue.demo_mode() else ray_address_from_env()  # a configured Ray cluster (docs/scale.md)
+on_ray = bool(address) and st.radio("Build on", [False, True], horizontal=True, key="home_engine",
+                                    format_func=lambda r: f"Ray cluster at {address}" if r else "this machine")
 if st.button("Build cache", type="primary", disabled=not picked, key="home_build"):
     with glue.user_errors():
-        hooks = model.hook_names(picked)
         update, done = glue.progress_bar("Building cache")
-        entry, built = build_cache(
-            model, dataset, hooks, store=glue.get_store(), max_len=int(max_len),
-            max_tokens=int(max_tokens), dtype=store_dtype, progress=update,
-        )
+        entry, built = build_cache_on(model, dataset, model.hook_names(picked), store=glue.get_store(),
+                                      params=BuildParams(int(max_len), int(max_tokens), store_dtype),
+                                      ray_address=address if on_ray else None, progress=update)
         done()
     st.session_state["home_entry_key"] = entry.key
     name = f"`{entry.key}`" if glue.research() else "the cache"

@@ -58,13 +58,14 @@ def _build(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         if args.engine == "ray":  # ray is imported only here (it adds seconds to a start)
-            from probing_core.store.ray_engine import build_cache_ray
+            from probing_core.store.activations import BuildParams
+            from probing_core.store.ray_engine import RayOptions, build_cache_ray
 
             res = build_cache_ray(
-                model, dataset, hooks, store=store, address=args.address, workers=args.workers,
-                gpus_per_worker=args.gpus_per_worker, write=args.ray_write, rows_per_shard=args.rows_per_shard,
-                max_len=args.max_len, max_tokens=args.max_tokens, dtype=args.store_dtype,
-                batch_size=args.batch_size, progress=update,
+                model, dataset, hooks, store=store, address=args.address, rows_per_shard=args.rows_per_shard,
+                params=BuildParams(args.max_len, args.max_tokens, args.store_dtype, args.batch_size),
+                options=RayOptions(workers=args.workers, gpus_per_worker=args.gpus_per_worker, write=args.ray_write),
+                progress=update,
             )
             entry, built = res.entry, res.built
         else:

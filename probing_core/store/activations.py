@@ -104,16 +104,58 @@ def cache_key(
     return hashlib.blake2b(json.dumps(payload, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
-def _match_fields(model: LoadedModel, dataset: Dataset, max_len: int, max_tokens: int | None, dtype: str, prepend_bos: bool) -> dict[str, Any]:
-    return {
-        "model_key": model.key,
-        "dataset_fingerprint": dataset.fingerprint,
-        "max_len": int(max_len),
-        "max_tokens": None if max_tokens is None else int(max_tokens),
-        "dtype": dtype,
-        "prepend_bos": bool(prepend_bos),
-        "format_version": STORE_FORMAT_VERSION,
-    }
+@dataclass(frozen=True)
+class BuildParams:
+    """The settings of a cache build besides model, dataset and hooks (every one is in the key).
+
+    One object for every engine (:func:`build_cache`, the sharded build, the Ray engine), so
+    they check the same things and agree on the key.
+    """
+
+    max_len: int = 128
+    max_tokens: int | None = 20_000
+    dtype: str = "float32"
+    batch_size: int = 16
+    prepend_bos: bool = True
+
+    def checked_hooks(self, model: LoadedModel, hooks: Sequence[str]) -> list[str]:
+        """The hooks, de-duplicated, after checking them and every setting against ``model``.
+
+        Raises:
+            HookError: no hook, an unknown one, or one that is not per-token.
+            InputError: a dtype or count out of range.
+        """
+        hooks = list(dict.fromkeys(hooks))
+        if not hooks:
+            raise HookError("pick at least one hook to cache.")
+        model.check_hooks(hooks)
+        per_token = set(model.all_hook_names())
+        if any(h not in per_token for h in hooks):
+            raise HookError(f"hook(s) {[h for h in hooks if h not in per_token]} are not per-token activations the store can "
+                            "hold (attention patterns are [head, query, key]): see them on the Attention page or with `attention`.")
+        if self.dtype not in STORE_DTYPES:
+            raise InputError(f"storage dtype {self.dtype!r} is not supported; choose float32 or float16.")
+        check_count("max tokens", self.max_tokens, 1, 10**12, allow_none=True)
+        check_count(f"tokens per row (max_len; the model's context is {model.n_ctx})", self.max_len, 1, model.n_ctx)
+        check_count("batch size", self.batch_size, 1, 1_000_000)
+        return hooks
+
+    def match(self, model: LoadedModel, dataset: Dataset) -> dict[str, Any]:
+        """The meta.json fields an entry of these settings has (what :meth:`ActivationStore.find` compares)."""
+        return {
+            "model_key": model.key,
+            "dataset_fingerprint": dataset.fingerprint,
+            "max_len": int(self.max_len),
+            "max_tokens": None if self.max_tokens is None else int(self.max_tokens),
+            "dtype": self.dtype,
+            "prepend_bos": bool(self.prepend_bos),
+            "format_version": STORE_FORMAT_VERSION,
+        }
+
+    def key(self, model: LoadedModel, dataset: Dataset, hooks: Sequence[str]) -> str:
+        """The store key (:func:`cache_key`)."""
+        return cache_key(model, dataset, hooks, max_len=self.max_len, max_tokens=self.max_tokens, dtype=self.dtype,
+                         prepend_bos=self.prepend_bos)
 
 
 def write_token_table(model: LoadedModel, batch: TokenBatch, folder: Path) -> None:
@@ -284,24 +326,13 @@ def build_cache(
     Raises:
         HookError, InputError, DatasetError, StoreError with messages saying the fix.
     """
-    hooks = list(dict.fromkeys(hooks))
-    if not hooks:
-        raise HookError("pick at least one hook to cache.")
-    model.check_hooks(hooks)
-    per_token = set(model.all_hook_names())
-    if any(h not in per_token for h in hooks):
-        raise HookError(f"hook(s) {[h for h in hooks if h not in per_token]} are not per-token activations the store can "
-                        "hold (attention patterns are [head, query, key]): see them on the Attention page or with `attention`.")
-    if dtype not in STORE_DTYPES:
-        raise InputError(f"storage dtype {dtype!r} is not supported; choose float32 or float16.")
-    check_count("max tokens", max_tokens, 1, 10**12, allow_none=True)
-    check_count(f"tokens per row (max_len; the model's context is {model.n_ctx})", max_len, 1, model.n_ctx)
-    check_count("batch size", batch_size, 1, 1_000_000)
-    match = _match_fields(model, dataset, max_len, max_tokens, dtype, prepend_bos)
+    params = BuildParams(max_len, max_tokens, dtype, batch_size, prepend_bos)
+    hooks = params.checked_hooks(model, hooks)
+    match = params.match(model, dataset)
     existing = store.find(match, hooks)
     if existing is not None:
         return existing, False
-    key = cache_key(model, dataset, hooks, max_len=max_len, max_tokens=max_tokens, dtype=dtype, prepend_bos=prepend_bos)
+    key = params.key(model, dataset, hooks)
 
     def build(folder: Path) -> dict[str, Any]:
         report = BuildProgress(progress) if progress else None

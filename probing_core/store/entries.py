@@ -38,8 +38,9 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import diskcache
 import numpy as np
@@ -59,13 +60,25 @@ from probing_core.store.integrity import (
     seal_entry,
 )
 
-__all__ = ["ActivationStore", "StoreEntry", "BrokenEntry", "StoreError", "StoreIndexError", "hook_filename",
-           "seal_entry", "builder_is_gone", "DEFAULT_SIZE_LIMIT", "TABLE_ARRAYS"]
+__all__ = [
+    "DEFAULT_SIZE_LIMIT",
+    "TABLE_ARRAYS",
+    "ActivationStore",
+    "BrokenEntry",
+    "StoreEntry",
+    "StoreError",
+    "StoreIndexError",
+    "builder_is_gone",
+    "hook_filename",
+    "seal_entry",
+]
 
 DEFAULT_SIZE_LIMIT = 20 * 1024**3
 _KEY_RE = re.compile(r"^[0-9a-f]{16,64}$")
 #: Lock file the builder holds inside its temp folder.
 BUILD_LOCK = ".build.lock"
+#: Folder name prefix of an unfinished sharded build's shards (``entries/.partial-<key>``).
+PARTIAL_PREFIX = ".partial-"
 #: A temp folder with no lock file is an older version's (or a builder between mkdir and lock):
 #: left alone this long.
 _NO_LOCK_GRACE_S = 600.0
@@ -449,13 +462,35 @@ class ActivationStore:
         shutil.rmtree(trash, ignore_errors=True)
         return True
 
-    def delete(self, key: str) -> bool:
-        """Remove an entry, broken or not (waits for a build of the same key to finish).
-        Returns whether it existed."""
+    def partial_path(self, key: str) -> Path:
+        """Where an unfinished sharded build of ``key`` keeps its finished shards (see store/shards.py)."""
         self._check_key(key)
+        return self.entries_dir / f"{PARTIAL_PREFIX}{key}"
+
+    def delete(self, key: str) -> bool:
+        """Remove an entry, broken or not, and the shards an unfinished sharded build of the key
+        left behind (``.partial-<key>``). Waits for a build of the same key to finish, except when
+        only such shards exist and their builder is alive (it holds the key's lock): then it refuses,
+        since that build would lose them.
+
+        Returns:
+            whether there was anything to remove.
+        Raises:
+            StoreError: a live build is using the key's unfinished shards; disk errors.
+        """
+        self._check_key(key)
+        partial = self.partial_path(key)
+        if partial.exists() and not self.path_of(key).exists() and self.is_locked(key):
+            raise StoreError(f"a build of {key} is running now and writing its shards into {partial}; stop that build "
+                             "(or let it finish), then delete again.")
         try:
             with self.lock(key):
                 existed = self._remove_folder(key)
+                if partial.exists():  # no builder now: we hold the key's lock, which every build holds
+                    trash = self.entries_dir / f".trash-{key}-{uuid.uuid4().hex[:12]}"
+                    os.replace(partial, trash)
+                    shutil.rmtree(trash, ignore_errors=True)
+                    existed = True
                 with contextlib.suppress(OSError, diskcache.Timeout, sqlite3.Error, StoreError):
                     self._index.delete(key)
         except OSError as e:

@@ -21,19 +21,22 @@ second; ``ray.init`` of a local cluster 7–8 s on a 2-core machine).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from probing_core.data.datasets import Dataset, TokenBatch
 from probing_core.errors import InputError, ModelError, ProbingError
 from probing_core.models import LoadedModel, ModelSpec, default_cache_root, load_model
-from probing_core.store.activations import Progress, _match_fields
-from probing_core.store.entries import ActivationStore
+from probing_core.store.activations import BuildParams, Progress, build_cache
+from probing_core.store.entries import ActivationStore, StoreEntry
 from probing_core.store.shards import (
     RangeDone,
     RangeJob,
@@ -45,17 +48,91 @@ from probing_core.store.shards import (
     write_shard,
 )
 
-__all__ = ["build_cache_ray", "ray_runner", "connect", "WRITE_MODES"]
+__all__ = ["WRITE_MODES", "RayOptions", "build_cache_on", "build_cache_ray", "connect", "ray_address_from_env", "ray_runner"]
 
 WRITE_MODES = ("worker", "driver")
 RAY_PIN = "ray==2.60.0"
+#: Where the app finds the Ray cluster it offers on Home (first set wins); the CLI's --address
+#: defaults to RAY_ADDRESS, as Ray's own tools do.
+ADDRESS_VARS = ("PROBING_RAY_ADDRESS", "RAY_ADDRESS")
+
+
+def ray_address_from_env() -> str | None:
+    """The configured Ray cluster address (``PROBING_RAY_ADDRESS``, else ``RAY_ADDRESS``), or None."""
+    for var in ADDRESS_VARS:
+        value = os.environ.get(var, "").strip()
+        if value:
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How the Ray engine runs a build (none of it changes the entry's bytes or key).
+
+    Attributes:
+        workers: actors in the pool.
+        gpus_per_worker: GPUs reserved per actor (0 = CPU actors).
+        cpus_per_worker: CPUs reserved per CPU actor; default leaves half a CPU of the cluster
+            for Ray Data's own tasks (at 1 CPU per actor a 2-CPU cluster starves them and hangs).
+        threads_per_worker: torch threads in each actor (default: this machine's cores / workers
+            on a local cluster, torch's default on a remote one).
+        write: "worker" (actors write shards into the store) or "driver" (arrays come back).
+        place_timeout_s: how long a build waits for the cluster to have room for every actor
+            (CPUs/GPUs free) before it gives up with a message saying what is free.
+        fault: test faults injected into every actor: ``{"fail_after_ranges": n}`` or
+            ``{"die_mid_range_after_passes": k}``.
+    Raises:
+        InputError: a value out of range.
+    """
+
+    workers: int = 2
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float | None = None
+    threads_per_worker: int | None = None
+    write: str = "worker"
+    place_timeout_s: float = 60.0
+    fault: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.write not in WRITE_MODES:
+            raise InputError(f"write mode must be one of {', '.join(WRITE_MODES)}; got {self.write!r}.")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise InputError(f"--workers must be a whole number of at least 1, got {self.workers!r}.")
+        if not self.gpus_per_worker >= 0:
+            raise InputError(f"--gpus-per-worker must be ≥ 0, got {self.gpus_per_worker}.")
+        if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
+            raise InputError(f"CPUs per worker must be positive, got {self.cpus_per_worker}.")
+        if not self.place_timeout_s >= 0:
+            raise InputError(f"the wait for Ray workers must be ≥ 0 s, got {self.place_timeout_s}.")
+
+    @classmethod
+    def from_env(cls) -> RayOptions:
+        """The app's options (Home's Ray build): ``PROBING_RAY_WORKERS`` (default 2),
+        ``PROBING_RAY_GPUS_PER_WORKER`` (default 0), ``PROBING_RAY_WRITE`` (worker|driver).
+
+        Raises:
+            InputError: a variable that is not a number / a write mode (names it).
+        """
+        kw: dict[str, Any] = {}
+        for var, name, kind in (("PROBING_RAY_WORKERS", "workers", int), ("PROBING_RAY_GPUS_PER_WORKER",
+                                                                           "gpus_per_worker", float)):
+            raw = os.environ.get(var, "").strip()
+            if raw:
+                try:
+                    kw[name] = kind(raw)
+                except ValueError:
+                    raise InputError(f"{var}={raw!r} is not a {'whole ' if kind is int else ''}number; set it to "
+                                     f"one (e.g. {'2' if kind is int else '1'}) or unset it.") from None
+        write = os.environ.get("PROBING_RAY_WRITE", "").strip()
+        return cls(**kw, **({"write": write} if write else {}))
 
 
 def import_ray() -> Any:
     """``import ray``, or an error saying how to get it."""
     try:
         import ray
-        import ray.data  # noqa: F401
+        import ray.data
     except ImportError as e:
         raise InputError(
             f"the Ray engine needs the `ray` package, which is not installed here ({e}). Install it with "
@@ -175,57 +252,31 @@ class _RangeWorker:
         return res
 
 
-def ray_runner(
-    model: LoadedModel,
-    *,
-    cache_root: Path,
-    workers: int = 2,
-    gpus_per_worker: float = 0.0,
-    cpus_per_worker: float | None = None,
-    threads_per_worker: int | None = None,
-    write: str = "worker",
-    fault: Mapping[str, int] | None = None,
-) -> RangeRunner:
+def ray_runner(model: LoadedModel, *, cache_root: Path, options: RayOptions | None = None) -> RangeRunner:
     """The Ray engine as a :data:`~probing_core.store.shards.RangeRunner` (call :func:`connect` first).
 
     Args:
         model: the driver's model (its spec is loaded by every actor; its key checks their weights).
         cache_root: where actors find converted model weights (shared path on a cluster).
-        workers: actors in the pool.
-        gpus_per_worker: GPUs reserved per actor (0 = CPU actors).
-        cpus_per_worker: CPUs reserved per CPU actor; default leaves half a CPU of the cluster
-            for Ray Data's own tasks (at 1 CPU per actor a 2-CPU cluster starves them and hangs).
-        threads_per_worker: torch threads in each actor (default: this machine's cores / workers
-            on a local cluster, torch's default on a remote one).
-        write: "worker" (actors write shards into the store) or "driver" (arrays come back).
-        fault: test faults injected into every actor: ``{"fail_after_ranges": n}`` or
-            ``{"die_mid_range_after_passes": k}``.
+        options: pool size, resources, write mode (default :class:`RayOptions`'s).
     """
-    if write not in WRITE_MODES:
-        raise InputError(f"write mode must be one of {', '.join(WRITE_MODES)}; got {write!r}.")
-    if workers < 1:
-        raise InputError(f"--workers must be at least 1, got {workers}.")
-    if gpus_per_worker < 0:
-        raise InputError(f"--gpus-per-worker must be ≥ 0, got {gpus_per_worker}.")
+    opts = options or RayOptions()
 
     def run(job: RangeJob) -> Iterator[RangeDone]:
         if not job.ranges:
             return
         import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
-        cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
-        n_actors = max(1, min(int(workers), len(job.ranges)))
-        remote: dict[str, Any] = {}
-        if gpus_per_worker > 0:
-            remote["num_gpus"] = float(gpus_per_worker)
-            remote["num_cpus"] = cpus_per_worker if cpus_per_worker is not None else 1.0
-        else:
-            remote["num_cpus"] = cpus_per_worker if cpus_per_worker is not None else max(0.25, min(1.0, (cluster_cpus - 0.5) / n_actors))
+        n_actors = max(1, min(int(opts.workers), len(job.ranges)))
+        remote = _actor_resources(ray, opts, n_actors)
+        pool = _reserve_pool(ray, n_actors, remote, opts.place_timeout_s)
         local_cluster = all(n.get("NodeManagerHostname") == socket.gethostname() for n in ray.nodes() if n.get("Alive"))
-        threads = threads_per_worker or (max(1, (os.cpu_count() or 1) // n_actors) if local_cluster and not gpus_per_worker else None)
+        threads = opts.threads_per_worker or (
+            max(1, (os.cpu_count() or 1) // n_actors) if local_cluster and not opts.gpus_per_worker else None)
         b = job.batch
         batch_ref = ray.put({"tokens": b.tokens, "lengths": b.lengths, "doc_index": b.doc_index,
                              "has_bos": b.has_bos, "pad_id": b.pad_id})
@@ -234,18 +285,21 @@ def ray_runner(
             _RangeWorker,
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=n_actors),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pool),
             fn_constructor_kwargs={
                 "spec": model.spec.to_json(), "cache_root": str(cache_root), "model_key": model.key,
                 "batch_ref": batch_ref, "hooks": list(job.hooks), "dtype": job.dtype, "batch_size": job.batch_size,
-                "shards_dir": str(job.shards_dir), "write": write, "threads": threads, "fault": dict(fault or {}),
+                "shards_dir": str(job.shards_dir), "write": opts.write, "threads": threads, "fault": dict(opts.fault),
             },
             **remote,
         )
+        stream = ds.iter_batches(batch_size=None, batch_format="numpy")
+        failure: str | None = None
         try:
-            for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for out in stream:
                 for i in range(len(out["start"])):
                     r = (int(out["start"][i]), int(out["stop"][i]))
-                    if write == "driver":
+                    if opts.write == "driver":
                         tokens = (int(job.offsets[r[0]]), int(job.offsets[r[1]]))
                         arrays = {h: np.asarray(out[f"h{k}"][i]) for k, h in enumerate(job.hooks)}
                         nonfinite = {h: int(x) for h, x in zip(job.hooks, out["nonfinite"][i])}
@@ -255,10 +309,75 @@ def ray_runner(
                     yield RangeDone(r, int(out["passes"][i]), str(out["worker"][i]))
         except ProbingError:
             raise
-        except Exception as e:
-            raise RuntimeError(_ray_error_message(e)) from e
+        except Exception as e:  # noqa: BLE001 - whatever Ray raised becomes one line: the worker's own error
+            failure = _ray_error_message(e)  # raised below, outside this block (Ray's error holds actor handles)
+        finally:
+            _release_pool(ds, pool)
+            del ds, stream, batch_ref
+        if failure is not None:
+            raise RuntimeError(failure)
 
     return run
+
+
+def _actor_resources(ray: Any, opts: RayOptions, n_actors: int) -> dict[str, float]:
+    """``num_cpus`` / ``num_gpus`` of one actor."""
+    if opts.gpus_per_worker > 0:
+        return {"num_gpus": float(opts.gpus_per_worker),
+                "num_cpus": opts.cpus_per_worker if opts.cpus_per_worker is not None else 1.0}
+    cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    cpus = opts.cpus_per_worker if opts.cpus_per_worker is not None else max(0.25, min(1.0, (cluster_cpus - 0.5) / n_actors))
+    return {"num_cpus": float(cpus)}
+
+
+def _reserve_pool(ray: Any, n_actors: int, remote: Mapping[str, float], timeout_s: float) -> Any:
+    """Reserve the pool's CPUs/GPUs as a placement group (one bundle per actor), waiting at most
+    ``timeout_s`` for the cluster to have them. The actors are scheduled into it, and removing it
+    (:func:`_release_pool`) ends every one of them, however the build ends.
+
+    Raises:
+        InputError: the cluster has no room for the pool after the wait (nothing was started).
+    """
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundle = {"CPU": float(remote.get("num_cpus", 0.0))}
+    if remote.get("num_gpus"):
+        bundle["GPU"] = float(remote["num_gpus"])
+    pool = placement_group([dict(bundle) for _ in range(n_actors)], strategy="SPREAD")
+    ready, _ = ray.wait([pool.ready()], timeout=timeout_s)
+    if ready:
+        return pool
+    remove_placement_group(pool)
+    free, total = ray.available_resources(), ray.cluster_resources()
+    short = [r for r in bundle if float(free.get(r, 0.0)) + 1e-6 < n_actors * bundle[r]] or list(bundle)
+    r = short[-1]
+    raise InputError(
+        f"Ray could not start {n_actors} worker{'s' if n_actors != 1 else ''}: only {float(free.get(r, 0.0)):g} {r}s free (each worker needs "
+        f"{bundle[r]:g} {r}; the cluster has {float(total.get(r, 0.0)):g}), after waiting {timeout_s:g} s. Other Ray "
+        "jobs hold the rest: wait for them, build with fewer workers, or add nodes to the cluster."
+    )
+
+
+def _release_pool(ds: Any, pool: Any) -> None:
+    """End a build's actors now and give their CPUs/GPUs back, however its stream ended.
+
+    Ray Data ends a failed stream gently: it drops the pool's actor handles and lets reference
+    counting end the actors, which does not happen while something still holds a handle (Ray's
+    error objects and tracebacks do, in reference cycles; an actor still starting kept its CPU for
+    more than 30 s after its stream failed); and a stream the consumer stops early (Ctrl-C, a
+    Streamlit rerun) is not shut down at all until it is collected. So: shut a still-running
+    executor down with ``force=True`` (``ray.kill`` of its actors; ``Dataset._current_executor``
+    in the pinned ray 2.60), then remove the placement group, which ends every actor in it.
+    """
+    from ray.util.placement_group import remove_placement_group
+
+    executor = getattr(ds, "_current_executor", None)
+    if executor is not None:
+        # a no-op when the stream ended (or failed) on its own; never masks the stream's own error
+        with contextlib.suppress(Exception):
+            executor.shutdown(force=True)
+    with contextlib.suppress(Exception):
+        remove_placement_group(pool)
 
 
 def _ray_error_message(e: BaseException) -> str:
@@ -287,45 +406,66 @@ def build_cache_ray(
     hooks: Sequence[str],
     *,
     store: ActivationStore,
+    params: BuildParams | None = None,
+    options: RayOptions | None = None,
     address: str | None = None,
-    workers: int = 2,
-    gpus_per_worker: float = 0.0,
-    cpus_per_worker: float | None = None,
-    threads_per_worker: int | None = None,
-    write: str = "worker",
     cache_root: Path | None = None,
-    max_len: int = 128,
-    max_tokens: int | None = 20_000,
-    dtype: str = "float32",
-    batch_size: int = 16,
-    prepend_bos: bool = True,
     rows_per_shard: int | None = None,
     progress: Progress | None = None,
-    fault: Mapping[str, int] | None = None,
 ) -> ShardedBuild:
     """Extract ``hooks`` for ``dataset`` on Ray into a sharded entry (same key as a local build).
 
     Args:
+        params: max length, token cap, dtype, batch size, BOS (as :func:`build_cache`; default
+            :class:`BuildParams`'s).
+        options: workers, resources, write mode, placement wait (default :class:`RayOptions`'s).
         address: a Ray cluster's address (``host:port``); default ``RAY_ADDRESS``, else a local
             cluster started here (reused if this process already joined one).
-        workers, gpus_per_worker, cpus_per_worker, threads_per_worker, write, fault: see :func:`ray_runner`.
         cache_root: where workers find converted model weights (default: this machine's).
-        other args: as :func:`probing_core.store.activations.build_cache`.
+        rows_per_shard, progress: as :func:`probing_core.store.shards.build_sharded`.
     Returns:
         ShardedBuild (entry, built, ranges computed/reused, forward passes, per-worker counts).
     Raises:
         InputError: ray not installed, cluster unreachable, bad options.
-        StoreError: a worker failed (finished shards kept; rerun to resume).
+        StoreError: a worker failed, or the cluster had no room for the workers (finished shards
+            kept; rerun to resume).
     """
-    runner = ray_runner(model, cache_root=Path(cache_root) if cache_root else default_cache_root(), workers=workers,
-                        gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
-                        threads_per_worker=threads_per_worker, write=write, fault=fault)
-    existing = store.find(_match_fields(model, dataset, max_len, max_tokens, dtype, prepend_bos), list(hooks))
+    params, options = params or BuildParams(), options or RayOptions()
+    runner = ray_runner(model, cache_root=Path(cache_root) if cache_root else default_cache_root(), options=options)
+    existing = store.find(params.match(model, dataset), list(hooks))
     if existing is not None:  # nothing to compute: do not start or join a cluster for it
         return ShardedBuild(existing, False, existing.meta.get("engine", "local"))
     ray = connect(address)
-    info = {"address": address or os.environ.get("RAY_ADDRESS") or "local", "workers": int(workers),
-            "gpus_per_worker": float(gpus_per_worker), "write": write, "ray_version": ray.__version__}
-    return build_sharded(model, dataset, hooks, store=store, run=runner, engine="ray", max_len=max_len,
-                         max_tokens=max_tokens, dtype=dtype, batch_size=batch_size, prepend_bos=prepend_bos,
+    info = {"address": address or os.environ.get("RAY_ADDRESS") or "local", "workers": options.workers,
+            "gpus_per_worker": float(options.gpus_per_worker), "write": options.write, "ray_version": ray.__version__}
+    return build_sharded(model, dataset, hooks, store=store, run=runner, engine="ray", params=params,
                          rows_per_shard=rows_per_shard, progress=progress, engine_meta=info)
+
+
+def build_cache_on(
+    model: LoadedModel,
+    dataset: Dataset,
+    hooks: Sequence[str],
+    *,
+    store: ActivationStore,
+    params: BuildParams | None = None,
+    ray_address: str | None = None,
+    progress: Progress | None = None,
+) -> tuple[StoreEntry, bool]:
+    """One build button, two engines (Home): this process (:func:`build_cache`), or the Ray cluster
+    at ``ray_address`` with :meth:`RayOptions.from_env`. The same entry and key either way.
+
+    Returns:
+        (entry, built now).
+    Raises:
+        InputError: an unreachable address, ray missing, bad PROBING_RAY_* settings.
+        StoreError: the Ray build stopped (finished shards kept), or a store error.
+    """
+    params = params or BuildParams()
+    if not ray_address:
+        return build_cache(model, dataset, hooks, store=store, max_len=params.max_len, max_tokens=params.max_tokens,
+                           dtype=params.dtype, batch_size=params.batch_size, prepend_bos=params.prepend_bos,
+                           progress=progress)
+    res = build_cache_ray(model, dataset, hooks, store=store, params=params, options=RayOptions.from_env(),
+                          address=ray_address, progress=progress)
+    return res.entry, res.built

@@ -38,33 +38,52 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from probing_core import __version__
 from probing_core.data.datasets import Dataset, TokenBatch, tokenize_dataset
-from probing_core.errors import HookError, InputError, ProbeError, StoreError
+from probing_core.errors import InputError, ProbeError, StoreError
 from probing_core.models import LoadedModel
 from probing_core.store.activations import (
-    STORE_DTYPES,
+    BuildParams,
     Progress,
-    _match_fields,
-    cache_key,
-    check_count,
     extract_to_folder,
+    open_entry,
     write_token_table,
 )
 from probing_core.store.entries import ActivationStore, StoreEntry
-from probing_core.store.integrity import hook_filename, load_npy, sample_hash, seal_entry
+from probing_core.store.integrity import (
+    hook_filename,
+    load_npy,
+    sample_hash,
+    seal_entry,
+)
 
 __all__ = [
-    "LAYOUT", "MANIFEST", "ShardedArray", "ShardedBuild", "RangeJob", "RangeDone", "plan_ranges",
-    "default_rows_per_shard", "partial_dir", "open_hook", "compute_shard", "write_shard", "extract_range",
-    "finished_shards", "build_sharded", "local_runner", "check_fits_in_memory",
+    "LAYOUT",
+    "MANIFEST",
+    "RangeDone",
+    "RangeJob",
+    "ShardedArray",
+    "ShardedBuild",
+    "build_sharded",
+    "check_fits_in_memory",
+    "compare_entries",
+    "compute_shard",
+    "default_rows_per_shard",
+    "extract_range",
+    "finished_shards",
+    "local_runner",
+    "open_hook",
+    "partial_dir",
+    "plan_ranges",
+    "write_shard",
 ]
 
 LAYOUT = "sharded"
@@ -81,7 +100,7 @@ Range = tuple[int, int]
 def default_rows_per_shard(lengths: np.ndarray, batch_size: int, target_tokens: int = DEFAULT_SHARD_TOKENS) -> int:
     """Rows per shard: a whole number of batches holding about ``target_tokens`` tokens."""
     mean_len = float(np.mean(lengths)) if len(lengths) else 1.0
-    batches = max(1, int(round(target_tokens / max(mean_len * batch_size, 1.0))))
+    batches = max(1, round(target_tokens / max(mean_len * batch_size, 1.0)))
     return batches * batch_size
 
 
@@ -98,8 +117,7 @@ def shard_name(r: Range) -> str:
 
 def partial_dir(store: ActivationStore, key: str) -> Path:
     """Where the shards of an unfinished build of ``key`` live (kept across killed jobs)."""
-    store.path_of(key)  # validates the key
-    return store.entries_dir / f".partial-{key}"
+    return store.partial_path(key)
 
 
 def token_offsets(lengths: np.ndarray) -> np.ndarray:
@@ -402,6 +420,23 @@ def sharded_entry_problem(path: Path, meta: Mapping[str, Any], *, sampled: bool 
     return None
 
 
+TOKEN_TABLE = ("token_ids", "seq", "pos", "next_ids", "doc_index")
+
+
+def compare_entries(store_a: ActivationStore, key_a: str, store_b: ActivationStore, key_b: str) -> list[str]:
+    """What differs, bit for bit, between two entries: their hook lists or token counts, a
+    token-table array, or a hook's values (whatever their layout: one file or shards).
+
+    Returns:
+        names of what differs (empty: the same entry, as a Ray build and a local one should be).
+    """
+    a, b = open_entry(store_a, key_a), open_entry(store_b, key_b)
+    if a.hooks != b.hooks or a.n_tokens != b.n_tokens:
+        return ["hooks/n_tokens"]
+    out = [t for t in TOKEN_TABLE if not np.array_equal(getattr(a, t), getattr(b, t))]
+    return out + [h for h in a.hooks if not np.array_equal(np.asarray(a.hook(h)), np.asarray(b.hook(h)))]
+
+
 def check_fits_in_memory(nbytes: int, what: str, *, fraction: float = 0.8) -> None:
     """Refuse a computation that must hold ``nbytes`` in memory when the machine lacks it.
 
@@ -481,21 +516,6 @@ def local_runner(model: LoadedModel) -> RangeRunner:
     return run
 
 
-def _check_build_args(model: LoadedModel, hooks: Sequence[str], dtype: str, max_tokens: int | None, max_len: int,
-                      batch_size: int) -> list[str]:
-    """The same checks as :func:`probing_core.store.activations.build_cache`."""
-    hooks = list(dict.fromkeys(hooks))
-    if not hooks:
-        raise HookError("pick at least one hook to cache.")
-    model.check_hooks(hooks)
-    if dtype not in STORE_DTYPES:
-        raise InputError(f"storage dtype {dtype!r} is not supported; choose float32 or float16.")
-    check_count("max tokens", max_tokens, 1, 10**12, allow_none=True)
-    check_count(f"tokens per row (max_len; the model's context is {model.n_ctx})", max_len, 1, model.n_ctx)
-    check_count("batch size", batch_size, 1, 1_000_000)
-    return hooks
-
-
 def _load_plan(part: Path, batch: TokenBatch, hooks: list[str], dtype: str, batch_size: int,
                rows_per_shard: int | None) -> list[Range]:
     """The row ranges of this key's build: those of an unfinished earlier attempt when it planned
@@ -524,11 +544,7 @@ def build_sharded(
     store: ActivationStore,
     run: RangeRunner,
     engine: str,
-    max_len: int = 128,
-    max_tokens: int | None = 20_000,
-    dtype: str = "float32",
-    batch_size: int = 16,
-    prepend_bos: bool = True,
+    params: BuildParams | None = None,
     rows_per_shard: int | None = None,
     progress: Progress | None = None,
     engine_meta: Mapping[str, Any] | None = None,
@@ -538,6 +554,8 @@ def build_sharded(
     Args:
         run: the engine (:func:`local_runner`, :func:`probing_core.store.ray_engine.ray_runner`).
         engine: its name, recorded in meta.json ("local-shards", "ray").
+        params: max length, token cap, dtype, batch size, BOS: as for :func:`build_cache` (same key;
+            default :class:`BuildParams`'s).
         rows_per_shard: rows (documents' chunks) per shard, rounded up to whole batches
             (default: about 131k tokens). A resumed build keeps the plan of the first attempt.
         engine_meta: extra facts recorded in meta.json (workers, address, …).
@@ -549,12 +567,14 @@ def build_sharded(
         HookError, InputError, DatasetError: bad arguments.
     """
     t0 = time.perf_counter()
-    hooks = _check_build_args(model, hooks, dtype, max_tokens, max_len, batch_size)
-    match = _match_fields(model, dataset, max_len, max_tokens, dtype, prepend_bos)
+    params = params or BuildParams()
+    hooks = params.checked_hooks(model, hooks)
+    dtype, batch_size = params.dtype, params.batch_size
+    match = params.match(model, dataset)
     existing = store.find(match, hooks)
     if existing is not None:
         return ShardedBuild(existing, False, existing.meta.get("engine", "local"))
-    key = cache_key(model, dataset, hooks, max_len=max_len, max_tokens=max_tokens, dtype=dtype, prepend_bos=prepend_bos)
+    key = params.key(model, dataset, hooks)
     with store.lock(key):
         found = store.inspect(key)
         if isinstance(found, StoreEntry):
@@ -563,7 +583,8 @@ def build_sharded(
             store._remove_folder(key)
         if progress:
             progress(0.0, "tokenizing…")
-        batch = tokenize_dataset(model, dataset, max_len=max_len, max_tokens=max_tokens, prepend_bos=prepend_bos)
+        batch = tokenize_dataset(model, dataset, max_len=params.max_len, max_tokens=params.max_tokens,
+                                 prepend_bos=params.prepend_bos)
         part = partial_dir(store, key)
         widths = {h: model.hook_width(h) for h in hooks}
         plan = _load_plan(part, batch, hooks, dtype, batch_size, rows_per_shard)
@@ -575,8 +596,9 @@ def build_sharded(
         passes, workers, n_done = 0, {}, len(done)
         if progress:
             progress(n_done / len(plan), f"{engine}: {n_done}/{len(plan)} shards already finished")
+        events = run(job)
         try:
-            for ev in run(job):
+            for ev in events:
                 passes += ev.forward_passes
                 workers[ev.worker] = workers.get(ev.worker, 0) + 1
                 n_done += 1
@@ -587,10 +609,16 @@ def build_sharded(
         except Exception as e:  # an engine failure: keep the finished shards, say how to resume
             kept = len(finished_shards(shards_dir, plan, offsets, hooks, widths, dtype))
             raise StoreError(
-                f"the {engine} build stopped: {_first_line(e)}. {kept} of {len(plan)} shards are finished and kept in "
+                f"the {engine} build stopped: {_first_line(e).rstrip('.')}. {kept} of {len(plan)} shards are finished and kept in "
                 f"{part}; run the same build again to compute only the {len(plan) - kept} missing ones (nothing was "
                 "committed)."
             ) from e
+        finally:
+            # An engine's own clean-up (Ray: its actor pool) runs now, not when the generator is
+            # collected: a progress callback that raises (a Streamlit rerun) must not leave it running.
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
         entry = _commit(store, key, model, dataset, batch, hooks, widths, dtype, match, part, plan, offsets, engine,
                         dict(engine_meta or {}), time.perf_counter() - t0)
     store.evict(keep={key})

@@ -42,3 +42,22 @@ def test_home_shows_clear_message_for_offline_hub_model():
     at.run()
     assert not at.exception
     assert at.error and ("internet" in at.error[0].value or "could not load" in at.error[0].value)
+
+
+def test_home_offers_a_configured_ray_cluster_and_says_when_it_does_not_answer(monkeypatch):
+    for var in ("PROBING_RAY_ADDRESS", "RAY_ADDRESS", "PROBING_DEMO"):
+        monkeypatch.delenv(var, raising=False)
+    at = _app()
+    assert not at.exception and "home_engine" not in [r.key for r in at.radio]  # no address: no choice
+    monkeypatch.setenv("PROBING_RAY_ADDRESS", "127.0.0.1:1")  # nothing listens on port 1
+    at.run()
+    engine = at.radio(key="home_engine")
+    assert engine.options == ["this machine", "Ray cluster at 127.0.0.1:1"] and engine.value is False
+    at.number_input(key="home_max_tokens").set_value(300)
+    engine.set_value(True).run()
+    at.button(key="home_build").click().run()
+    assert not at.exception  # a message, not a traceback, and no entry
+    assert "no Ray cluster answers at 127.0.0.1:1" in at.error[0].value and "home_entry_key" not in at.session_state
+    monkeypatch.setenv("PROBING_DEMO", "1")  # a demo shows no cluster addresses
+    at = _app()
+    assert not at.exception and "home_engine" not in [r.key for r in at.radio]

@@ -3,7 +3,6 @@ verification, and the streamed ridge fit over shards against the in-memory fit."
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,14 +14,18 @@ from sklearn.linear_model import Ridge
 
 from probing_core.cli import main
 from probing_core.errors import ProbeError, StoreError
-from probing_core.solvers.ridge import decompose_ridge, decompose_ridge_streamed, fit_ridge_path, make_split
+from probing_core.solvers.ridge import (
+    decompose_ridge,
+    decompose_ridge_streamed,
+    fit_ridge_path,
+    make_split,
+)
 from probing_core.store import shards
-from probing_core.store.activations import build_cache, open_entry
+from probing_core.store.activations import BuildParams, build_cache, open_entry
 from probing_core.store.entries import ActivationStore
 
 REPO = Path(__file__).resolve().parents[2]
 HOOKS = ("embed", "resid_post", "mlp_post")
-TABLE = ("token_ids", "seq", "pos", "next_ids", "doc_index")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -37,12 +40,7 @@ def local_entry(tiny_model, pydoc_dataset, tmp_path_factory):
 
 
 def _same_entry(store_a, key_a, store_b, key_b) -> None:
-    a, b = open_entry(store_a, key_a), open_entry(store_b, key_b)
-    assert a.hooks == b.hooks and a.n_tokens == b.n_tokens
-    for t in TABLE:
-        assert np.array_equal(getattr(a, t), getattr(b, t)), t
-    for h in a.hooks:
-        assert np.array_equal(np.asarray(a.hook(h)), np.asarray(b.hook(h))), h  # bitwise
+    assert shards.compare_entries(store_a, key_a, store_b, key_b) == []  # bitwise: token table and every hook
 
 
 class _StopAfter:
@@ -91,7 +89,7 @@ def test_local_sharded_build_equals_the_one_file_build(tiny_model, pydoc_dataset
     store = ActivationStore(tmp_path / "s")
     hooks = tiny_model.hook_names(HOOKS)
     res = shards.build_sharded(tiny_model, pydoc_dataset, hooks, store=store, run=shards.local_runner(tiny_model),
-                               engine="local-shards", max_len=64, max_tokens=3000, batch_size=4, rows_per_shard=10)
+                               engine="local-shards", params=BuildParams(64, 3000, batch_size=4), rows_per_shard=10)
     n_seq = int(res.entry.meta["n_seq"])
     assert res.built and res.entry.key == e0.key  # same key whichever engine filled it
     assert res.ranges_total == res.ranges_computed == -(-n_seq // 12)  # 10 rows → 3 whole batches of 4
@@ -102,19 +100,19 @@ def test_local_sharded_build_equals_the_one_file_build(tiny_model, pydoc_dataset
     assert not list(store.entries_dir.glob(".partial-*"))
     # A second build of the key finds the entry; `cache ls` says how each was built.
     again = shards.build_sharded(tiny_model, pydoc_dataset, hooks, store=store, run=shards.local_runner(tiny_model),
-                                 engine="local-shards", max_len=64, max_tokens=3000, batch_size=4)
+                                 engine="local-shards", params=BuildParams(64, 3000, batch_size=4))
     assert not again.built and again.forward_passes == 0
     store.verify(e0.key)
     assert store.verify(e0.key).meta["n_shards"] == res.ranges_total
 
 
 def test_cache_ls_says_how_an_entry_was_built(tiny_model, pydoc_dataset, local_entry, tmp_path, capsys):
-    store0, e0 = local_entry
+    _, e0 = local_entry
     root = tmp_path / "cache"
     store = ActivationStore(root / "activations")
     shutil.copytree(e0.path, store.path_of(e0.key))
     shards.build_sharded(tiny_model, pydoc_dataset, tiny_model.hook_names(["embed"]), store=store,
-                         run=shards.local_runner(tiny_model), engine="local-shards", max_len=32, max_tokens=500)
+                         run=shards.local_runner(tiny_model), engine="local-shards", params=BuildParams(32, 500))
     capsys.readouterr()
     assert main(["cache", "ls", "--json", "--cache-dir", str(root)]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -127,7 +125,7 @@ def test_resume_computes_only_missing_ranges(tiny_model, pydoc_dataset, local_en
     store0, e0 = local_entry
     store = ActivationStore(tmp_path / "s")
     hooks = tiny_model.hook_names(HOOKS)
-    kw = dict(store=store, engine="local-shards", max_len=64, max_tokens=3000, batch_size=4, rows_per_shard=8)
+    kw = {"store": store, "engine": "local-shards", "params": BuildParams(64, 3000, batch_size=4), "rows_per_shard": 8}
     with pytest.raises(StoreError, match=r"3 of \d+ shards are finished and kept.*run the same build again"):
         shards.build_sharded(tiny_model, pydoc_dataset, hooks, run=_StopAfter(tiny_model, 3), **kw)
     assert store.get(e0.key) is None and store.entries() == []  # nothing half-written is visible
@@ -149,11 +147,45 @@ def test_resume_computes_only_missing_ranges(tiny_model, pydoc_dataset, local_en
     assert not part.exists()
 
 
+def test_cache_rm_removes_an_unfinished_builds_shards_unless_their_builder_is_alive(tiny_model, pydoc_dataset,
+                                                                                     tmp_path, capsys):
+    root = tmp_path / "cache"
+    store = ActivationStore(root / "activations")
+    hooks = tiny_model.hook_names(["embed"])
+    params = BuildParams(32, 600)
+    key = params.key(tiny_model, pydoc_dataset, hooks)
+    part = shards.partial_dir(store, key)
+    refused: list[str] = []
+
+    def progress(frac: float, msg: str) -> None:  # runs inside the live build, which holds the key's lock
+        if "shards, rows" in msg and not refused:
+            with pytest.raises(StoreError, match=r"a build of \w+ is running now.*stop that build") as e:
+                store.delete(key)
+            assert (part / "shards").is_dir()  # the live build's shards are untouched
+            refused.append(str(e.value))
+
+    with pytest.raises(StoreError, match=r"2 of \d+ shards are finished and kept"):
+        shards.build_sharded(tiny_model, pydoc_dataset, hooks, store=store, run=_StopAfter(tiny_model, 2),
+                             engine="local-shards", params=params, rows_per_shard=4, progress=progress)
+    assert refused and len([d for d in (part / "shards").iterdir() if not d.name.startswith(".")]) == 2
+    # The builder is gone: `cache rm KEY` removes the unfinished build's folder (no entry was committed).
+    capsys.readouterr()
+    assert main(["cache", "rm", key, "--cache-dir", str(root)]) == 0
+    assert f"deleted {key}" in capsys.readouterr().out
+    assert not part.exists() and not list(store.entries_dir.iterdir())
+    assert main(["cache", "rm", key, "--cache-dir", str(root)]) == 1  # nothing left to delete
+    # A committed entry and a leftover partial folder of the same key go together (Home's Delete).
+    entry = shards.build_sharded(tiny_model, pydoc_dataset, hooks, store=store, run=shards.local_runner(tiny_model),
+                                 engine="local-shards", params=params, rows_per_shard=4).entry
+    (part / "shards").mkdir(parents=True)
+    assert store.delete(entry.key) and not part.exists() and store.get(key) is None
+
+
 def test_verify_finds_a_damaged_shard_of_a_committed_entry(tiny_model, pydoc_dataset, tmp_path):
     store = ActivationStore(tmp_path / "s")
     res = shards.build_sharded(tiny_model, pydoc_dataset, tiny_model.hook_names(["embed"]), store=store,
-                               run=shards.local_runner(tiny_model), engine="local-shards", max_len=32,
-                               max_tokens=600, rows_per_shard=8)
+                               run=shards.local_runner(tiny_model), engine="local-shards", params=BuildParams(32, 600),
+                               rows_per_shard=8)
     assert res.ranges_total > 1
     path = next((res.entry.path / "shards").iterdir()) / "hook_embed.npy"
     arr = np.load(path)
@@ -167,7 +199,7 @@ def test_shards_and_the_cli_do_not_import_ray():
     code = ("import sys, probing_core.cli, probing_core.store.shards, probing_core.store.ray_engine, "
             "probing_core.solvers.ridge; from probing_core.cli import build_parser; build_parser(); "
             "print('ray' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
 
@@ -177,8 +209,8 @@ def test_shards_and_the_cli_do_not_import_ray():
 def sharded_entry(tiny_model, pydoc_dataset, tmp_path_factory):
     store = ActivationStore(tmp_path_factory.mktemp("sharded"))
     res = shards.build_sharded(tiny_model, pydoc_dataset, tiny_model.hook_names(HOOKS), store=store,
-                               run=shards.local_runner(tiny_model), engine="local-shards", max_len=64,
-                               max_tokens=3000, batch_size=4, rows_per_shard=4)
+                               run=shards.local_runner(tiny_model), engine="local-shards",
+                               params=BuildParams(64, 3000, batch_size=4), rows_per_shard=4)
     return store, res.entry
 
 
