@@ -38,8 +38,8 @@ if view == VIEWS[0]:
         st.session_state["iv_truth_ran"] = True
         res = glue.truth_case(model, name, n, held, K, pair)  # a bad input: its message, and the page stops
         s = res.summary()
-        glue.metric_row(("Best layer (logistic)", s["best_layer"], {"help": s["best_hook"]}), ("Held-out accuracy there",
-                         f"{s['best_logistic_accuracy']:.3f}", {"delta": f"chance {s['chance']:.2f}", "delta_color": "off"}),
+        glue.metric_row(("Best layer (logistic)", s["best_layer"], {"help": s["best_hook"]}),
+                        ("Held-out accuracy there", f"{s['best_logistic_accuracy']:.3f}", {"delta": f"chance {s['chance']:.2f}", "delta_color": "off"}),
                         ("Mass-mean probe there", f"{s['mass_mean_accuracy_at_best']:.3f}"))
         st.plotly_chart(plots.truth_curve_figure(res.curve), key="iv_truth_curve")
         st.plotly_chart(plots.steering_sweep_figure(res.sweep), key="iv_truth_sweep")

@@ -23,8 +23,7 @@ RESID = ["hook_embed", "blocks.0.hook_resid_pre", "blocks.0.hook_resid_post", "b
 
 @pytest.fixture(scope="module")
 def acts(tiny_entry):
-    store, entry = tiny_entry
-    return open_entry(store, entry.key)
+    return open_entry(tiny_entry[0], tiny_entry[1].key)  # (store, entry) of conftest's tiny entry
 
 
 @pytest.fixture(scope="module")
