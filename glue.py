@@ -344,47 +344,6 @@ def shared_result(shelf: str, key: Hashable, compute: Callable[[Callable[[float,
         event.set()
 
 
-@st.cache_resource(show_spinner=False)
-def _warm_lock() -> threading.Lock:
-    """Held while a background warm-up runs (one at a time per process: the CPU is shared by every session)."""
-    return threading.Lock()
-
-
-def warm_shelves(jobs: Sequence[tuple[str, Hashable, Callable[[], Any]]], *, keep: int = 64) -> bool:
-    """Fill shelf entries in a background thread, most likely first, so the next slider moves find them.
-
-    ``jobs``: ``(shelf, key, compute)`` exactly as a page later asks :func:`shared_result` (or
-    :func:`cached_figure`: shelf ``"figures"``, key ``(name, key)``). Present entries are skipped; a
-    compute that raises :class:`ProbingError` is skipped too (the page shows the error when it asks).
-    Returns False when another warm-up is still running (the next rerun asks again).
-    """
-    lock, shelves = _shelves()
-    busy = _warm_lock()
-    if not busy.acquire(blocking=False):
-        return False
-
-    def run() -> None:
-        try:
-            for shelf, key, compute in jobs:
-                with lock:
-                    if key in shelves.setdefault(shelf, OrderedDict()):
-                        continue
-                try:
-                    value = compute()
-                except ProbingError:
-                    continue
-                with lock:
-                    items = shelves[shelf]
-                    items[key] = value
-                    while len(items) > (FIGURES_KEEP if shelf == "figures" else keep):
-                        items.popitem(last=False)
-        finally:
-            busy.release()
-
-    threading.Thread(target=run, name="warm-shelves", daemon=True).start()
-    return True
-
-
 #: Figures kept per process (a sparse path's 17 steps × 4 figures fit, with room for other pages).
 FIGURES_KEEP = 160
 
@@ -404,6 +363,61 @@ def cached_figure(name: str, key: Hashable, build: Callable[[], Any], *, keep: i
             while len(items) > keep:
                 items.popitem(last=False)
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse probes and Layer probes (issue 16): their shared results, one fit per state for every session
+# ---------------------------------------------------------------------------------------------
+
+
+def sparse_fit(model: LoadedModel, acts: CachedActivations, hook: str, q: Any) -> Any:
+    """The Sparse page's :class:`~probing_core.analyses.sparse.SparseFit` for ``hook`` and query ``q``.
+
+    Three shelves: the contexts and the embed-only baseline depend on the entry and the query, not on
+    the hook (a hook change refits only that hook's path); the fit holds the whole C path, the embed-only
+    probe on the same C values and the control task along the path, so a C move is a lookup.
+    """
+    from probing_core.analyses import sparse
+
+    ctx = shared_result("sparse_contexts", (acts.key, q.contexts_key()), lambda _: sparse.mine(acts, model.tokenizer, q),
+                        keep=16, label="Mining contexts")
+    embed = None
+    if "hook_embed" in acts.hooks:
+        embed = shared_result("sparse_embed", (acts.key, q), lambda _: sparse.fit_embed_baseline(
+            acts, ctx, penalty=q.penalty, l1_ratio=q.l1_ratio, cv=q.cv or None), keep=16,
+            label="Fitting the embed-only baseline")
+    return shared_result("sparse_fit", (acts.key, hook, q), lambda p: sparse.fit_sparse(
+        acts, hook, ctx, q, embed_best=embed, progress=p), keep=16, label="Fitting the whole C path at once")
+
+
+def layer_probes(key: str, hooks: tuple[str, ...], label: Any, pos: Any, C: float, *, test_fraction: float = 0.3,
+                 seed: int = 0, control_samples: Any = "task") -> Any:
+    """The Layer probes table for this state (``layer_probes.probe_layers``), shared by every session; a fresh fit
+    shows a progress bar per hook. Always fitted cold (never warm-started from the state before), so a table does
+    not depend on the order in which the controls were moved. ``control_samples="task"``: the control task on as
+    many rows as the real task (its fit then costs what the real one costs; None: up to 6,000 rows)."""
+    from probing_core.analyses import layer_probes as lp
+
+    return shared_result("layer_probes", repr((key, hooks, label, pos, C, test_fraction, seed, control_samples)),
+                         lambda progress: lp.probe_layers(get_entry(key), list(hooks), label, pos, C=C,
+                                                          test_fraction=test_fraction, seed=seed, progress=progress,
+                                                          control_samples=control_samples),
+                         keep=16, label="Fitting one probe per hook")
+
+
+def tree_edge_probes(model: LoadedModel, n_trees: int, seed: int, C: float) -> tuple[Any, str]:
+    """The tree edge preset: its prompts cached through the store (progress bar), then the edge probes at every
+    layer (shared by every session). Returns ``(LayerAccuracyResult, entry key)``."""
+    from probing_core.analyses import layer_probes as lp
+
+    update, done = progress_bar("Caching tree prompts")
+    try:
+        entry = lp.build_tree_cache(model, lp.tree_edge_samples(n_trees, seed), get_store(), seed=seed, progress=update)
+    finally:
+        done()
+    return shared_result("layers_tree", (entry.key, n_trees, seed, C), lambda p: lp.probe_tree_edges(
+        get_entry(entry.key), lp.tree_edge_samples(n_trees, seed), C=C, seed=seed, progress=p), keep=4,
+        label="Probing the edges at every layer"), entry.key
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ their JSON, the protobuf messages). Each row splits that time into
 * **rest** — everything else: Streamlit's script run, widgets, dataframes (Arrow), AppTest's own
   parsing of the message tree (a few ms per element).
 
-Work done meanwhile by a page's background warm-up thread (``glue.warm_shelves``) is not counted in
-the split, but it shares the CPU (and the GIL) with the rerun, so it shows up in the totals.
+The pages start no background work of their own (the Sparse page's C path, embed-only baseline
+and control task are fitted once per state, so a C move is a lookup); a thread named
+``warm-shelves`` (older trees) would not be counted in the split, only in the totals.
 
 Every move goes to a value not seen before in this process (no warm repeat), except rows marked
 "back", which return to an earlier value (what per-state caches buy). The entries are the app's
@@ -203,8 +204,8 @@ def step(kind: str, key: str, values: list | None = None, *, back: bool = False,
     return move
 
 
-#: The Sparse page's C control: a select_slider over C values before this work, a slider over path steps after.
-_C_KIND = "slider" if "st.slider(" in (REPO / "pages" / "sparse.py").read_text().split("sparse_C")[0][-400:] else "select_slider"
+#: The Sparse page's C control: a slider over the steps of the C path (the URL holds the step).
+_C_KIND = "slider"
 
 PLANS: dict[str, list[tuple[str, Callable]]] = {
     "regression": [
@@ -222,6 +223,7 @@ PLANS: dict[str, list[tuple[str, Callable]]] = {
     ],
     "layers": [
         ("top-K slider", step("slider", "layers_top_k", [15, 10, 25, 30])),
+        ("top-K back to a seen value", step("slider", "layers_top_k", [20])),
         ("C slider", step("select_slider", "layers_C", [0.1, 10.0, 0.01])),
         ("label change (token offset)", step("slider", "layers_offset", [-2, 1, -3, -4])),
     ],

@@ -54,6 +54,10 @@ __all__ = [
     "probe_tree_edges",
     "run_tree_edge_preset",
     "chance_note",
+    "families_in",
+    "table_note",
+    "split_note",
+    "FAMILIES",
     "DEFAULT_MAX_SAMPLES",
 ]
 
@@ -402,7 +406,7 @@ def _check_hooks(acts: CachedActivations, hooks: Sequence[str]) -> list[str]:
 
 
 def _fit_by_width(acts: CachedActivations, hooks: list[str], rows: np.ndarray, y: np.ndarray, *, C: float,
-                  test_fraction: float, seed: int, progress: Progress | None = None
+                  test_fraction: float, seed: int, progress: Progress | None = None, tol: float = 1e-4,
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, int]:
     """Fit all hooks (one fit per feature width). Returns train, test, converged [H], chance, n_test.
 
@@ -430,7 +434,7 @@ def _fit_by_width(acts: CachedActivations, hooks: list[str], rows: np.ndarray, y
         # clearly rather than swap when an entry is larger than memory (the ridge probe streams).
         check_fits_in_memory(2 * len(rows_s) * int(w) * 4, "the per-layer multiclass probe")
         res = multiclass.fit_multiclass_all_hooks(X, y_s, C=C, test_fraction=test_fraction, seed=seed, rows=rows_s,
-                                                progress=tick)
+                                                progress=tick, tol=tol)
         tr[idx], te[idx], conv[idx] = res.train_accuracy, res.test_accuracy, res.converged
         chance = res.chance
         n_test = int(len(res.test_idx))
@@ -453,6 +457,8 @@ def probe_tasks(
     position: str = "",
     notes: Sequence[str] = (),
     progress: Progress | None = None,
+    tol: float = 1e-4,
+    control_samples: int | Literal["task"] | None = None,
 ) -> LayerAccuracyResult:
     """Fit one multinomial L2 probe per hook and task (all hooks at once per task).
 
@@ -470,6 +476,11 @@ def probe_tasks(
             ``max_samples``). A probe can only score on it by memorising types.
         label, position, notes: descriptions carried into the result.
         progress: ``cb(fraction, message)``.
+        control_samples: cap on the control task's rows (a seeded subsample): None = ``max_samples``;
+            ``"task"`` = as many rows as the first column's real task (the same n on both sides of the
+            selectivity, and a control fit that costs what the real one costs).
+        tol: the solver's stopping tolerance (scikit-learn's lbfgs ``tol`` scaling; see
+            ``multiclass.fit_multiclass_all_hooks``); ``converged`` is that gradient norm within ``10 * tol``.
 
     Returns:
         :class:`LayerAccuracyResult`.
@@ -531,13 +542,13 @@ def probe_tasks(
             def tick(f: float, msg: str, k: int = k, name: str = task.name) -> None:
                 progress((k + f) / slots, f"{name}: {msg}")
         tr, te, cv, ch, nt = _fit_by_width(acts, hooks, rows, y, C=C, test_fraction=test_fraction, seed=seed,
-                                           progress=tick)
+                                           progress=tick, tol=tol)
         train[:, k], test[:, k], conv[:, k], chance[k], n_test[k] = tr, te, cv, ch, nt
         n_samples[k] = idx.size
         classes.append(sorted(set(y.tolist())))
         if first_kept is None:
             first_kept = (np.asarray(task.rows), np.asarray(task.token_types), k)
-            first_y = y
+            first_y, first_n = y, idx.size
     selectivity = np.full(H, np.nan)
     if control and first_kept is not None:
         all_rows, all_types, k0 = first_kept
@@ -546,8 +557,12 @@ def probe_tasks(
         # real task at max_samples): a task solvable only by memorising types.
         yc_all = splits.control_labels(all_types, first_y, seed=seed)
         pick = np.arange(all_rows.size)
-        if pick.size > max_samples:
-            pick = np.sort(np.random.default_rng(seed + 7).choice(pick, size=max_samples, replace=False))
+        cap = max_samples if control_samples is None else first_n if control_samples == "task" else int(control_samples)
+        if pick.size > cap:
+            pick = np.sort(np.random.default_rng(seed + 7).choice(pick, size=cap, replace=False))
+            if cap < max_samples:
+                notes_out.append(f"control task: a seeded subsample of {cap:,} of its {all_rows.size:,} rows"
+                                 + (" (as many as the real task has)." if control_samples == "task" else "."))
         rows, yc = all_rows[pick], yc_all[pick]
         cls_c, cnt_c = np.unique(yc, return_counts=True)
         usable = np.isin(yc, cls_c[cnt_c >= 2])  # a class drawn for rare types only: too few rows to split
@@ -561,7 +576,7 @@ def probe_tasks(
                 def tick(f: float, msg: str) -> None:
                     progress((K + f) / (K + 1), f"control task: {msg}")
             _, control_acc, _, control_chance, control_n_test = _fit_by_width(
-                acts, hooks, rows, yc, C=C, test_fraction=test_fraction, seed=seed, progress=tick)
+                acts, hooks, rows, yc, C=C, test_fraction=test_fraction, seed=seed, progress=tick, tol=tol)
             control_col = tasks[0].name
             selectivity = test[:, 0] - control_acc
             control_ci = splits.accuracy_ci(np.round(control_acc * control_n_test), control_n_test)
@@ -596,6 +611,8 @@ def probe_layers(
     max_samples: int = DEFAULT_MAX_SAMPLES,
     control: bool = True,
     progress: Progress | None = None,
+    tol: float = 1e-4,
+    control_samples: int | Literal["task"] | None = None,
 ) -> LayerAccuracyResult:
     """Probe accuracy of categorical labels across hooks (layers) and positions.
 
@@ -607,7 +624,7 @@ def probe_layers(
         hooks: [H] hooks held by the entry (hooks of different widths are fitted in groups).
         label_spec: one label or several (one column each).
         position_spec: which token rows to read.
-        test_fraction, seed, C, max_samples, control, progress: see :func:`probe_tasks`.
+        test_fraction, seed, C, max_samples, control, progress, tol, control_samples: see :func:`probe_tasks`.
 
     Returns:
         :class:`LayerAccuracyResult` with test accuracy ``[H, columns]``.
@@ -650,7 +667,7 @@ def probe_layers(
     return probe_tasks(
         acts, hooks, tasks, top_k=labels[0].top_k, test_fraction=test_fraction, seed=seed, C=C,
         max_samples=max_samples, control=control, label=", ".join(s.name() for s in labels),
-        position=position_spec.name(), notes=notes, progress=progress,
+        position=position_spec.name(), notes=notes, progress=progress, tol=tol, control_samples=control_samples,
     )
 
 
@@ -763,6 +780,33 @@ def probe_tree_edges(
         progress=progress,
     )
     return replace(res, notes=[*res.notes, chance_note(res)])
+
+
+#: Hook families a layer probe reads, in model order.
+FAMILIES = ("embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+
+
+def families_in(model: LoadedModel, hooks: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The hook families an entry holds (of :data:`FAMILIES`) and the default pick (embed and resid_post)."""
+    have = [f for f in FAMILIES if any(h in hooks for h in model.hook_names([f]))]
+    return have, [f for f in ("embed", "resid_post") if f in have] or have[:1]
+
+
+def table_note(res: LayerAccuracyResult) -> str:
+    """What the accuracy table shows, in words (for the caption above it)."""
+    return (f"Each row is one place in the model, from the embedding down to the last layer; each number is the share "
+            f"of held-out tokens where a probe trained there names the **{res.label}** correctly "
+            f"({', '.join(f'{len(c)} classes' for c in res.classes[:1])}). **Control** is the same probe on a task "
+            "where each type of the token the label is about (e.g. the token two back) gets a random class "
+            "(memorizing types scores there); **selectivity** = real − control: the part the layer really encodes.")
+
+
+def split_note(res: LayerAccuracyResult, test_fraction: float) -> str:
+    """The held-out split, chance, samples and C behind the table (for the caption below it)."""
+    return (f"Held out: a stratified {test_fraction:.0%} of the samples per column. Chance (majority class of the test "
+            f"split): {', '.join(f'{c} {v:.3f} (n_test {int(n):,})' for c, v, n in zip(res.columns, res.chance, res.n_test))}"
+            + (f" · control majority {res.control_chance:.3f}" if res.control_column else "")
+            + f" · samples: {', '.join(f'{n:,}' for n in res.n_samples)} · C = {res.C:g}; intervals: 95 % Wilson.")
 
 
 def chance_note(res: LayerAccuracyResult) -> str:

@@ -1,13 +1,15 @@
 """Figures for layer probes (probing_core.analyses.layer_probes): accuracy heatmap and accuracy-vs-layer lines."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import plotly.graph_objects as go
 
 from probing_core.analyses.layer_probes import LayerAccuracyResult
 from probing_core.plots._common import hook_label, hook_labels, legend_below
 
-__all__ = ["accuracy_heatmap", "accuracy_lines", "short_hook"]
+__all__ = ["accuracy_heatmap", "accuracy_lines", "accuracy_tables", "short_hook"]
 
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 
@@ -15,6 +17,23 @@ _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#
 def short_hook(hook: str) -> str:
     """The hook named for people (kept for callers of the old name): see :func:`hook_label`."""
     return hook_label(hook)
+
+
+def accuracy_tables(result: LayerAccuracyResult, *, research: bool = True) -> tuple[Any, Any]:
+    """The accuracy table for people, and its 95 % intervals apart (many interval columns ran off the right edge).
+
+    Returns:
+        ``(table, intervals)``: pandas DataFrames with a "layer" column named for people first (the raw
+        ``hook`` column only when ``research``); ``intervals`` is None when the result has none.
+    """
+    import pandas as pd
+
+    shown = pd.DataFrame(result.table())
+    shown.insert(0, "layer", [hook_label(h) for h in result.hooks])
+    if not research:
+        shown = shown.drop(columns="hook")
+    ci_cols = [c for c in shown.columns if c.endswith("95% CI")]
+    return shown.drop(columns=ci_cols), shown[["layer", *ci_cols]] if ci_cols else None
 
 
 def accuracy_heatmap(result: LayerAccuracyResult, *, title: str | None = None) -> go.Figure:

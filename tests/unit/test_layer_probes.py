@@ -186,3 +186,44 @@ def test_tree_preset_on_checkpoint(store):
     assert acc["node 1 @ 2nd token (→dst)"][0] > 0.99  # embed: the arrow token names the target
     assert acc["node 0 @ 2nd token (→dst)"][0] < 0.3  # embed: the source is one position back
     assert acc["node 0 @ 2nd token (→dst)"][1:].max() > 0.8  # attention moves it in after layer 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The page's cheaper control task, and what the page shows (issue 16 / 19)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_control_on_as_many_rows_as_the_task(acts):
+    """control_samples="task": the control probe gets the real task's n (a seeded subsample of every row of the
+    column, types outside the top-K included); the default keeps every row up to max_samples."""
+    spec = LayerLabelSpec("token", -1, top_k=6)
+    full = probe_layers(acts, HOOKS, spec, PositionSpec("all"))
+    same = probe_layers(acts, HOOKS, spec, PositionSpec("all"), control_samples="task")
+    again = probe_layers(acts, HOOKS, spec, PositionSpec("all"), control_samples="task")
+    assert np.array_equal(same.test_accuracy, full.test_accuracy)  # the real task does not change
+    n = int(same.n_samples[0])
+    assert same.control_n_test == pytest.approx(0.3 * n, abs=len(same.classes[0]) + 1)  # 30 % of n rows held out
+    assert full.control_n_test > same.control_n_test
+    assert any(f"subsample of {n:,} of its" in note and "as many as the real task" in note for note in same.notes)
+    assert not any("as many as the real task" in note for note in full.notes)
+    assert np.array_equal(same.control_accuracy, again.control_accuracy)  # seeded: the same table every time
+    assert np.allclose(same.selectivity, same.test_accuracy[:, 0] - same.control_accuracy)
+
+
+def test_page_notes_and_tables(acts, tiny_model):
+    from probing_core.analyses.layer_probes import families_in, split_note, table_note
+    from probing_core.plots.layers import accuracy_tables
+
+    res = probe_layers(acts, HOOKS, LayerLabelSpec("token", -1, top_k=6), PositionSpec("all"))
+    have, default = families_in(tiny_model, acts.hooks)
+    assert default == ["embed", "resid_post"] and set(default) <= set(have)
+    assert "Each row is one place in the model" in table_note(res) and "token at -1" in table_note(res)
+    note = split_note(res, 0.3)
+    assert note.startswith("Held out: a stratified 30% of the samples") and f"C = {res.C:g}" in note
+    assert f"n_test {int(res.n_test[0]):,}" in note and "control majority" in note
+    table, intervals = accuracy_tables(res, research=True)
+    assert list(table.columns[:2]) == ["layer", "hook"] and list(table["hook"]) == HOOKS
+    assert table["layer"].iloc[0] == "embedding" and not any(c.endswith("95% CI") for c in table.columns)
+    assert list(intervals.columns) == ["layer", "token at -1 95% CI"]
+    plain, _ = accuracy_tables(res, research=False)
+    assert "hook" not in plain.columns and plain["token at -1"].tolist() == table["token at -1"].tolist()
