@@ -66,3 +66,13 @@ def test_imports_flow_one_way_and_never_streamlit(path):
 def test_every_module_says_what_it_owns(path):
     doc = ast.get_docstring(ast.parse(path.read_text()))
     assert doc and len(doc.splitlines()[0]) > 20, f"{path.relative_to(CORE)}: first line should say what it owns"
+
+
+PAGES = sorted((CORE.parent / "pages").glob("*.py"))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_pages_stay_thin(page):
+    """A page lays out widgets and charts; what it computes lives in the core, what it caches in glue.py."""
+    n = len(page.read_text().splitlines())
+    assert PAGES and n <= 120, f"{page.name} has {n} lines: move logic into probing_core or glue.py"
