@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -111,7 +113,7 @@ def prepare_cache(tokens: int) -> Path:
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-m", "probing_core", "cache", "build", "--model", "embedded",
                           "--dataset", "pydoc", "--hooks", "embed", "resid_post", "--max-tokens", str(tokens),
-                          "--json"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+                          "--json"], check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     if res.returncode != 0:
         sys.exit(f"cache build failed: {res.stderr[-2000:]}")
     print(f"cache entry: {tokens:,} tokens of pydoc, embed + resid_post (31 hooks), built in "
@@ -133,7 +135,7 @@ class Server:
         env = {k: v for k, v in os.environ.items() if k not in ("PROBING_DEMO", "PROBING_AUTH") and not k.startswith("STREAMLIT_")}
         env.update(PROBING_CACHE_DIR=str(cache_dir), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
         self.log_path = log_path
-        self._log = open(log_path, "w")
+        self._log = open(log_path, "w")  # noqa: SIM115 — the server writes it until close()
         cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(self.port),
                "--server.headless", "true", "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
@@ -156,6 +158,7 @@ class Server:
 
     def _poll(self) -> None:
         while not self._stop.is_set():
+            t_poll = time.monotonic()  # a poll is filed under the time its request started
             ok, secs = _health(self.base)
             t0 = time.perf_counter()
             try:
@@ -168,7 +171,7 @@ class Server:
                 rss = self.ps.memory_info().rss
             except psutil.Error:
                 rss = 0
-            self.samples.append((time.monotonic(), ok, secs, rss, control))
+            self.samples.append((t_poll, ok, secs, rss, control))
             self._stop.wait(0.25)
 
     def window(self, t0: float, t1: float) -> list[tuple[float, bool, float, int, float]]:
@@ -191,6 +194,84 @@ class Server:
             self.proc.kill()
             self.proc.wait(timeout=10)
         self._log.close()
+
+
+class GilProfile:
+    """Which thread holds the server's GIL, and doing what (``py-spy record --gil``, 100 Hz, no pauses).
+
+    py-spy samples only the thread holding the GIL; samples over (rate × seconds) is the share of the
+    time the GIL was held. The main thread runs the server's event loop (uvicorn/asyncio in Streamlit
+    1.67), which answers /_stcore/health and every browser's messages: while another thread holds
+    the GIL it cannot run.
+    """
+
+    RATE = 100
+
+    def __init__(self, pid: int, out: Path) -> None:
+        exe = shutil.which("py-spy") or "/tmp/pyspy/bin/py-spy"
+        if not Path(exe).exists():
+            sys.exit("--profile needs py-spy (pip install --target /tmp/pyspy py-spy; not a requirement)")
+        self.pid, self.out = pid, out
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen([exe, "record", "--pid", str(pid), "--gil", "--threads", "--nonblocking",
+                                      "--rate", str(self.RATE), "--format", "raw", "-o", str(out)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> str:
+        """A few lines: the GIL's busy share, the main thread's share, the top holders."""
+        seconds = time.monotonic() - self.t0
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        try:
+            lines = self.out.read_text().splitlines()
+        except OSError:
+            return "    (py-spy wrote no profile)"
+        held: dict[str, int] = {}
+        main = total = 0
+        for line in lines:
+            stack, _, count = line.rpartition(" ")
+            if not count.isdigit():
+                continue
+            frames = stack.split(";")
+            n = int(count)
+            total += n
+            if frames[0].startswith(f"thread ({self.pid})"):
+                main += n
+            k = _where(frames[1:])
+            held[k] = held.get(k, 0) + n
+        expected = self.RATE * seconds
+        out = [(f"    GIL held in {total:,} of ~{expected:,.0f} samples ({100 * total / expected:.0f} % of the round); "
+               f"by the main thread (event loop) {100 * main / max(total, 1):.0f} % of those")]
+        for k, n in sorted(held.items(), key=lambda kv: -kv[1])[:12]:
+            out.append(f"      {100 * n / max(total, 1):5.1f} %  {k[:160]}")
+        return "\n".join(out)
+
+
+def _where(frames: list[str]) -> str:
+    """The innermost project frame and the innermost frame: what the thread was doing."""
+    proj = [f for f in frames if any(k in f for k in ("(glue.py", "(app.py", "probing_core"))
+            or re.match(r"<module> \((regression|lens|home|sparse|layers|attention|interventions|tree)\.py", f)]
+    leaf = re.sub(r":\d+\)$", ")", frames[-1]) if frames else "?"
+    where = re.sub(r":\d+\)$", ")", proj[-1]) if proj else ""
+    return f"{where} → {leaf}" if where and where != leaf else leaf
+
+
+def _cpu_seconds(procs: list[psutil.Process]) -> float:
+    t = 0.0
+    for p in procs:
+        try:
+            c = p.cpu_times()
+            t += c.user + c.system
+        except psutil.Error:
+            pass
+    return t
+
+
+def _chromium_procs() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith(("chromium", "chrome"))]
 
 
 async def _timed(page, act) -> float:
@@ -262,7 +343,7 @@ async def session(browser, base: str, label: str, prompt: str) -> tuple[dict[str
         errors.append(f"{type(e).__name__} after {list(times)}: {str(e).splitlines()[0][:200]} {state}")
     finally:
         await ctx.close()
-    missed = [a for a, s in times.items() if s != s]  # NaN: no script run was seen after the action
+    missed = [a for a, s in times.items() if math.isnan(s)]  # NaN: no script run was seen after the action
     for a in missed:
         del times[a]
         errors.append(f"{a}: no script run seen (latency unknown)")
@@ -274,15 +355,25 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
-async def run_round(browser, server: Server, n: int, round_no: int) -> dict:
+async def run_round(browser, server: Server, n: int, round_no: int, profile_dir: Path | None = None) -> dict:
     labels = [LABELS[(2 * round_no + i % 2) % len(LABELS)] for i in range(n)]
     prompts = [f"Round {round_no}, visitor {i}: the capital of France is" for i in range(n)]
     tb0 = server.tracebacks()
+    chromium = _chromium_procs()
+    cpu0 = (_cpu_seconds([server.ps]), _cpu_seconds(chromium), psutil.cpu_times())
+    prof = GilProfile(server.proc.pid, profile_dir / f"gil-n{n}.txt") if profile_dir else None
     t0 = time.monotonic()
     results = await asyncio.gather(*(session(browser, server.base, labels[i], prompts[i]) for i in range(n)))
     t1 = time.monotonic()
+    gil = prof.stop() if prof else None
+    chromium = {p.pid: p for p in chromium + _chromium_procs()}.values()  # renderers come and go
+    machine = psutil.cpu_times()
     win = server.window(t0, t1)
     return {
+        "gil": gil,
+        "cpu": {"server": _cpu_seconds([server.ps]) - cpu0[0], "chromium": _cpu_seconds(list(chromium)) - cpu0[1],
+                "machine": (machine.user + machine.system + machine.nice) - (cpu0[2].user + cpu0[2].system + cpu0[2].nice),
+                "capacity": (t1 - t0) * (os.cpu_count() or 1)},
         "n": n, "wall": t1 - t0,
         "times": {a: [r[0][a] for r in results if a in r[0]] for a in ACTIONS},
         "errors": [e for r in results for e in r[1]],
@@ -312,6 +403,11 @@ def report(r: dict) -> None:
     print(f"  /_stcore/health: {r['health_n']} polls, median {r['health_p50'] * 1000:.0f} ms, slowest "
           f"{r['health_max'] * 1000:.0f} ms, {r['health_slow']} failed or over 1 s; control http.server: slowest "
           f"{r['control_max'] * 1000:.0f} ms, {r['control_slow']} over 1 s; machine load average {r['load']:.1f}")
+    c = r["cpu"]
+    print(f"  CPU seconds in the round: server {c['server']:.0f}, Chromium {c['chromium']:.0f} (renderers that ended "
+          f"before the round's end are not counted), whole machine {c['machine']:.0f} of {c['capacity']:.0f} available")
+    if r["gil"]:
+        print("  who held the server's GIL (py-spy):\n" + r["gil"])
 
 
 async def main_async(args) -> int:
@@ -325,7 +421,13 @@ async def main_async(args) -> int:
     bad = 0
     try:
         async with async_playwright() as pw:
-            browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            exe = CHROMIUM
+            if args.nice_browsers:  # a wrapper, so every renderer it forks inherits the niceness
+                exe = str(cache_dir / "chromium-niced")
+                Path(exe).write_text(f'#!/bin/sh\nexec nice -n {args.nice_browsers} {CHROMIUM} "$@"\n')
+                os.chmod(exe, 0o755)
+                print(f"Chromium runs at niceness {args.nice_browsers} (the browsers model remote clients; the server is not niced)")
+            browser = await pw.chromium.launch(executable_path=exe, headless=True, args=CHROMIUM_ARGS)
             # Idle baseline: the server with no visitor, against the control.
             t0 = time.monotonic()
             await asyncio.sleep(15)
@@ -339,7 +441,7 @@ async def main_async(args) -> int:
                   f"open_regression {times.get('open_regression', float('nan')):.1f} s, errors {errors or 0}; "
                   f"RSS {server.rss() / 2**20:,.0f} MiB")
             for k, n in enumerate(args.sessions):
-                r = await run_round(browser, server, n, k)
+                r = await run_round(browser, server, n, k, out if args.profile else None)
                 report(r)
                 bad += len(r["errors"]) + r["tracebacks"] + r["health_slow"]
             await browser.close()
@@ -356,6 +458,10 @@ def main() -> int:
     ap.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4, 8], help="concurrent sessions per round")
     ap.add_argument("--tokens", type=int, default=5000, help="tokens in the benchmark's cache entry (Home's default)")
     ap.add_argument("--keep", action="store_true", help="keep the temp cache folder")
+    ap.add_argument("--profile", action="store_true",
+                    help="sample the GIL holder with py-spy (on PATH or /tmp/pyspy/bin) and say who held it when health was slow")
+    ap.add_argument("--nice-browsers", type=int, default=0, metavar="N",
+                    help="run Chromium at this niceness (models remote clients; the server is never niced)")
     ap.add_argument("--action-timeout", type=float, default=600, help="seconds one action may take before it counts as an error")
     args = ap.parse_args()
     global ACTION_TIMEOUT_MS

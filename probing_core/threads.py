@@ -9,8 +9,11 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from threadpoolctl import ThreadpoolController
@@ -115,3 +118,110 @@ def map_hooks(fn: Callable[[str, Any], Any], hooks: Sequence[str], X_by_hook: Ma
             for f in in_flight:
                 f.cancel()
             raise
+
+
+def compute_slots() -> int:
+    """Heavy computations run at once by the app: ``PROBING_COMPUTE_SLOTS``, else half the cores (at least 1).
+
+    Each computation already uses up to :func:`workers` threads, so half the cores keeps the server's
+    own thread (which answers every browser) from queueing behind them.
+    """
+    env = os.environ.get("PROBING_COMPUTE_SLOTS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, (os.cpu_count() or 1) // 2)
+
+
+class ComputeQueue:
+    """At most ``slots`` heavy computations at once; the others wait their turn in arrival order.
+
+    Shared by every session of a server: with 8 sessions fitting at once on 2 cores, each fit took
+    8× longer, their working arrays were all alive together, and the server's event loop (a Python
+    thread like the fits) answered late. Queued, the first caller finishes first and memory holds
+    ``slots`` working sets.
+    """
+
+    def __init__(self, slots: int) -> None:
+        if slots < 1:
+            raise ValueError(f"slots must be at least 1, got {slots}")
+        self.slots = slots
+        self._cond = threading.Condition()
+        self._running = 0
+        self._queue: deque[object] = deque()
+        self._mine = threading.local()  # turns held by this thread: a nested turn must not wait for itself
+
+    def counts(self) -> tuple[int, int]:
+        """``(running, waiting)`` now."""
+        with self._cond:
+            return self._running, len(self._queue)
+
+    @contextlib.contextmanager
+    def turn(self, on_wait: Callable[[int], None] | None = None, *, poll: float = 1.0) -> Iterator[None]:
+        """Hold one slot inside the block, waiting for it first if all are taken.
+
+        Args:
+            on_wait: ``on_wait(ahead)``, called on this thread while it waits (``ahead``: computations
+                running or queued before this one): at first, when ``ahead`` changes and every
+                ``poll`` seconds. It may raise (e.g. a UI whose user moved on) to give up the place
+                in the queue; the exception propagates.
+            poll: seconds between ``on_wait`` calls while nothing changes.
+
+        A thread that already holds a turn enters a nested one at once (it would otherwise wait for itself).
+        """
+        depth = getattr(self._mine, "depth", 0)
+        if depth:
+            self._mine.depth = depth + 1
+            try:
+                yield
+            finally:
+                self._mine.depth = depth
+            return
+        ticket = object()
+        last, call = -1, True
+        with self._cond:
+            self._queue.append(ticket)
+        try:
+            while True:
+                with self._cond:
+                    if self._queue[0] is ticket and self._running < self.slots:
+                        self._queue.popleft()
+                        self._running += 1
+                        self._cond.notify_all()  # the next in line re-reads its place
+                        break
+                    ahead = self._running + self._queue.index(ticket)
+                    if ahead == last and not call:
+                        call = not self._cond.wait(poll)  # timed out: tell on_wait again
+                        continue
+                last, call = ahead, False
+                if on_wait is not None:
+                    on_wait(ahead)  # outside the lock: it may be slow, or raise
+        except BaseException:
+            with self._cond:
+                if ticket in self._queue:
+                    self._queue.remove(ticket)
+                    self._cond.notify_all()
+            raise
+        self._mine.depth = 1
+        try:
+            yield
+        finally:
+            self._mine.depth = 0
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+
+
+def lower_thread_priority(niceness: int = 10) -> bool:
+    """Run the calling thread (and the threads it starts later) at ``niceness`` (Linux; no-op elsewhere).
+
+    For compute threads of a server, so that the thread answering requests gets the CPU first. An
+    unprivileged process cannot raise a thread's priority again, so call it only on threads that do
+    nothing urgent afterwards. Returns whether the thread now runs at that niceness or lower priority.
+    """
+    try:
+        tid = threading.get_native_id()
+        if os.getpriority(os.PRIO_PROCESS, tid) < niceness:
+            os.setpriority(os.PRIO_PROCESS, tid, niceness)
+        return True
+    except (AttributeError, OSError):
+        return False
