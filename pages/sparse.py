@@ -78,7 +78,8 @@ def at_step() -> None:
         glue.build_hooks_now(model, glue.SPARSE_BUILD)
         st.rerun()
 
-    st.plotly_chart(glue.cached_figure("sparse_path", state, lambda: plots.density_vs_C(path, C)), key="sparse_fig_path")
+    base = glue.cached_figure("sparse_path", state[:3], lambda: plots.density_vs_C(path))  # one per path; C marked per step
+    st.plotly_chart(plots.mark_current_C(base, C), key="sparse_fig_path")
     st.subheader("Which neurons survive")
     a, b = st.columns([2, 1])
     a.plotly_chart(glue.cached_figure("sparse_coef", state, lambda: plots.coefficients(path, k)), key="sparse_fig_coef")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -354,15 +354,23 @@ class SparseFit:
     embed_best: LogisticPathResult | None
     controls: ControlPath | None
     control_error: str | None = None
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)  # per-step tables, computed once
+
+    def _at(self, what: str, k: int, compute: Callable[[], Any]) -> Any:
+        key = (what, int(k))
+        if key not in self._memo:  # two threads may both compute it: same value, no harm
+            self._memo[key] = compute()
+        return self._memo[key]
 
     def summary(self, k: int) -> SparseSummary:
-        return _summary(self.ctx, self.hook, self.path, int(k), self.embed_same, self.embed_best)
+        return self._at("summary", k, lambda: _summary(self.ctx, self.hook, self.path, int(k), self.embed_same,
+                                                       self.embed_best))
 
     def neurons(self, k: int, top: int = 25) -> list[dict]:
-        return neuron_table(self.X, self.ctx, self.path, int(k), top=top)
+        return self._at(f"neurons{top}", k, lambda: neuron_table(self.X, self.ctx, self.path, int(k), top=top))
 
     def report(self, k: int) -> dict:
-        return report_at(self.X, self.ctx, self.path, int(k))
+        return self._at("report", k, lambda: report_at(self.X, self.ctx, self.path, int(k)))
 
     def control(self, k: int) -> ControlTaskResult:
         """Raises LabelError when the control task could not be formed."""

@@ -124,10 +124,6 @@ def density_vs_C(path: LogisticPathResult, current_C: float | None = None) -> go
         fig.add_trace(go.Scatter(x=x, y=acc, mode="lines+markers", name="test accuracy (%)",
                                  showlegend=show, line=dict(dash="dot", color="#e76f51")),
                       row=1, col=col, secondary_y=True)
-        if current_C is not None:
-            xv = 1.0 / current_C if col == 1 else current_C
-            # plotly.js 4: shapes on a log axis take data values (annotations take log10 values)
-            fig.add_vline(x=float(xv), line=dict(color="black", dash="dash"), row=1, col=col)
         fig.update_xaxes(type="log", range=log_range(x, pad=0.03), dtick=1, exponentformat="power",
                          showexponent="all", row=1, col=col)
     fig.update_xaxes(title_text="λ (penalty strength)", row=1, col=1)
@@ -142,7 +138,27 @@ def density_vs_C(path: LogisticPathResult, current_C: float | None = None) -> go
         fig.add_annotation(text=f"open markers: {int((~conv).sum())} C value(s) not converged", xref="paper",
                            yref="paper", x=1, xanchor="right", y=1.12, yanchor="bottom", showarrow=False)
         fig.update_layout(margin=dict(t=120))
-    return fig
+    return fig if current_C is None else mark_current_C(fig, current_C)
+
+
+def _C_line(xref: str, yref: str, x: float) -> dict:
+    # plotly.js 4: shapes on a log axis take data values (annotations take log10 values)
+    return {"type": "line", "x0": x, "x1": x, "xref": xref, "y0": 0, "y1": 1, "yref": f"{yref} domain",
+            "line": {"color": "black", "dash": "dash"}}
+
+
+def mark_current_C(fig: go.Figure, current_C: float) -> go.Figure:
+    """``fig`` (:func:`density_vs_C` without a C) with the current C marked on both panels, as a new figure.
+
+    The new figure is made from ``fig``'s validated properties without validating them again (plotly 7's
+    ``_validate=False``; the two lines are plain shapes): a C step then costs ~10 % of rebuilding the whole
+    figure (measured: 26 vs 279 ms under load). Trace and layout dicts are copied one level deep, so ``fig``
+    (a figure shared by every session) is never changed.
+    """
+    layout = dict(fig._layout)  # the validated property dicts (NumPy arrays kept; to_dict() would base64 them)
+    layout["shapes"] = [*layout.get("shapes", ()), _C_line("x", "y", float(1.0 / current_C)),
+                        _C_line("x2", "y3", float(current_C))]
+    return go.Figure({"data": [dict(t) for t in fig._data], "layout": layout}, _validate=False)
 
 
 def layers_curve(

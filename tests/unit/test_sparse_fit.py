@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ def setup(tiny_model, tiny_entry):
 
 
 def test_query_mines_what_contexts_for_mines(tiny_model, setup):
-    acts, q, ctx, _ = setup
+    acts, _q, ctx, _ = setup
     direct = sparse.contexts_for(acts, tiny_model.tokenizer.encode, tiny_model.tokenizer.decode_tokens, [["e"], ["a"]],
                                  before=2, after=0, whole_word_next=False, offset=-1)
     assert np.array_equal(ctx.rows, direct.rows) and np.array_equal(ctx.labels, direct.labels)
@@ -35,7 +36,7 @@ def test_query_mines_what_contexts_for_mines(tiny_model, setup):
 
 def test_control_along_the_path_equals_the_control_task_at_each_C(setup):
     """The control task fitted once along the path gives, at every step, what the one-C control task gives."""
-    acts, q, ctx, fit = setup
+    _acts, _q, ctx, fit = setup
     path = fit.path
     for k in (0, len(path.Cs) // 2, len(path.Cs) - 1):
         one = sparse.control_task(fit.X, ctx, path, float(path.Cs[k]))
@@ -49,7 +50,7 @@ def test_control_along_the_path_equals_the_control_task_at_each_C(setup):
 
 
 def test_summary_at_each_step_matches_summarize_and_the_embed_fits(setup):
-    acts, q, ctx, fit = setup
+    acts, _q, ctx, fit = setup
     path = fit.path
     assert np.array_equal(fit.embed_same.Cs, path.Cs)  # "embed only, same C": the same C values and split
     assert np.array_equal(fit.embed_same.test_idx, path.test_idx)
@@ -116,3 +117,21 @@ def test_all_layers_at_one_C(setup):
     pts = sparse.layer_points(acts, hooks, ctx, C, q, progress=lambda f, m: seen.append(f))
     assert [p.hook for p in pts] == hooks and seen == [0.5, 1.0]
     assert pts[1].test_accuracy == pytest.approx(sparse.fit_hook_at_C(acts, HOOK, ctx, C).test_accuracy)
+
+
+def test_marking_the_current_C_equals_building_the_figure_with_it(setup):
+    """The page builds the path figure once and marks each C step on a copy: same figure, base unchanged."""
+    from probing_core.plots import sparse as plots
+
+    _, _, _, fit = setup
+    path = fit.path
+    base = plots.density_vs_C(path)
+    assert not base.layout.shapes
+    for k in (0, 5):
+        C = float(path.Cs[k])
+        marked = plots.mark_current_C(base, C)
+        assert sorted((s.xref, s.x0, s.yref) for s in marked.layout.shapes) == sorted(
+            [("x", pytest.approx(1 / C), "y domain"), ("x2", pytest.approx(C), "y3 domain")])
+        m, b = json.loads(marked.to_json()), json.loads(base.to_json())
+        assert m["data"] == b["data"] and {k: v for k, v in m["layout"].items() if k != "shapes"} == b["layout"]
+    assert not base.layout.shapes  # the shared base figure is never changed
