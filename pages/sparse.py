@@ -55,8 +55,7 @@ with st.expander(f"Contexts: {', '.join(f'{n}: {c:,}' for n, c in ctx.counts.ite
 @st.fragment
 def at_step() -> None:
     """Everything a C move changes. A move reruns only this fragment: lookups in ``fit``, figures kept per step."""
-    # The slider (and the URL) holds the step along the path, not the C value: every path has the same steps, so a
-    # link stays valid and in sync when the hook, the classes or the data change the C grid.
+    # The slider (and URL) holds the step along the path, not C: it stays valid when a hook or class change moves the grid.
     k = st.slider(f"Step along the C path (C = 1/λ from {path.Cs[0]:.3g} to {path.Cs[-1]:.3g}; left = stronger penalty, "
                   "fewer neurons; starts at the C chosen on CV)", 0, len(path.Cs) - 1, sparse.chosen_index(path),
                   key="sparse_C", bind=Q)
@@ -78,8 +77,8 @@ def at_step() -> None:
         glue.build_hooks_now(model, glue.SPARSE_BUILD)
         st.rerun()
 
-    base = glue.cached_figure("sparse_path", state[:3], lambda: plots.density_vs_C(path))  # one per path; C marked per step
-    st.plotly_chart(plots.mark_current_C(base, C), key="sparse_fig_path")
+    st.plotly_chart(plots.mark_current_C(glue.cached_figure("sparse_path", state[:3], lambda: plots.density_vs_C(path)), C),
+                    key="sparse_fig_path")  # the path's figure is built once; each step marks its C on a copy
     st.subheader("Which neurons survive")
     a, b = st.columns([2, 1])
     a.plotly_chart(glue.cached_figure("sparse_coef", state, lambda: plots.coefficients(path, k)), key="sparse_fig_coef")
