@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from probing_core.data.contexts import ContextSet, mine_contexts, resolve_token_set
 from probing_core.errors import HookError, LabelError
@@ -33,6 +35,7 @@ from probing_core.solvers.logistic_path import (
 )
 from probing_core.solvers.splits import accuracy_ci, control_labels
 from probing_core.store.activations import CachedActivations
+from probing_core.threads import single_threaded, workers
 
 Progress = Callable[[float, str], None]
 
@@ -322,16 +325,26 @@ def control_path(X: np.ndarray, ctx: ContextSet, path: LogisticPathResult, *, se
     Raises:
         LabelError: the control labels collapse to one usable class (too few word types).
     """
+    ctrl, chance = _control_fit(X, ctx, path.Cs, penalty=path.penalty, l1_ratio=path.l1_ratio,
+                                test_fraction=_test_fraction(path), seed=seed, tol=path.tol)
+    return _control_path(path, ctrl, chance)
+
+
+def _control_fit(X: np.ndarray, ctx: ContextSet, Cs: np.ndarray, *, penalty: str, l1_ratio: float, test_fraction: float,
+                 seed: int, tol: float) -> tuple[LogisticPathResult, float]:
     yc = control_labels(ctx.next_ids, ctx.labels, seed=seed)
     _, counts = np.unique(yc, return_counts=True)
     if counts.size < 2 or counts.min() < 2:
         raise LabelError("the control task has fewer than two usable classes (too few distinct token types); "
                          "collect more contexts or use a token type with more variety.")
-    ctrl = fit_logistic_path(X, yc, Cs=path.Cs, penalty=path.penalty, l1_ratio=path.l1_ratio,
-                             test_fraction=_test_fraction(path), seed=seed, tol=path.tol)
+    ctrl = fit_logistic_path(X, yc, Cs=Cs, penalty=penalty, l1_ratio=l1_ratio, test_fraction=test_fraction,
+                             seed=seed, tol=tol)
+    return ctrl, float(counts.max() / counts.sum())
+
+
+def _control_path(path: LogisticPathResult, ctrl: LogisticPathResult, chance: float) -> ControlPath:
     return ControlPath(Cs=path.Cs, accuracy=np.asarray(path.test_accuracy), control_accuracy=ctrl.test_accuracy,
-                       control_chance=float(counts.max() / counts.sum()),
-                       converged=np.asarray(path.converged) & np.asarray(ctrl.converged))
+                       control_chance=chance, converged=np.asarray(path.converged) & np.asarray(ctrl.converged))
 
 
 @dataclass(frozen=True)
@@ -383,36 +396,70 @@ def fit_sparse(acts: CachedActivations, hook: str, ctx: ContextSet, q: SparseQue
                embed_best: LogisticPathResult | None = None, progress: Progress | None = None) -> SparseFit:
     """The C path on ``hook``, the embed-only probe on the same Cs, and the control task along the path.
 
+    The C grid is known before the path is fitted (:func:`default_Cs` on the features), so the path (with its CV
+    folds), the embed-only fits and the control path are independent: they run on one worker thread per core
+    (:func:`probing_core.threads.workers`), each single-threaded, and every thread has ended when this returns.
+    Same numbers as fitting them one after the other (each fit is deterministic; tested).
+
     Args:
         acts, hook, ctx: the entry, the hook and the contexts (:func:`mine`). q: penalty, L1 ratio and folds.
         embed_best: :func:`fit_embed_baseline` for these contexts (fit here when None and the entry has
             ``hook_embed``): pass a kept one so a hook change does not refit it.
-        progress: ``cb(fraction, message)``.
+        progress: ``cb(fraction, message)``, called on the calling thread.
 
     Raises:
         HookError: the entry lacks ``hook``. LabelError: too few contexts for the split and folds.
     """
-    def tick(f: float, msg: str) -> None:
-        if progress is not None:
-            progress(f, msg)
-
-    tick(0.0, f"features at {hook}")
     X = features(acts, hook, ctx)
-    tick(0.05, "the whole C path at once (with CV folds to choose C)")
-    path = fit_sparse_path(X, ctx, penalty=q.penalty, l1_ratio=q.l1_ratio, cv=q.cv or None)
-    embed_same = None
+    grid = default_Cs(X, ctx.labels)  # what fit_sparse_path would pick: the embed and control fits share it
+    pen = {"penalty": q.penalty, "l1_ratio": q.l1_ratio}
+    jobs: dict[str, Callable[[], Any]] = {  # the longest first
+        "the C path with its CV folds": lambda: fit_sparse_path(X, ctx, Cs=grid, cv=q.cv or None, **pen)}
     if "hook_embed" in acts.hooks:
-        tick(0.6, "the embed-only baseline at the same C values")
-        embed_same = fit_embed_same(acts, ctx, path)
+        Xe = features(acts, "hook_embed", ctx)
         if embed_best is None:
-            embed_best = fit_embed_baseline(acts, ctx, penalty=q.penalty, l1_ratio=q.l1_ratio, cv=q.cv or None)
-    tick(0.75, "the control task along the path")
-    try:
-        controls, error = control_path(X, ctx, path), None
-    except LabelError as e:
-        controls, error = None, str(e)
-    tick(1.0, "done")
-    return SparseFit(hook, ctx, X, path, embed_same, embed_best, controls, error)
+            jobs["the embed-only baseline (C on CV)"] = lambda: fit_sparse_path(Xe, ctx, cv=q.cv or None, **pen)
+        jobs["the embed-only probe at the same C values"] = lambda: fit_logistic_path(Xe, ctx.labels, Cs=grid, **pen)
+
+    def control() -> tuple[LogisticPathResult, float] | LabelError:
+        try:
+            return _control_fit(X, ctx, grid, test_fraction=0.3, seed=0, tol=1e-3, **pen)
+        except LabelError as e:  # the rest of the page still works; the control section says why
+            return e
+
+    jobs["the control task along the path"] = control
+    out = _run_jobs(jobs, progress)
+    path = out["the C path with its CV folds"]
+    ctrl = out["the control task along the path"]
+    controls = None if isinstance(ctrl, LabelError) else _control_path(path, *ctrl)
+    return SparseFit(hook, ctx, X, path, out.get("the embed-only probe at the same C values"),
+                     out.get("the embed-only baseline (C on CV)", embed_best), controls,
+                     str(ctrl) if isinstance(ctrl, LabelError) else None)
+
+
+def _run_jobs(jobs: dict[str, Callable[[], Any]], progress: Progress | None) -> dict[str, Any]:
+    """``{name: job()}``, on up to one worker thread per core (one BLAS/OpenMP thread each); ``progress`` on this
+    thread as each job ends. A job's error is raised here once every started job has ended."""
+    out: dict[str, Any] = {}
+    n = min(workers(), len(jobs))
+    if progress is not None:
+        progress(0.0, f"{len(jobs)} fits on {n} thread{'s' * (n != 1)}: {', '.join(jobs)}")
+    if n <= 1:
+        for i, (name, job) in enumerate(jobs.items()):
+            out[name] = job()
+            if progress is not None:
+                progress((i + 1) / len(jobs), f"done: {name}")
+        return out
+    # One BLAS thread for the whole block (the limit is process-wide): the workers' own single-threaded
+    # sections then nest inside it and cannot leave a changed limit behind when they interleave.
+    with single_threaded(), ThreadPoolExecutor(max_workers=n, thread_name_prefix="sparse-fit",
+                                               initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        futures = {pool.submit(job): name for name, job in jobs.items()}
+        for i, fut in enumerate(as_completed(futures)):
+            out[futures[fut]] = fut.result()
+            if progress is not None:
+                progress((i + 1) / len(jobs), f"done: {futures[fut]}")
+    return out
 
 
 def report_at(X: np.ndarray, ctx: ContextSet, path: LogisticPathResult, k: int) -> dict:

@@ -135,3 +135,22 @@ def test_marking_the_current_C_equals_building_the_figure_with_it(setup):
         m, b = json.loads(marked.to_json()), json.loads(base.to_json())
         assert m["data"] == b["data"] and {k: v for k, v in m["layout"].items() if k != "shapes"} == b["layout"]
     assert not base.layout.shapes  # the shared base figure is never changed
+
+
+def test_parallel_fits_give_the_sequential_numbers_and_leave_no_thread(setup, monkeypatch):
+    """fit_sparse runs its independent fits on one thread per core: the same numbers as one after the other
+    (PROBING_THREADS=1), the same grid as fit_sparse_path picks, and no worker thread left running."""
+    import threading
+
+    acts, q, ctx, fit = setup
+    monkeypatch.setenv("PROBING_THREADS", "1")
+    one = sparse.fit_sparse(acts, HOOK, ctx, q)
+    monkeypatch.setenv("PROBING_THREADS", "2")
+    two = sparse.fit_sparse(acts, HOOK, ctx, q)
+    assert not [t for t in threading.enumerate() if t.name.startswith("sparse-fit")]
+    assert np.array_equal(two.path.Cs, sparse.fit_sparse_path(two.X, ctx).Cs)
+    for a, b in ((one.path, two.path), (one.embed_same, two.embed_same), (one.embed_best, two.embed_best)):
+        assert np.allclose(a.coefs, b.coefs, atol=1e-5) and np.allclose(a.test_accuracy, b.test_accuracy)
+    assert np.allclose(one.path.cv_accuracy, two.path.cv_accuracy)
+    assert np.allclose(one.controls.control_accuracy, two.controls.control_accuracy)
+    assert np.allclose(fit.controls.control_accuracy, two.controls.control_accuracy)
