@@ -414,19 +414,25 @@ def sparse_fit(model: LoadedModel, acts: CachedActivations, hook: str, q: Any) -
 
     Three shelves: the contexts and the embed-only baseline depend on the entry and the query, not on
     the hook (a hook change refits only that hook's path); the fit holds the whole C path, the embed-only
-    probe on the same C values and the control task along the path, so a C move is a lookup.
+    probe on the same C values and the control task along the path, so a C move is a lookup. A new
+    query's embed-only baseline is fitted by ``fit_sparse`` beside the path (in parallel), then kept.
     """
     from probing_core.analyses import sparse
 
     ctx = shared_result("sparse_contexts", (acts.key, q.contexts_key()), lambda _: sparse.mine(acts, model.tokenizer, q),
                         keep=16, label="Mining contexts")
-    embed = None
-    if "hook_embed" in acts.hooks:
-        embed = shared_result("sparse_embed", (acts.key, q), lambda _: sparse.fit_embed_baseline(
-            acts, ctx, penalty=q.penalty, l1_ratio=q.l1_ratio, cv=q.cv or None), keep=16,
-            label="Fitting the embed-only baseline")
-    return shared_result("sparse_fit", (acts.key, hook, q), lambda p: sparse.fit_sparse(
+    lock, shelves = _shelves()
+    with lock:
+        embed = shelves.setdefault("sparse_embed", OrderedDict()).get((acts.key, q))
+    fit = shared_result("sparse_fit", (acts.key, hook, q), lambda p: sparse.fit_sparse(
         acts, hook, ctx, q, embed_best=embed, progress=p), keep=16, label="Fitting the whole C path at once")
+    if embed is None and fit.embed_best is not None:
+        with lock:
+            items = shelves["sparse_embed"]
+            items[(acts.key, q)] = fit.embed_best
+            while len(items) > 16:
+                items.popitem(last=False)
+    return fit
 
 
 def layer_probes(key: str, hooks: tuple[str, ...], label: Any, pos: Any, C: float, *, test_fraction: float = 0.3,
