@@ -19,21 +19,7 @@ from probing_core.analyses.regression import (
     probe_transfer,
     transfer_hooks,
 )
-from probing_core.cli._common import (
-    add_common_args,
-    add_entry_size_args,
-    cached_entry,
-    fraction_open,
-    int_range,
-    nonempty,
-    open_dataset,
-    open_model,
-    open_store,
-    positive_float,
-    print_json,
-    print_table,
-    seed_int,
-)
+from probing_core.cli import _common as common
 from probing_core.cli.cache import resolve_hooks
 from probing_core.cli.probe_regression import parse_label_params
 from probing_core.data.labels import LABELS, LabelSpec
@@ -71,19 +57,19 @@ def transfer_json(run: TransferRun) -> dict[str, Any]:
 def _embedding(args: argparse.Namespace) -> int:
     if args.cv == 1:
         raise InputError("--cv 1 is not cross-validation; give 0 (α on the test split) or 2 or more folds.")
-    model = open_model(args, quiet=args.json)
+    model = common.open_model(args, quiet=args.json)
     alphas = args.alphas or DEFAULT_ALPHAS
     res = embedding_regression(model, tuple(args.tasks), length_threshold=args.length_threshold,
                                numeric_threshold=args.numeric_threshold, alphas=alphas,
                                test_fraction=args.test_fraction, cv=args.cv, seed=args.seed)
     if args.json:
-        print_json({"model": model.describe(), **embedding_json(res, cv=args.cv, test_fraction=args.test_fraction, seed=args.seed)})
+        common.print_json({"model": model.describe(), **embedding_json(res, cv=args.cv, test_fraction=args.test_fraction, seed=args.seed)})
         return 0
     print(f"W_E of {model.spec.label()}: {res.d_vocab:,} tokens × {res.d_model}; α chosen on "
           + (f"{args.cv} CV folds of the training rows" if args.cv else "the test split (optimistic)")
           + f"; test = {args.test_fraction:.0%} of the vocabulary (token types the probe never saw)", file=sys.stderr)
     rows = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in res.table()]
-    print_table(rows, [c for c in rows[0] if c != "note"])
+    common.print_table(rows, [c for c in rows[0] if c != "note"])
     for t in res.tasks:
         if t.note:
             print(f"{t.name}: {t.note}", file=sys.stderr)
@@ -108,22 +94,22 @@ def _transfer(args: argparse.Namespace) -> int:
     spec = LabelSpec.make(args.label, **parse_label_params(args.label_param, args.label))
     rule = PositionRule.parse(args.positions)
     _check_hook_args(args.hooks)
-    store = open_store(args)
-    model = open_model(args, quiet=args.json)
-    dataset = open_dataset(args)
+    store = common.open_store(args)
+    model = common.open_model(args, quiet=args.json)
+    dataset = common.open_dataset(args)
     hooks = resolve_hooks(model, args.hooks or TRANSFER_FAMILIES)
-    acts, built = cached_entry(args, model, dataset, hooks, store)
+    acts, built = common.cached_entry(args, model, dataset, hooks, store)
     # as the page: every embed/resid hook of the entry, unless hooks were named
     run = probe_transfer(model, acts, spec, rule, alpha=args.alpha, source=args.source,
                          hooks=None if args.hooks is None else transfer_hooks(hooks))
     if args.json:
-        print_json({"label": spec.to_dict(), "position_rule": str(rule), "cache_key": acts.key, "built": built,
+        common.print_json({"label": spec.to_dict(), "position_rule": str(rule), "cache_key": acts.key, "built": built,
                     **transfer_json(run)})
         return 0
     print(f"probe fit on {run.source} ({run.n_fit:,} rows, α = {run.alpha:.3g}, in-sample R² {run.source_r2:.4f}); "
           f"scored unchanged on {run.transfer.n_samples:,} tokens: {run.description}; entry {acts.key}"
           + (" (built now)" if built else ""), file=sys.stderr)
-    print_table([{"hook": r["hook"], "r2": round(r["r2"], 4)} for r in run.rows()], ["hook", "r2"])
+    common.print_table([{"hook": r["hook"], "r2": round(r["r2"], 4)} for r in run.rows()], ["hook", "r2"])
     return 0
 
 
@@ -131,32 +117,32 @@ def register_probe(probe_sub: argparse._SubParsersAction) -> None:
     e = probe_sub.add_parser("embedding", help="ridge regression of token properties from W_E (no forward pass)",
                              description="The Regression page's embedding regression: token properties (length, "
                                          "numeric value) regressed from the rows of the embedding matrix W_E.")
-    add_common_args(e, dataset=False)
+    common.add_common_args(e, dataset=False)
     e.add_argument("--tasks", nargs="+", choices=list(EMBEDDING_TASKS), default=list(EMBEDDING_TASKS),
                    metavar="TASK", help=f"tasks to run (default: all of {', '.join(repr(t) for t in EMBEDDING_TASKS)})")
-    e.add_argument("--length-threshold", type=int_range(1, 10_000), default=15,
+    e.add_argument("--length-threshold", type=common.int_range(1, 10_000), default=15,
                    help="tokens longer than this are outliers in the 'no outliers' tasks (default 15, as the page)")
-    e.add_argument("--numeric-threshold", type=int_range(1, 10**9), default=1000,
+    e.add_argument("--numeric-threshold", type=common.int_range(1, 10**9), default=1000,
                    help="number tokens above this value are left out of numeric_value (default 1000, as the page)")
-    e.add_argument("--alphas", type=positive_float, nargs="+", default=None, help="α grid (default: 20 values 1e-3…1e6)")
-    e.add_argument("--cv", type=int_range(0, 1000), default=5, help="CV folds choosing α (default 5; 0 = on the test split)")
-    e.add_argument("--test-fraction", type=fraction_open, default=0.2, help="held-out share of the vocabulary (default 0.2)")
-    e.add_argument("--seed", type=seed_int, default=0, help="split seed")
+    e.add_argument("--alphas", type=common.positive_float, nargs="+", default=None, help="α grid (default: 20 values 1e-3…1e6)")
+    e.add_argument("--cv", type=common.int_range(0, 1000), default=5, help="CV folds choosing α (default 5; 0 = on the test split)")
+    e.add_argument("--test-fraction", type=common.fraction_open, default=0.2, help="held-out share of the vocabulary (default 0.2)")
+    e.add_argument("--seed", type=common.seed_int, default=0, help="split seed")
     e.set_defaults(func=_embedding)
 
     t = probe_sub.add_parser("transfer", help="fit one probe on the embeddings, score it on every residual hook",
                              description="The Regression page's probe transfer: a ridge probe fit on W_E (or on "
                                          "hook_embed of the corpus) and scored unchanged at every resid hook.")
-    add_common_args(t)
-    t.add_argument("--label", default="length", type=nonempty, help=f"one of: {', '.join(LABELS)} (default length)")
-    t.add_argument("--label-param", action="append", type=nonempty, metavar="KEY=VALUE",
+    common.add_common_args(t)
+    t.add_argument("--label", default="length", type=common.nonempty, help=f"one of: {', '.join(LABELS)} (default length)")
+    t.add_argument("--label-param", action="append", type=common.nonempty, metavar="KEY=VALUE",
                    help="label parameter, repeatable (e.g. max_length=15)")
     t.add_argument("--positions", default="all", help="all (default; BOS excluded), last, or match:TOK,TOK")
     t.add_argument("--source", choices=["W_E", "hook_embed"], default="W_E",
                    help="fit on W_E (every vocabulary row; default) or on hook_embed of the corpus")
-    t.add_argument("--alpha", type=positive_float, default=TRANSFER_DEFAULT_ALPHA,
+    t.add_argument("--alpha", type=common.positive_float, default=TRANSFER_DEFAULT_ALPHA,
                    help=f"ridge strength of the source fit (default {TRANSFER_DEFAULT_ALPHA:.3g}, the page's)")
-    t.add_argument("--hooks", nargs="*", default=None, type=nonempty,
+    t.add_argument("--hooks", nargs="*", default=None, type=common.nonempty,
                    help="resid hook names or families to cache and score (default: embed resid_pre resid_mid resid_post)")
-    add_entry_size_args(t)
+    common.add_entry_size_args(t)
     t.set_defaults(func=_transfer)

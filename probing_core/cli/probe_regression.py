@@ -8,21 +8,7 @@ from typing import Any
 import numpy as np
 
 from probing_core.analyses.regression import SPLITS, PositionRule, run_regression
-from probing_core.cli._common import (
-    add_common_args,
-    add_entry_size_args,
-    cached_entry,
-    fraction_open,
-    int_range,
-    nonempty,
-    open_dataset,
-    open_model,
-    open_store,
-    positive_float,
-    print_json,
-    print_table,
-    seed_int,
-)
+from probing_core.cli import _common as common
 from probing_core.cli.cache import resolve_hooks
 from probing_core.data.labels import LABELS, LabelSpec
 from probing_core.errors import InputError
@@ -71,17 +57,17 @@ def _run(args: argparse.Namespace) -> int:
     alphas = [args.alpha] if args.alpha is not None else (args.alphas or DEFAULT_ALPHAS)
     spec = LabelSpec.make(args.label, **parse_label_params(args.label_param, args.label))
     rule = PositionRule.parse(args.positions)
-    store = open_store(args)
-    model = open_model(args, quiet=args.json)
-    dataset = open_dataset(args)
+    store = common.open_store(args)
+    model = common.open_model(args, quiet=args.json)
+    dataset = common.open_dataset(args)
     hooks = resolve_hooks(model, args.hooks or DEFAULT_FAMILIES)
-    acts, built = cached_entry(args, model, dataset, hooks, store)
+    acts, built = common.cached_entry(args, model, dataset, hooks, store)
     run = run_regression(acts, hooks, spec, rule, alphas=alphas, cv=args.cv, test_fraction=args.test_fraction,
                          seed=args.seed, split_by=args.split, model_description=model.describe())
     r = run.result
     rows = run.table()
     if args.json:
-        print_json({
+        common.print_json({
             "label": spec.to_dict(), "description": run.description, "position_rule": str(rule),
             "cache_key": acts.key, "built": built, "n_samples": run.info.n_selected,
             "n_train": r.n_train, "n_test": r.n_test, "cv_folds": r.n_folds, "alphas": r.alphas,
@@ -99,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
           file=sys.stderr)
     cols = ["hook", "best_alpha", "r2_train", "r2_cv_mean", "r2_test", "r2_test_ci_low", "r2_test_ci_high", "n_test",
             "r2_seen_types", "r2_new_types", "baseline_r2"]
-    print_table([{k: (round(v, 4) if isinstance(v, float) and np.isfinite(v) else v) for k, v in row.items()} for row in rows],
+    common.print_table([{k: (round(v, 4) if isinstance(v, float) and np.isfinite(v) else v) for k, v in row.items()} for row in rows],
                 [c for c in cols if c in rows[0]])
     return 0
 
@@ -107,20 +93,20 @@ def _run(args: argparse.Namespace) -> int:
 def register_probe(probe_sub: argparse._SubParsersAction) -> None:
     p = probe_sub.add_parser("regression", help="ridge regression probe of a token label on every hook",
                              description="Fit ridge probes (whole α path, CV, shuffled baseline) on each hook.")
-    add_common_args(p)
-    p.add_argument("--label", required=True, type=nonempty, help=f"one of: {', '.join(LABELS)}")
-    p.add_argument("--label-param", action="append", type=nonempty, metavar="KEY=VALUE",
+    common.add_common_args(p)
+    p.add_argument("--label", required=True, type=common.nonempty, help=f"one of: {', '.join(LABELS)}")
+    p.add_argument("--label-param", action="append", type=common.nonempty, metavar="KEY=VALUE",
                    help="label parameter, repeatable (e.g. max_length=15, token=' the', pattern='^[A-Z]')")
-    p.add_argument("--hooks", nargs="*", default=None, type=nonempty, help="hook names or families (default: embed resid_pre resid_mid resid_post)")
+    p.add_argument("--hooks", nargs="*", default=None, type=common.nonempty, help="hook names or families (default: embed resid_pre resid_mid resid_post)")
     p.add_argument("--positions", default="all", help="all (default; BOS excluded), last, or match:TOK,TOK")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--alpha", type=positive_float, default=None, help="a single ridge strength")
-    g.add_argument("--alphas", type=positive_float, nargs="+", default=None, help="α grid (default: 20 values 1e-3…1e6)")
-    p.add_argument("--cv", type=int_range(0, 1000), default=5, help="CV folds for choosing α (0 = none; default 5)")
-    p.add_argument("--test-fraction", type=fraction_open, default=0.2, help="held-out share (default 0.2)")
-    p.add_argument("--seed", type=seed_int, default=0, help="split seed")
+    g.add_argument("--alpha", type=common.positive_float, default=None, help="a single ridge strength")
+    g.add_argument("--alphas", type=common.positive_float, nargs="+", default=None, help="α grid (default: 20 values 1e-3…1e6)")
+    p.add_argument("--cv", type=common.int_range(0, 1000), default=5, help="CV folds for choosing α (0 = none; default 5)")
+    p.add_argument("--test-fraction", type=common.fraction_open, default=0.2, help="held-out share (default 0.2)")
+    p.add_argument("--seed", type=common.seed_int, default=0, help="split seed")
     p.add_argument("--split", choices=["auto", "type", "tokens"], default="auto",
                    help="what the test set holds: type = token types never seen in training (CV folds too), tokens = "
                         "random tokens (mostly seen types), auto (default) = type for labels the token's identity decides")
-    add_entry_size_args(p)
+    common.add_entry_size_args(p)
     p.set_defaults(func=_run)
