@@ -28,8 +28,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from probing_core import models as M  # noqa: E402
-from probing_core.models import ModelSpec, load_model  # noqa: E402
+from probing_core import models as M
+from probing_core.models import ModelSpec, load_model
 
 
 def _fmt(xs: list[float]) -> str:
@@ -56,14 +56,13 @@ def stages(folder: Path, root: Path) -> list[tuple[str, float]]:
     out = []
     t = time.perf_counter()
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
 
     hf = AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager", dtype=torch.float32)
     hf.train(False)
     out.append(("transformers load of the raw weights", time.perf_counter() - t)); t = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(str(folder))
     out.append(("tokenizer", time.perf_counter() - t)); t = time.perf_counter()
-    bridge = build_bridge_from_module(hf, "LlamaForCausalLM", hf_config=hf.config, tokenizer=tok, model_name="x")
+    bridge = M._build_bridge(hf, "LlamaForCausalLM", tok, "x")
     out.append(("TransformerLens bridge built around it", time.perf_counter() - t)); t = time.perf_counter()
     ident = f"embedded:{folder.name}"
     key = M.processed_weights_key(ident, "float32", "cpu", M.folder_identity(folder))

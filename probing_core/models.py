@@ -8,6 +8,7 @@ every forward pass goes through :meth:`LoadedModel.run_with_cache` or holds ``mo
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import importlib.util
 import json
@@ -17,9 +18,10 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Protocol, Sequence
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -153,10 +155,11 @@ class HFTokenizer:
     def __init__(self, tok: Any) -> None:
         self.tok = tok
         self.bos_id = tok.bos_token_id
-        vocab = tok.get_vocab()
-        if any(s.startswith("Ġ") for s in list(vocab)[:5000]):
+        n = len(tok)  # tokens spread over the whole vocabulary (listing it took ~0.1 s)
+        head = [str(t) for t in tok.convert_ids_to_tokens(list(range(0, n, max(1, n // 5000)))) if t is not None]
+        if any(s.startswith("Ġ") for s in head):
             self.space_marker = "Ġ"
-        elif any(s.startswith("▁") for s in list(vocab)[:5000]):
+        elif any(s.startswith("▁") for s in head):
             self.space_marker = "▁"
         else:
             self.space_marker = ""
@@ -239,7 +242,7 @@ class ModelSpec:
         return asdict(self)
 
     @staticmethod
-    def native(config: dict[str, Any], **kw: Any) -> "ModelSpec":
+    def native(config: dict[str, Any], **kw: Any) -> ModelSpec:
         return ModelSpec(kind="native", name=json.dumps(config, sort_keys=True), **kw)
 
 
@@ -685,6 +688,302 @@ def enable_compat_cached(
 
 
 # --------------------------------------------------------------------------------------------
+# Bridge construction. TransformerLens 4.3 finds hook points by walking every component and
+# calling getattr on every name dir() lists (methods and all), three times per warm start: twice
+# while building the bridge and once more in compatibility mode — about half of a warm start.
+# FastScanBridge walks the same tree and registers the same names, in the same order, but reads
+# only the attributes that can hold a hook point (a plain method never does).
+# --------------------------------------------------------------------------------------------
+
+#: Attribute names TransformerLens 4.3's scan skips (weight views that compute on access).
+_SCAN_SKIPPED = frozenset(["OV", "QK", "W_V", "W_O", "W_Q", "W_K", "W_in", "W_gate", "W_out",
+                           "b_V", "b_O", "b_Q", "b_K", "b_in", "b_out", "original_component", "original_model"])
+_SKIPPED_CHILDREN = ("original_component", "_original_component", "original_model")
+
+
+def _scan_hook_points(registry: dict[str, Any], module: torch.nn.Module, prefix: str) -> None:
+    """TransformerLens 4.3's ``TransformerBridge._scan_existing_hooks``, visiting fewer attributes.
+
+    Registers every HookPoint reachable as ``path.attr`` (components' ``get_hooks()`` first, then
+    public attributes in ``dir()`` order, then children), naming each the first time it is seen.
+    An attribute whose class member is a function, static or class method and that the instance
+    does not shadow always reads as a method, never a HookPoint: those are the ones not read.
+    A module class with its own ``__dir__`` is scanned the library's way (all of ``dir()``).
+    """
+    import types
+
+    from transformer_lens.hook_points import HookPoint
+
+    method_types = (types.FunctionType, staticmethod, classmethod, types.BuiltinFunctionType,
+                    types.MethodDescriptorType, types.WrapperDescriptorType)
+    per_class: dict[type, tuple[list[str], frozenset[str]] | None] = {}  # per scan: classes may change between scans
+    named = {id(hp) for hp in registry.values() if hp.name is not None}
+    visited: set[int] = set()
+
+    def members(cls: type) -> tuple[list[str], frozenset[str]] | None:
+        if cls not in per_class:
+            if getattr(cls, "__dir__", None) is not torch.nn.Module.__dir__:
+                per_class[cls] = None
+            else:
+                attrs, methods = [], set()
+                for n in dir(cls):
+                    if n.startswith("_") or n in _SCAN_SKIPPED or n[0].isdigit():
+                        continue
+                    raw = next((k.__dict__[n] for k in cls.__mro__ if n in k.__dict__), None)
+                    (methods.add(n) if isinstance(raw, method_types) else attrs.append(n))
+                per_class[cls] = (attrs, frozenset(methods))
+        return per_class[cls]
+
+    by_layout: dict[tuple, list[str]] = {}  # modules of one class with the same attribute names share one list
+
+    def names(mod: torch.nn.Module) -> list[str]:
+        cls = type(mod)
+        got = members(cls)
+        if got is None:
+            return [n for n in dir(mod) if not n.startswith("_") and n not in _SCAN_SKIPPED]
+        own = mod.__dict__
+        layout = (cls, tuple(own), tuple(own["_parameters"]), tuple(own["_modules"]), tuple(own["_buffers"]))
+        out = by_layout.get(layout)
+        if out is None:
+            attrs, methods = got
+            found = set(attrs)
+            for group in layout[1:]:
+                found.update(n for n in group if not n.startswith("_") and n not in _SCAN_SKIPPED and not n[0].isdigit()
+                             and (n not in methods or n in own))
+            out = by_layout[layout] = sorted(found)
+        return out
+
+    def has_get_hooks(mod: torch.nn.Module) -> bool:
+        # hasattr() on a module without the attribute raises and catches inside nn.Module.__getattr__: slow,
+        # and for a plain nn.Module.__getattr__ the answer is known from the class and the instance's dicts.
+        cls = type(mod)
+        if hasattr(cls, "get_hooks"):
+            return True
+        own = mod.__dict__
+        if cls.__getattr__ is torch.nn.Module.__getattr__ and "get_hooks" not in own and not any(
+                "get_hooks" in own.get(d, ()) for d in ("_parameters", "_modules", "_buffers")):
+            return False
+        return hasattr(mod, "get_hooks")
+
+    def add(name: str, hook: Any) -> None:
+        if id(hook) not in named:
+            hook.name = name
+            named.add(id(hook))
+        registry[name] = hook
+
+    def scan(mod: torch.nn.Module, path: str) -> None:
+        if id(mod) in visited:
+            return
+        visited.add(id(mod))
+        if has_get_hooks(mod) and callable(mod.get_hooks):
+            hooks = mod.get_hooks()
+            if isinstance(hooks, dict):
+                for hook_name, hook in hooks.items():
+                    add(f"{path}.{hook_name}" if path else hook_name, hook)
+        for attr_name in names(mod):
+            try:
+                attr = getattr(mod, attr_name)
+            except (AttributeError, NameError, RuntimeError, TypeError):
+                continue
+            if isinstance(attr, HookPoint):
+                add(f"{path}.{attr_name}" if path else attr_name, attr)
+        for child_name, child in mod.named_children():
+            if child_name not in _SKIPPED_CHILDREN:
+                scan(child, f"{path}.{child_name}" if path else child_name)
+
+    scan(module, prefix)
+
+
+def _clone_like_deepcopy(template: Any, drop: str = "__deepcopy__") -> Any:
+    """``copy.deepcopy(template)`` for a tree of modules, dicts and lists, with less work per object.
+
+    TransformerLens deep-copies the block template once per layer (~3,300 objects each: 30 copies
+    were ~0.3 s of a warm start). Modules and plain objects whose copy protocol is the default one
+    (``__getstate__``/``__setstate__`` of ``object`` or ``nn.Module``, no ``__deepcopy__``,
+    ``__reduce__``, ``__getnewargs__`` or ``__slots__``) are rebuilt here the way deepcopy rebuilds
+    them: ``cls.__new__(cls)``, memo entry, then a copy of the state. Dicts, OrderedDicts and lists
+    are copied in order; every other object goes to ``copy.deepcopy`` with the same memo, so shared
+    references and cycles come out as deepcopy makes them. ``drop``: an attribute of the template
+    itself left out of its copy (the per-instance ``__deepcopy__`` that routes deepcopy here).
+    """
+    import copy
+    import types
+    import weakref
+    from collections import OrderedDict
+
+    atomic = {type(None), bool, int, float, complex, str, bytes, type, range, types.BuiltinFunctionType,
+              types.FunctionType, types.CodeType, types.EllipsisType, types.NotImplementedType, weakref.ref, property}
+    module_get, module_set = torch.nn.Module.__getstate__, torch.nn.Module.__setstate__
+    memo: dict[int, Any] = {}
+    plain: dict[type, bool] = {}
+    keep: list[Any] = []  # the originals stay alive while their ids are memo keys (as deepcopy's _keep_alive)
+
+    def default_protocol(cls: type) -> bool:
+        if cls not in plain:
+            plain[cls] = (
+                not issubclass(cls, type) and getattr(cls, "__deepcopy__", None) is None
+                and cls.__reduce_ex__ is object.__reduce_ex__ and cls.__reduce__ is object.__reduce__
+                and cls.__getstate__ in (object.__getstate__, module_get)
+                and getattr(cls, "__setstate__", None) in (None, module_set)
+                and not hasattr(cls, "__getnewargs_ex__") and not hasattr(cls, "__getnewargs__")
+                and not any("__slots__" in k.__dict__ for k in cls.__mro__[:-1])
+            )
+        return plain[cls]
+
+    def rebuild(x: Any, cls: type, root: bool) -> Any:
+        y = cls.__new__(cls)
+        memo[id(x)] = y
+        keep.append(x)
+        state = x.__getstate__()  # a new dict, or the instance's own (read only): never memoized itself
+        if state:
+            state = {clone(k): clone(v) for k, v in state.items() if not (root and k == drop)}
+            if getattr(cls, "__setstate__", None) is module_set:
+                y.__setstate__(state)
+            else:
+                y.__dict__.update(state)
+        return y
+
+    def clone(x: Any) -> Any:
+        cls = type(x)
+        if cls in atomic:
+            return x
+        got = memo.get(id(x), memo)
+        if got is not memo:
+            return got
+        if cls is dict or cls is OrderedDict:
+            y = cls()
+            memo[id(x)] = y
+            keep.append(x)
+            for k, v in x.items():
+                y[clone(k)] = clone(v)
+            return y
+        if cls is list:
+            y = []
+            memo[id(x)] = y
+            keep.append(x)
+            y.extend(clone(v) for v in x)
+            return y
+        if cls is tuple or cls is set or cls is frozenset:  # deepcopy: items first, then the container
+            items = [clone(v) for v in x]
+            got = memo.get(id(x), memo)  # a cycle through the container made it meanwhile
+            if got is not memo:
+                return got
+            if cls is not set and all(a is b for a, b in zip(items, x)):
+                return x
+            y = cls(items)
+            memo[id(x)] = y
+            keep.append(x)
+            return y
+        if not default_protocol(cls) or "__deepcopy__" in getattr(x, "__dict__", ()):
+            return copy.deepcopy(x, memo)
+        return rebuild(x, cls, False)
+
+    cls = type(template)
+    if not default_protocol(cls):
+        raise TypeError(f"{cls.__name__} has its own copy protocol")
+    return rebuild(template, cls, True)
+
+
+def _set_training_once(roots: Sequence[torch.nn.Module], mode: bool) -> bool:
+    """``train(mode)`` on every module reachable from ``roots``, each once; False (nothing changed) when
+    some module's class has a ``train`` this does not mirror.
+
+    The bridge's tree and the Hugging Face model's are interleaved (each holds the other's modules),
+    and ``nn.Module.train`` has no visited set: building the bridge called it ~17,000 times for
+    ~3,400 modules. The state it leaves is only each module's ``training`` flag, set here directly.
+    A per-instance ``train`` is not mirrored, except the one :func:`_build_bridge` puts on the HF model.
+    """
+    from transformer_lens.model_bridge.bridge import TransformerBridge
+    from transformers import PreTrainedModel
+
+    mirrored = (torch.nn.Module.train, TransformerBridge.train, _fast_scan_bridge_class().train)
+    found: list[torch.nn.Module] = []
+    stack, seen = list(roots), set()
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        impl = type(m).train
+        own = m.__dict__.get("train")
+        if (own is not None and not getattr(own, "_trains_once", False)) or not (impl in mirrored or (impl is PreTrainedModel.train and not getattr(m, "use_kernels", False))):
+            return False
+        found.append(m)
+        stack.extend(c for c in m._modules.values() if c is not None)
+    for m in found:
+        if m.training != mode:
+            m.training = mode
+    return True
+
+
+@functools.cache
+def _fast_scan_bridge_class() -> type:
+    """A ``TransformerBridge`` whose hook scan is :func:`_scan_hook_points` (TransformerLens 4.3 only)."""
+    from transformer_lens.model_bridge.bridge import TransformerBridge
+
+    class FastScanBridge(TransformerBridge):
+        """TransformerLens's bridge with a faster hook-point scan (same registry, same names)."""
+
+        def _scan_existing_hooks(self, module: torch.nn.Module, prefix: str = "") -> None:
+            _scan_hook_points(self._hook_registry, module, prefix)
+
+        def train(self, mode: bool = True) -> FastScanBridge:
+            original = getattr(self, "original_model", None)
+            if not _set_training_once([self] + ([original] if isinstance(original, torch.nn.Module) else []), mode):
+                super().train(mode)
+            return self
+
+    return FastScanBridge
+
+
+def _build_bridge(hf_model: Any, arch: str, tok: Any, model_name: str) -> Any:
+    """``build_bridge_from_module(hf_model, arch, hf_config=…, tokenizer=tok)``: the same steps,
+    with :class:`FastScanBridge` on the TransformerLens version it mirrors."""
+    from transformer_lens.model_bridge.sources._bridge_builder import (
+        build_bridge_from_module,
+    )
+
+    if not processed_cache_supported():
+        return build_bridge_from_module(hf_model, arch, hf_config=hf_model.config, tokenizer=tok, model_name=model_name)
+    from transformer_lens.factories import architecture_adapter_factory
+    from transformer_lens.model_bridge.sources._bridge_builder import (
+        build_bridge_config_from_hf,
+        configure_tokenizer,
+    )
+    from transformer_lens.model_bridge.sources.transformers_driver import (
+        TransformersDriver,
+    )
+
+    dtype = next(hf_model.parameters()).dtype
+    adapter = architecture_adapter_factory.ArchitectureAdapterFactory.select_architecture_adapter(
+        build_bridge_config_from_hf(hf_model.config, arch, model_name, dtype))
+    adapter.cfg.device = str(next(hf_model.parameters()).device)
+    adapter.prepare_model(hf_model)
+    tok = configure_tokenizer(tok, adapter.cfg)
+    # The per-layer copies of a block template (setup_blocks_bridge's copy.deepcopy) go through the faster
+    # clone: deepcopy honours a __deepcopy__ found on the instance (TransformerLens's own qkv bridge does the same).
+    templates = [c for c in adapter.get_component_mapping().values()
+                 if getattr(c, "is_list_item", False) and "__deepcopy__" not in c.__dict__
+                 and getattr(type(c), "__deepcopy__", None) is None]
+    for t in templates:
+        t.__dict__["__deepcopy__"] = lambda _memo, t=t: _clone_like_deepcopy(t)
+
+    def train_hf(mode: bool = True) -> Any:  # construction calls hf_model.train(): each module once (see _set_training_once)
+        if not _set_training_once([hf_model], mode):
+            type(hf_model).train(hf_model, mode)
+        return hf_model
+
+    train_hf._trains_once = True  # type: ignore[attr-defined]
+    hf_model.__dict__["train"] = train_hf
+    try:
+        return _fast_scan_bridge_class()(hf_model, adapter, tok, driver=TransformersDriver(hf_model, adapter, tok))
+    finally:
+        hf_model.__dict__.pop("train", None)
+        for t in templates:
+            t.__dict__.pop("__deepcopy__", None)
+
+
+# --------------------------------------------------------------------------------------------
 # Loaders
 # --------------------------------------------------------------------------------------------
 
@@ -715,6 +1014,33 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _remembered_digest(path: Path, memo: Path) -> str:
+    """:func:`_file_digest` of ``path``, read from ``memo`` when it was saved for the file's current
+    path, size and modification time (hashing the 98 MB GGUF cost 0.2–0.8 s of every start).
+
+    A missing, damaged or outdated memo means hashing again (and saving the memo when the folder is writable).
+    """
+    st = path.stat()
+    stamp = [str(path.resolve()), st.st_size, st.st_mtime_ns]
+    try:
+        rec = json.loads(memo.read_text())
+        if isinstance(rec, dict) and rec.get("file") == stamp and re.fullmatch(r"[0-9a-f]{16}", str(rec.get("digest", ""))):
+            return str(rec["digest"])
+    except (OSError, ValueError):
+        pass
+    digest = _file_digest(path)
+    tmp = memo.with_name(f".tmp-{memo.name}-{os.getpid()}-{threading.get_ident()}")
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"file": stamp, "digest": digest}))
+        os.replace(tmp, memo)
+    except OSError:
+        pass  # a read-only cache: hash again next time
+    finally:
+        tmp.unlink(missing_ok=True)
+    return digest
+
+
 def _offline_hint() -> bool:
     """True when the Hugging Face hub is certainly unreachable (offline env var or no DNS)."""
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
@@ -738,7 +1064,7 @@ def _convert_embedded(cache_root: Path, progress: Callable[[str], None] | None) 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = embedded_gguf_path()
-    digest = _file_digest(gguf)
+    digest = _remembered_digest(gguf, cache_root / "models" / "embedded-gguf-digest.json")
     target = cache_root / "models" / f"smollm2-135m-instruct-{digest}"
     if (target / "config.json").exists():
         return target
@@ -769,11 +1095,11 @@ def _convert_embedded(cache_root: Path, progress: Callable[[str], None] | None) 
 
 def _bridge_from_hf_folder(folder: str, dtype: torch.dtype, device: str, model_name: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
 
     hf_model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=dtype)
     hf_model.to(device)
-    hf_model.train(False)
+    if any(m.training for m in hf_model.modules()):  # from_pretrained returns it in eval mode
+        hf_model.train(False)
     try:
         # TransformerLens reloads a tokenizer that does not add BOS with add_bos_token=True (0.3–0.9 s here);
         # loading it that way once skips the reload. Our encode() adds no special tokens either way.
@@ -781,8 +1107,7 @@ def _bridge_from_hf_folder(folder: str, dtype: torch.dtype, device: str, model_n
     except ValueError:  # BOS tokens that a template cannot express (TransformerLens falls back the same way)
         tok = AutoTokenizer.from_pretrained(folder)
     arch = (hf_model.config.architectures or [type(hf_model).__name__])[0]
-    bridge = build_bridge_from_module(hf_model, arch, hf_config=hf_model.config, tokenizer=tok, model_name=model_name)
-    return bridge, tok
+    return _build_bridge(hf_model, arch, tok, model_name), tok
 
 
 def load_model(
@@ -858,7 +1183,8 @@ def load_model(
     tp = time.perf_counter()
     cached, fp = enable_compat_cached(bridge, ident, dtype=spec.dtype, device=device, progress=progress, raw_identity=raw_identity,
                                       cache_root=cache_root if spec.kind in ("embedded", "local", "hf") else None)
-    bridge.train(False)
+    if any(m.training for m in bridge.modules()):  # train(False) walks every module again (~0.1 s); built in eval mode
+        bridge.train(False)
     fp = fp or weight_fingerprint(bridge)
     key = hashlib.blake2b(f"{ident}|{spec.dtype}|{fp}".encode(), digest_size=8).hexdigest()
     secs = time.perf_counter() - t0
@@ -883,7 +1209,7 @@ def _load_hub_model(spec: ModelSpec, dtype: torch.dtype, device: str) -> tuple[A
     offline = _offline_hint()
     try:
         bridge = TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
-    except Exception as e:  # noqa: BLE001 — HF raises many types; we translate them all to one message
+    except Exception as e:
         msg = str(e)
         if offline or "offline" in msg.lower() or "connect" in msg.lower() or "resolve" in msg.lower():
             raise OfflineError(

@@ -66,6 +66,37 @@ def _all_hooks(model):
     return model.all_hook_names()
 
 
+def _transformer_lens_own(folder: Path):
+    """The bridge as TransformerLens builds it (build_bridge_from_module), with nothing of ours in between."""
+    from transformer_lens.model_bridge.sources._bridge_builder import (
+        build_bridge_from_module,
+    )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager", dtype=torch.float32)
+    hf.train(False)
+    tok = AutoTokenizer.from_pretrained(str(folder), add_bos_token=True)
+    arch = hf.config.architectures[0]
+    return build_bridge_from_module(hf, arch, hf_config=hf.config, tokenizer=tok, model_name=folder.name)
+
+
+def _assert_same_bridge(ours, theirs, tokens):
+    """Same hook registry (names, order, each hook's own name), weights, training flags, logits and activations."""
+    assert list(ours._hook_registry) == list(theirs._hook_registry)
+    assert list(ours.hook_dict) == list(theirs.hook_dict)
+    assert all(ours.hook_dict[k].name == theirs.hook_dict[k].name for k in theirs.hook_dict)
+    assert [n for n, _ in ours.named_modules()] == [n for n, _ in theirs.named_modules()]
+    assert [m.training for m in ours.modules()] == [m.training for m in theirs.modules()]
+    assert [m.training for m in ours.original_model.modules()] == [m.training for m in theirs.original_model.modules()]
+    s1, s2 = ours.state_dict(), theirs.state_dict()
+    assert list(s1) == list(s2) and all(torch.equal(s1[k], s2[k]) for k in s1)
+    with torch.inference_mode():
+        l1, c1 = ours.run_with_cache(tokens)
+        l2, c2 = theirs.run_with_cache(tokens)
+    assert torch.equal(l1, l2)
+    assert list(c1.keys()) == list(c2.keys()) and all(torch.equal(c1[k], c2[k]) for k in c1.keys())  # noqa: SIM118 (an ActivationCache)
+
+
 @pytest.mark.usefixtures("allow_folder")
 def test_second_load_reads_the_cache_and_equals_a_fresh_processed_load(llama_folder, tmp_path):
     spec = ModelSpec("local", str(llama_folder))
@@ -92,9 +123,10 @@ def test_cached_processing_equals_transformer_lens_own(llama_folder, tmp_path):
     ours = load_model(ModelSpec("local", str(llama_folder)), cache_root=tmp_path)
     ours = load_model(ModelSpec("local", str(llama_folder)), cache_root=tmp_path)  # the warm path
     assert ours.processed_cache == "hit"
-    theirs, _ = _bridge_from_hf_folder(str(llama_folder), torch.float32, "cpu", llama_folder.name)
+    theirs = _transformer_lens_own(llama_folder)
     theirs.enable_compatibility_mode()
     theirs.train(False)
+    assert type(ours.bridge) is not type(theirs)  # the fast construction, against the library's own
     assert set(ours.bridge.hook_dict) == set(theirs.hook_dict)
     s1, s2 = ours.bridge.state_dict(), theirs.state_dict()
     assert set(s1) == set(s2) and all(torch.equal(s1[k], s2[k]) for k in s1)
@@ -102,9 +134,9 @@ def test_cached_processing_equals_transformer_lens_own(llama_folder, tmp_path):
         l2, c2 = theirs.run_with_cache(TOKENS)
     l1, c1 = ours.bridge.run_with_cache(TOKENS)
     assert torch.equal(l1, l2)
-    assert set(c1.keys()) == set(c2.keys()) and all(torch.equal(c1[k], c2[k]) for k in c1.keys())
+    assert set(c1.keys()) == set(c2.keys()) and all(torch.equal(c1[k], c2[k]) for k in c1.keys())  # noqa: SIM118 (an ActivationCache)
     # and processing changed something (folded LayerNorm gains), so the comparison means something
-    raw, _ = _bridge_from_hf_folder(str(llama_folder), torch.float32, "cpu", llama_folder.name)
+    raw = _transformer_lens_own(llama_folder)
     raw.enable_compatibility_mode(no_processing=True)
     assert not torch.equal(raw.state_dict()["blocks.0.attn.q.weight"], s1["blocks.0.attn.q.weight"])
 
@@ -179,3 +211,99 @@ def test_changed_weights_in_a_local_folder_are_processed_again(tmp_path, monkeyp
     assert len(list((tmp_path / "c" / "models" / "processed").glob("*.safetensors"))) == 1  # the old file superseded
     c = load_model(ModelSpec("local", str(folder)), cache_root=tmp_path / "c")
     assert c.processed_cache == "hit" and c.key == b.key and torch.equal(c.logits(TOKENS), b.logits(TOKENS))
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory) -> Path:
+    """A 2-layer GPT-2 (joint QKV attention: TransformerLens's qkv bridge has its own __deepcopy__)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-gpt2"
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=258, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                       bos_token_id=256, eos_token_id=257))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(folder)
+    _byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("which", ["llama", "gpt2"])
+def test_fast_bridge_construction_equals_transformer_lens_own(which, llama_folder, gpt2_folder):
+    """_bridge_from_hf_folder builds the bridge faster (hook scan, block copies, train flags) and must
+    give exactly what build_bridge_from_module gives: before compatibility mode and after it."""
+    folder = {"llama": llama_folder, "gpt2": gpt2_folder}[which]
+    ours, _ = _bridge_from_hf_folder(str(folder), torch.float32, "cpu", folder.name)
+    theirs = _transformer_lens_own(folder)
+    assert type(ours).__name__ == "FastScanBridge" and type(theirs).__name__ == "TransformerBridge"
+    _assert_same_bridge(ours, theirs, TOKENS)
+    ours.enable_compatibility_mode()
+    theirs.enable_compatibility_mode()
+    ours.train(False)
+    theirs.train(False)
+    _assert_same_bridge(ours, theirs, TOKENS)
+    assert not any(m.training for m in ours.modules())
+
+
+def _same_graph(a, b, seen_a, seen_b, path="template"):
+    """Two object graphs match: types, dict keys in order, plain values, and which objects are shared."""
+    assert type(a) is type(b), path
+    if id(a) in seen_a or id(b) in seen_b:
+        assert seen_a.get(id(a)) == seen_b.get(id(b)), f"{path}: sharing differs"
+        return
+    seen_a[id(a)] = seen_b[id(b)] = len(seen_a)
+    if isinstance(a, dict):
+        assert list(a) == list(b), path
+        for k in a:
+            _same_graph(a[k], b[k], seen_a, seen_b, f"{path}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same_graph(x, y, seen_a, seen_b, f"{path}[{i}]")
+    elif isinstance(a, (set, frozenset, int, float, str, bytes, bool, type(None))):
+        assert a == b, path
+    elif hasattr(a, "__dict__") and not isinstance(a, type) and not callable(getattr(a, "__func__", None)):
+        _same_graph(vars(a), vars(b), seen_a, seen_b, f"{path}.__dict__")
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "GPT2LMHeadModel"])
+def test_block_template_clone_matches_deepcopy(arch, llama_folder, gpt2_folder):
+    import copy
+
+    from transformer_lens.factories import architecture_adapter_factory
+    from transformer_lens.model_bridge.sources._bridge_builder import (
+        build_bridge_config_from_hf,
+    )
+    from transformers import AutoConfig
+
+    from probing_core.models import _clone_like_deepcopy
+
+    folder = llama_folder if arch.startswith("Llama") else gpt2_folder
+    cfg = build_bridge_config_from_hf(AutoConfig.from_pretrained(folder), arch, "x", torch.float32)
+    template = architecture_adapter_factory.ArchitectureAdapterFactory.select_architecture_adapter(cfg).get_component_mapping()["blocks"]
+    theirs, ours = copy.deepcopy(template), _clone_like_deepcopy(template)
+    _same_graph(theirs, ours, {}, {})
+    assert ours is not template and all(a is not b for a, b in zip(ours.modules(), template.modules()))
+    assert {id(v) for v in vars(ours).values()} & {id(v) for v in vars(template).values()} == \
+        {id(v) for v in vars(theirs).values()} & {id(v) for v in vars(template).values()}  # what deepcopy shares, we share
+
+
+def test_the_gguf_digest_is_remembered_per_file_state(tmp_path):
+    import os
+
+    from probing_core.models import _file_digest, _remembered_digest
+
+    f, memo = tmp_path / "m.gguf", tmp_path / "models" / "digest.json"
+    f.write_bytes(b"a" * 1000)
+    first = _remembered_digest(f, memo)
+    assert first == _file_digest(f) and memo.is_file()
+    memo.write_text(memo.read_text().replace(first, "0" * 16))  # a memo for this very file is believed…
+    assert _remembered_digest(f, memo) == "0" * 16
+    f.write_bytes(b"b" * 1000)  # …and a changed file (size or time) is hashed again
+    os.utime(f, ns=(1, 1))
+    assert _remembered_digest(f, memo) == _file_digest(f) != first
+    memo.write_text("{not json")
+    assert _remembered_digest(f, memo) == _file_digest(f)
