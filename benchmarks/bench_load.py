@@ -98,8 +98,16 @@ def _health(base: str, timeout: float = 5.0) -> tuple[bool, float]:
     return ok, time.perf_counter() - t0
 
 
-def prepare_cache(tokens: int) -> Path:
-    """A temp PROBING_CACHE_DIR: models/ links to .test-cache's converted model; one entry built."""
+def prepare_cache(tokens: int, reuse: Path | None = None) -> Path:
+    """A temp PROBING_CACHE_DIR: models/ links to .test-cache's converted model; one entry built.
+
+    ``reuse``: a folder kept by an earlier run (``--keep``) is used as it is.
+    """
+    if reuse is not None:
+        if not (reuse / "activations").is_dir():
+            sys.exit(f"--reuse {reuse}: no activations/ there (keep one with --keep)")
+        print(f"cache entry: reusing {reuse}")
+        return reuse
     src = REPO / ".test-cache" / "models"
     converted = [p for p in src.glob("smollm2-*") if (p / "config.json").exists()] if src.is_dir() else []
     if not converted:
@@ -322,10 +330,14 @@ async def session(browser, base: str, label: str, prompt: str) -> tuple[dict[str
         times["move_alpha"] = await _timed(page, move_alpha)
         errors += await _page_errors(page)
 
-        async def open_lens():
-            await page.locator("[data-testid='stSidebarNav'] a", has_text="Logit lens").first.click()
-        times["open_lens"] = await _timed(page, open_lens)
+        # A page switch: timed like the first page (the in-page watch missed the switch's script run at
+        # times): from the click until the lens page's prompt box is there and the app is idle.
+        t0 = time.perf_counter()
+        await page.locator("[data-testid='stSidebarNav'] a", has_text="Logit lens").first.click()
         await page.locator(".st-key-lens_prompt textarea").wait_for()
+        await page.wait_for_selector(IDLE)
+        await page.wait_for_selector("[data-testid='stSpinner']", state="detached")
+        times["open_lens"] = time.perf_counter() - t0
         errors += await _page_errors(page)
 
         async def run_prompt():
@@ -413,7 +425,7 @@ def report(r: dict) -> None:
 async def main_async(args) -> int:
     from playwright.async_api import async_playwright
 
-    cache_dir = prepare_cache(args.tokens)
+    cache_dir = prepare_cache(args.tokens, args.reuse)
     out = REPO / "benchmarks" / "out"
     out.mkdir(parents=True, exist_ok=True)
     server = Server(cache_dir, out / "bench_load-server.log")
@@ -447,7 +459,7 @@ async def main_async(args) -> int:
             await browser.close()
     finally:
         server.close()
-        if not args.keep:
+        if not args.keep and args.reuse is None:
             shutil.rmtree(cache_dir, ignore_errors=True)
     print(f"\nserver log: {server.log_path}")
     return 1 if bad else 0
@@ -458,8 +470,9 @@ def main() -> int:
     ap.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4, 8], help="concurrent sessions per round")
     ap.add_argument("--tokens", type=int, default=5000, help="tokens in the benchmark's cache entry (Home's default)")
     ap.add_argument("--keep", action="store_true", help="keep the temp cache folder")
+    ap.add_argument("--reuse", type=Path, metavar="DIR", help="use a cache folder kept by an earlier --keep run")
     ap.add_argument("--profile", action="store_true",
-                    help="sample the GIL holder with py-spy (on PATH or /tmp/pyspy/bin) and say who held it when health was slow")
+                    help="sample the GIL holder with py-spy (on PATH or /tmp/pyspy/bin): who held it, doing what, per round")
     ap.add_argument("--nice-browsers", type=int, default=0, metavar="N",
                     help="run Chromium at this niceness (models remote clients; the server is never niced)")
     ap.add_argument("--action-timeout", type=float, default=600, help="seconds one action may take before it counts as an error")

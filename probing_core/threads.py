@@ -135,10 +135,9 @@ def compute_slots() -> int:
 class ComputeQueue:
     """At most ``slots`` heavy computations at once; the others wait their turn in arrival order.
 
-    Shared by every session of a server: with 8 sessions fitting at once on 2 cores, each fit took
-    8× longer, their working arrays were all alive together, and the server's event loop (a Python
-    thread like the fits) answered late. Queued, the first caller finishes first and memory holds
-    ``slots`` working sets.
+    Shared by every session of a server. A fit already uses every core (:func:`map_hooks`), so fits
+    started together only share the cores and hold their working arrays at the same time; queued,
+    the first caller's fit finishes first and memory holds at most ``slots`` working sets.
     """
 
     def __init__(self, slots: int) -> None:
@@ -210,18 +209,3 @@ class ComputeQueue:
                 self._running -= 1
                 self._cond.notify_all()
 
-
-def lower_thread_priority(niceness: int = 10) -> bool:
-    """Run the calling thread (and the threads it starts later) at ``niceness`` (Linux; no-op elsewhere).
-
-    For compute threads of a server, so that the thread answering requests gets the CPU first. An
-    unprivileged process cannot raise a thread's priority again, so call it only on threads that do
-    nothing urgent afterwards. Returns whether the thread now runs at that niceness or lower priority.
-    """
-    try:
-        tid = threading.get_native_id()
-        if os.getpriority(os.PRIO_PROCESS, tid) < niceness:
-            os.setpriority(os.PRIO_PROCESS, tid, niceness)
-        return True
-    except (AttributeError, OSError):
-        return False

@@ -1,4 +1,4 @@
-"""threads.ComputeQueue (heavy computations one slot at a time, in arrival order) and thread priority.
+"""threads.ComputeQueue (heavy computations one slot at a time, in arrival order) and glue.freeze_long_lived.
 
 Real threads, real waits: the queue is what keeps 8 browser sessions' fits from all running at once
 on a small server (benchmarks/bench_load.py measures the effect).
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from probing_core.threads import ComputeQueue, compute_slots, lower_thread_priority
+from probing_core.threads import ComputeQueue, compute_slots
 
 
 def _start(fn, *args) -> threading.Thread:
@@ -140,29 +140,6 @@ def test_slots_must_be_positive():
 def test_compute_slots_reads_the_variable_or_uses_half_the_cores(monkeypatch, env, want):
     monkeypatch.setenv("PROBING_COMPUTE_SLOTS", env)
     assert compute_slots() == (want if want is not None else max(1, (os.cpu_count() or 1) // 2))
-
-
-@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="per-thread niceness is a Unix feature")
-def test_lower_thread_priority_affects_only_that_thread_and_its_children():
-    main_before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    seen = {}
-
-    def child() -> None:
-        seen["child"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    def compute() -> None:
-        seen["ok"] = lower_thread_priority(max(10, main_before))
-        seen["self"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        t = threading.Thread(target=child)
-        t.start()
-        t.join(5)
-
-    t = threading.Thread(target=compute)
-    t.start()
-    t.join(5)
-    assert seen["ok"] is True
-    assert seen["self"] == seen["child"] == max(10, main_before)
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_before  # the caller is untouched
 
 
 _FREEZE_SCRIPT = """
