@@ -219,7 +219,7 @@ PLANS: dict[str, list[tuple[str, Callable]]] = {
         ("C slider back to a seen value", step(_C_KIND, "sparse_C", [8])),
         ("C slider (new step, after 10 s on the page)", step(_C_KIND, "sparse_C", [5, 3, 14, 1], pause=10.0)),
         ("hook change", step("selectbox", "sparse_hook")),
-        ("class B tokens (label change)", step("text_input", "sparse_b", [" a", " an", " this"])),
+        ("class B tokens (label change)", step("text_input", "sparse_b", [" a", " this", " that"])),
     ],
     "layers": [
         ("top-K slider", step("slider", "layers_top_k", [15, 10, 25, 30])),
