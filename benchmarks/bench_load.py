@@ -268,14 +268,18 @@ def _where(frames: list[str]) -> str:
 
 
 def _cpu_seconds(procs: list[psutil.Process]) -> float:
-    t = 0.0
+    return sum(_cpu_by_pid(procs).values())
+
+
+def _cpu_by_pid(procs: list[psutil.Process]) -> dict[int, float]:
+    out = {}
     for p in procs:
         try:
             c = p.cpu_times()
-            t += c.user + c.system
+            out[p.pid] = c.user + c.system
         except psutil.Error:
             pass
-    return t
+    return out
 
 
 def _chromium_procs() -> list[psutil.Process]:
@@ -371,19 +375,19 @@ async def run_round(browser, server: Server, n: int, round_no: int, profile_dir:
     labels = [LABELS[(2 * round_no + i % 2) % len(LABELS)] for i in range(n)]
     prompts = [f"Round {round_no}, visitor {i}: the capital of France is" for i in range(n)]
     tb0 = server.tracebacks()
-    chromium = _chromium_procs()
-    cpu0 = (_cpu_seconds([server.ps]), _cpu_seconds(chromium), psutil.cpu_times())
+    cpu0 = (_cpu_seconds([server.ps]), _cpu_by_pid(_chromium_procs()), psutil.cpu_times())
     prof = GilProfile(server.proc.pid, profile_dir / f"gil-n{n}.txt") if profile_dir else None
     t0 = time.monotonic()
     results = await asyncio.gather(*(session(browser, server.base, labels[i], prompts[i]) for i in range(n)))
     t1 = time.monotonic()
     gil = prof.stop() if prof else None
-    chromium = {p.pid: p for p in chromium + _chromium_procs()}.values()  # renderers come and go
+    # Chromium processes alive at the end, less what they had used at the start (renderers come and go).
+    chromium = sum(t - cpu0[1].get(pid, 0.0) for pid, t in _cpu_by_pid(_chromium_procs()).items())
     machine = psutil.cpu_times()
     win = server.window(t0, t1)
     return {
         "gil": gil,
-        "cpu": {"server": _cpu_seconds([server.ps]) - cpu0[0], "chromium": _cpu_seconds(list(chromium)) - cpu0[1],
+        "cpu": {"server": _cpu_seconds([server.ps]) - cpu0[0], "chromium": chromium,
                 "machine": (machine.user + machine.system + machine.nice) - (cpu0[2].user + cpu0[2].system + cpu0[2].nice),
                 "capacity": (t1 - t0) * (os.cpu_count() or 1)},
         "n": n, "wall": t1 - t0,
