@@ -81,4 +81,6 @@ EXPOSE 8501
 HEALTHCHECK --interval=30s --timeout=10s --start-period=180s --retries=3 \
     CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('STREAMLIT_SERVER_PORT', '8501'); body = urllib.request.urlopen(f'http://localhost:{port}/_stcore/health', timeout=8).read(); sys.exit(0 if body.strip() == b'ok' else 1)"]
 
-CMD ["python", "-m", "streamlit", "run", "app.py"]
+# The launcher runs Streamlit; with PROBING_DEMO=1 it first starts building the demo's example cache entry
+# in its own process, so the first visitor finds it ready or watches it finish on Home.
+CMD ["python", "-m", "probing_core.store.background", "serve", "--", "python", "-m", "streamlit", "run", "app.py"]

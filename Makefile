@@ -24,10 +24,11 @@ run: setup
 	@if [ "$(HOST)" != "127.0.0.1" ] && [ "$(HOST)" != "localhost" ]; then echo "Listening on $(HOST): anyone who can reach this port can use the app (see docs/deploy.md for sign-in)"; fi
 	$(PY) -m streamlit run app.py --server.address $(HOST) --server.port $(PORT)
 
-# Demo mode: capped inputs, the embedded model, a plain-language explanation on every page.
+# Demo mode: capped inputs, the embedded model, a plain-language explanation on every page. The launcher
+# starts building the example cache entry at once (its own process; Home shows its progress), then runs Streamlit.
 demo: setup
-	@echo "Starting the probing dashboard in demo mode at http://$(HOST):$(PORT)"
-	PROBING_DEMO=1 $(PY) -m streamlit run app.py --server.address $(HOST) --server.port $(PORT)
+	@echo "Starting the probing dashboard in demo mode at http://$(HOST):$(PORT) (the example starts building now)"
+	PROBING_DEMO=1 $(PY) -m probing_core.store.background serve -- $(PY) -m streamlit run app.py --server.address $(HOST) --server.port $(PORT)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

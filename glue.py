@@ -561,8 +561,15 @@ def _demo_build(model_key: str, _model: LoadedModel) -> Any:
 
 
 def demo_build(model: LoadedModel) -> Any:
-    """Demo mode: the background build of the default entry for ``model`` (started once per process), else None."""
-    return _demo_build(model.key, model) if demo_mode() else None
+    """Demo mode: the build of the default entry for ``model`` — the one the launcher started with the server
+    (read from its progress file) while it runs or once it is done, else one started here (once per process);
+    None outside demo mode."""
+    if not demo_mode():
+        return None
+    from probing_core.store.background import server_build
+
+    job = server_build(default_cache_root(), model.spec, model.key)
+    return job if job is not None else _demo_build(model.key, model)
 
 
 def show_demo_build(model: LoadedModel) -> bool:
