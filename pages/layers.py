@@ -97,8 +97,9 @@ def label_probes() -> None:
     else:
         pos = lp.PositionSpec("all")
     C = p3.select_slider("C (inverse L2 strength)", [0.001, 0.01, 0.1, 1.0, 10.0, 100.0], 1.0, key="layers_C", bind=Q)
-    every_row = glue.research() and p3.checkbox("Control task on every row of the column (slower)", key="layers_ctrl_all",
-                                                bind=Q, help="Default: as many rows as the real task (the same n).")
+    every_row = glue.research() and p3.checkbox("Control on every row (slower)", key="layers_ctrl_all", bind=Q,
+                                                help="The control task on every row of the column (up to 6,000), not "
+                                                     "on as many rows as the real task (the default: the same n).")
     with glue.user_errors():
         res = glue.layer_probes(acts.key, tuple(hooks), label, pos, float(C), control_samples=None if every_row else "task")
     show(res, "custom", {"label": label.name(), "top_k": int(top_k), "positions": pos.name(), "hooks": hooks, "C": float(C),

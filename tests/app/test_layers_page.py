@@ -65,3 +65,13 @@ def test_tree_edge_preset():
     df = app.dataframe[0].value
     assert df["hook"].iloc[0] == "hook_embed" and df["hook"].iloc[-1].endswith("hook_resid_post")
     assert df["node 1 @ 2nd token (→dst)"].iloc[0] == pytest.approx(1.0)  # the arrow token names the target
+
+
+def test_control_on_as_many_rows_as_the_task_unless_asked(at: AppTest):
+    """The page's control task uses the real task's n (said under the table); the research checkbox asks for every row."""
+    assert any("as many as the real task" in c.value for c in at.caption), [c.value for c in at.caption]
+    before = at.dataframe[0].value["control"].tolist()
+    at.checkbox(key="layers_ctrl_all").set_value(True).run()
+    assert not at.exception and not at.error
+    assert not any("as many as the real task" in c.value for c in at.caption)
+    assert at.dataframe[0].value["control"].tolist() != before  # a different (larger) control sample
