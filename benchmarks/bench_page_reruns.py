@@ -261,11 +261,65 @@ def _fmt(t: dict[str, float]) -> str:
             f"json {t['json'] * 1e3:5.0f} | rest {t['rest'] * 1e3:5.0f}")
 
 
+def browser_sparse_moves(moves: int) -> list[float]:
+    """One real-browser figure: a Sparse C step (arrow key on the slider) → the rerun done, in headless Chromium
+    against a ``streamlit run`` server on this store (the fragment under the slider reruns alone there).
+    Times include the 100 ms settle wait and the browser's polling; the first visit (model load, fit) is not timed."""
+    import subprocess
+    import urllib.request
+
+    from playwright.sync_api import sync_playwright
+
+    port = 8700 + os.getpid() % 200
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("PROBING_DEMO", None)
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+                             "--server.headless", "true", "--server.address", "127.0.0.1",
+                             "--browser.gatherUsageStats", "false"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base, out = f"http://localhost:{port}", []
+    try:
+        for _ in range(240):
+            try:
+                if urllib.request.urlopen(f"{base}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                time.sleep(0.5)
+        with sync_playwright() as pw:
+            b = pw.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=[
+                "--no-sandbox", "--disable-dev-shm-usage", "--disable-background-networking", "--disable-gpu"])
+            page = b.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(600_000)
+
+            def idle(settle: int) -> None:
+                page.wait_for_timeout(settle)
+                page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']")
+
+            page.goto(f"{base}/sparse")
+            idle(2000)
+            page.wait_for_selector(".st-key-sparse_C input[type='range']")
+            for _ in range(moves):
+                slider = page.locator(".st-key-sparse_C input[type='range']")
+                slider.focus()
+                t = time.perf_counter()
+                slider.press("ArrowLeft")
+                idle(100)
+                out.append(time.perf_counter() - t)
+                if page.locator("[data-testid='stException']").count():
+                    raise SystemExit("browser: the Sparse page shows an exception after a C step")
+            b.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pages", default=",".join(PLANS), help=f"comma-separated subset of {', '.join(PLANS)}")
     ap.add_argument("--moves", type=int, default=3, help="moves per control (median reported)")
     ap.add_argument("--tokens", type=int, default=5_000, help="tokens of the default entry (Home's default)")
+    ap.add_argument("--browser", action="store_true", help="also time Sparse C steps in headless Chromium")
     a = ap.parse_args()
     print(f"bench_page_reruns: {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f} at start; "
           f"store {default_cache_root()}")
@@ -280,6 +334,10 @@ def main() -> None:
     for page, name, t in table:
         print(f"| {page} | {name} | {t['total'] * 1e3:.0f} | {t['compute'] * 1e3:.0f} | {t['figures'] * 1e3:.0f} | "
               f"{t['json'] * 1e3:.0f} | {t['rest'] * 1e3:.0f} |")
+    if a.browser:
+        ts = browser_sparse_moves(max(3, a.moves))
+        print(f"browser: Sparse C step → rerun done: median {statistics.median(ts) * 1e3:.0f} ms "
+              f"({', '.join(f'{t * 1e3:.0f}' for t in ts)} ms; includes a 100 ms settle wait)")
     print(f"load average at end {os.getloadavg()[0]:.1f}")
 
 
