@@ -7,10 +7,16 @@ What is held out and what a score is compared with (issue 20):
 * C is chosen on k-fold CV of the training rows (:func:`chosen_index`), never on the test rows;
   the test accuracy is reported at that C, with its n and a 95 % Wilson interval.
 * Beside the neuron probe: the majority baseline of the test split and the **embed-only
-  baseline** — the same probe, same C grid, same split, on ``hook_embed`` at the same positions
-  (:func:`summarize`). At the article itself (offset 0) the embedding alone identifies the token,
-  so the task is trivial; at the token before it (offset -1, :data:`PRESETS`) the question is
-  whether the layer already knows the next word will be " an".
+  baseline** — the same probe and split on ``hook_embed`` at the same positions, at the same C
+  values (:func:`fit_embed_same`) and at its own CV-chosen C on its own grid
+  (:func:`fit_embed_baseline`, independent of the hook) (:func:`summarize`). At the article itself
+  (offset 0) the embedding alone identifies the token, so the task is trivial; at the token before
+  it (offset -1, :data:`PRESETS`) the question is whether the layer already knows the next word
+  will be " an".
+
+For the page (issue 16), :func:`fit_sparse` fits everything a C step shows once per (hook, query) —
+the path, the embed-only probes and the control task along the path — into a :class:`SparseFit`
+whose per-step methods are lookups.
 """
 from __future__ import annotations
 
