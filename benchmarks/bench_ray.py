@@ -38,8 +38,8 @@ def bench_extraction(model_id: str, tokens: int, max_len: int, batch_size: int) 
     from probing_core.models import ModelSpec, load_model, tiny_native_config
     from probing_core.store import ray_engine
     from probing_core.store.activations import BuildParams, build_cache
-    from probing_core.store.shards import compare_entries
     from probing_core.store.entries import ActivationStore
+    from probing_core.store.shards import compare_entries
 
     spec = ModelSpec("embedded") if model_id == "embedded" else ModelSpec.native(tiny_native_config())
     model = load_model(spec)
@@ -48,7 +48,7 @@ def bench_extraction(model_id: str, tokens: int, max_len: int, batch_size: int) 
     cores = os.cpu_count() or 1
     print(f"model {model.spec.label()}, {len(hooks)} hooks × d={model.d_model}, {tokens} tokens, max_len {max_len}, "
           f"batch {batch_size}, {cores} cores, torch threads {torch.get_num_threads()}")
-    kw = dict(max_len=max_len, max_tokens=tokens, batch_size=batch_size)
+    kw = {"max_len": max_len, "max_tokens": tokens, "batch_size": batch_size}
     with tempfile.TemporaryDirectory() as d:
         local_tps = []
 

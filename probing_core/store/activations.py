@@ -10,15 +10,21 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from probing_core import STORE_FORMAT_VERSION, __version__
-from probing_core.data.datasets import PROGRESS_INTERVAL_S, Dataset, TokenBatch, tokenize_dataset
+from probing_core.data.datasets import (
+    PROGRESS_INTERVAL_S,
+    Dataset,
+    TokenBatch,
+    tokenize_dataset,
+)
 from probing_core.errors import HookError, InputError, StoreError
 from probing_core.models import LoadedModel
 from probing_core.store.entries import ActivationStore, StoreEntry, hook_filename
