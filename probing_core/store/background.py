@@ -281,8 +281,13 @@ def run_demo_build(cache_root: Path | str, model_id: str = "embedded", plan: Dem
         0 when the entry is ready (built now or already there) or another process is building it; 1 when it failed.
     """
     folder = progress_folder(cache_root)
-    folder.mkdir(parents=True, exist_ok=True)
-    lock_fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock_fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # a read-only cache: the app then builds the entry itself and shows the store's message
+        print(f"demo build not started: cannot write {folder} ({e.strerror}); set PROBING_CACHE_DIR to a writable folder",
+              file=sys.stderr)
+        return 1
     try:
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

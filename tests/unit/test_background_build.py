@@ -150,3 +150,10 @@ def test_a_damaged_or_foreign_progress_file_counts_as_no_build(tmp_path, tiny_mo
         assert server_build(tmp_path, tiny_model.spec, tiny_model.key) is None
     finally:
         os.close(fd)
+
+
+def test_a_read_only_cache_stops_the_demo_build_with_one_line(tmp_path, capsys):
+    (tmp_path / "background").write_text("a file where the folder should be")  # mkdir fails like a read-only volume
+    assert run_demo_build(tmp_path, "tiny") == 1
+    err = capsys.readouterr().err
+    assert "PROBING_CACHE_DIR" in err and "Traceback" not in err
