@@ -336,8 +336,8 @@ def _compute_queue() -> ComputeQueue:
 
 
 def _queue_note(ahead: int) -> str:
-    return f"waiting for {ahead} other computation{'s' if ahead != 1 else ''} to finish (this server runs " \
-           f"{_compute_queue().slots} at a time)"
+    return (f"waiting for {ahead} other computation{'s' if ahead != 1 else ''} to finish (this server runs "
+            f"{_compute_queue().slots} at a time)")
 
 
 def shared_result(shelf: str, key: Hashable, compute: Callable[[Callable[[float, str], None]], T], *,
