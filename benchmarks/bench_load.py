@@ -40,6 +40,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
@@ -137,7 +138,7 @@ class Server:
     the difference.
     """
 
-    def __init__(self, cache_dir: Path, log_path: Path) -> None:
+    def __init__(self, cache_dir: Path, log_path: Path, options: Sequence[str] = ()) -> None:
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if k not in ("PROBING_DEMO", "PROBING_AUTH") and not k.startswith("STREAMLIT_")}
@@ -146,6 +147,9 @@ class Server:
         self._log = open(log_path, "w")  # noqa: SIM115 — the server writes it until close()
         cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(self.port),
                "--server.headless", "true", "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
+        for opt in options:  # e.g. runner.postScriptGC=false, for an experiment; printed with the results
+            name, _, value = opt.partition("=")
+            cmd += [f"--{name}", value]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self.ps = psutil.Process(self.proc.pid)
         self.samples: list[tuple[float, bool, float, int, float]] = []  # (time, ok, seconds, rss, control seconds)
@@ -432,7 +436,9 @@ async def main_async(args) -> int:
     cache_dir = prepare_cache(args.tokens, args.reuse)
     out = REPO / "benchmarks" / "out"
     out.mkdir(parents=True, exist_ok=True)
-    server = Server(cache_dir, out / "bench_load-server.log")
+    server = Server(cache_dir, out / "bench_load-server.log", args.server_option)
+    if args.server_option:
+        print("server options: " + " ".join(args.server_option))
     print(f"server {server.base}, pid {server.proc.pid}, RSS at start {server.rss() / 2**20:,.0f} MiB")
     bad = 0
     try:
@@ -475,6 +481,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=5000, help="tokens in the benchmark's cache entry (Home's default)")
     ap.add_argument("--keep", action="store_true", help="keep the temp cache folder")
     ap.add_argument("--reuse", type=Path, metavar="DIR", help="use a cache folder kept by an earlier --keep run")
+    ap.add_argument("--server-option", action="append", default=[], metavar="NAME=VALUE",
+                    help="a Streamlit option for the server (repeatable), e.g. runner.postScriptGC=false")
     ap.add_argument("--profile", action="store_true",
                     help="sample the GIL holder with py-spy (on PATH or /tmp/pyspy/bin): who held it, doing what, per round")
     ap.add_argument("--nice-browsers", type=int, default=0, metavar="N",
