@@ -76,7 +76,7 @@ def _transformer_lens_own(folder: Path):
     hf = AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager", dtype=torch.float32)
     hf.train(False)
     tok = AutoTokenizer.from_pretrained(str(folder), add_bos_token=True)
-    arch = hf.config.architectures[0]
+    arch = (hf.config.architectures or [type(hf).__name__])[0]
     return build_bridge_from_module(hf, arch, hf_config=hf.config, tokenizer=tok, model_name=folder.name)
 
 
@@ -307,3 +307,18 @@ def test_the_gguf_digest_is_remembered_per_file_state(tmp_path):
     assert _remembered_digest(f, memo) == _file_digest(f) != first
     memo.write_text("{not json")
     assert _remembered_digest(f, memo) == _file_digest(f)
+
+
+@pytest.mark.slow
+def test_embedded_warm_start_equals_transformer_lens_own_load(embedded_model):
+    """The embedded model's warm start (processed weights from the cache, the faster bridge) against
+    TransformerLens building and processing the same converted folder itself."""
+    from probing_core.models import _convert_embedded, default_cache_root
+
+    warm = load_model(ModelSpec("embedded"))
+    assert warm.processed_cache == "hit"
+    theirs = _transformer_lens_own(_convert_embedded(default_cache_root(), None))
+    theirs.enable_compatibility_mode()
+    theirs.train(False)
+    tokens = torch.tensor([warm.encode("The capital of France is")])
+    _assert_same_bridge(warm.bridge, theirs, tokens)
