@@ -701,6 +701,34 @@ _SCAN_SKIPPED = frozenset(["OV", "QK", "W_V", "W_O", "W_Q", "W_K", "W_in", "W_ga
 _SKIPPED_CHILDREN = ("original_component", "_original_component", "original_model")
 
 
+def _module_has(mod: torch.nn.Module, name: str) -> bool:
+    """``hasattr(mod, name)``, without the exception nn.Module.__getattr__ raises and catches for a missing
+    name (slow, and ~3,400 modules are asked): for a class using that __getattr__, the class and the
+    instance's dicts decide; any other class is asked with hasattr."""
+    cls = type(mod)
+    if hasattr(cls, name):
+        return True
+    own = mod.__dict__
+    if cls.__getattr__ is torch.nn.Module.__getattr__ and name not in own and not any(
+            name in own.get(d, ()) for d in ("_parameters", "_modules", "_buffers")):
+        return False
+    return hasattr(mod, name)
+
+
+def _modules_preorder(root: torch.nn.Module) -> list[torch.nn.Module]:
+    """``list(root.modules())`` — each module once, in the same pre-order — without building names."""
+    out: list[torch.nn.Module] = []
+    stack, seen = [root], set()
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        out.append(m)
+        stack.extend(reversed([c for c in m._modules.values() if c is not None]))
+    return out
+
+
 def _scan_hook_points(registry: dict[str, Any], module: torch.nn.Module, prefix: str) -> None:
     """TransformerLens 4.3's ``TransformerBridge._scan_existing_hooks``, visiting fewer attributes.
 
@@ -753,18 +781,6 @@ def _scan_hook_points(registry: dict[str, Any], module: torch.nn.Module, prefix:
             out = by_layout[layout] = sorted(found)
         return out
 
-    def has_get_hooks(mod: torch.nn.Module) -> bool:
-        # hasattr() on a module without the attribute raises and catches inside nn.Module.__getattr__: slow,
-        # and for a plain nn.Module.__getattr__ the answer is known from the class and the instance's dicts.
-        cls = type(mod)
-        if hasattr(cls, "get_hooks"):
-            return True
-        own = mod.__dict__
-        if cls.__getattr__ is torch.nn.Module.__getattr__ and "get_hooks" not in own and not any(
-                "get_hooks" in own.get(d, ()) for d in ("_parameters", "_modules", "_buffers")):
-            return False
-        return hasattr(mod, "get_hooks")
-
     def add(name: str, hook: Any) -> None:
         if id(hook) not in named:
             hook.name = name
@@ -775,7 +791,7 @@ def _scan_hook_points(registry: dict[str, Any], module: torch.nn.Module, prefix:
         if id(mod) in visited:
             return
         visited.add(id(mod))
-        if has_get_hooks(mod) and callable(mod.get_hooks):
+        if _module_has(mod, "get_hooks") and callable(mod.get_hooks):
             hooks = mod.get_hooks()
             if isinstance(hooks, dict):
                 for hook_name, hook in hooks.items():
@@ -926,6 +942,14 @@ def _fast_scan_bridge_class() -> type:
 
         def _scan_existing_hooks(self, module: torch.nn.Module, prefix: str = "") -> None:
             _scan_hook_points(self._hook_registry, module, prefix)
+
+        def _register_all_aliases_recursive(self) -> None:
+            # TransformerLens 4.3's walk (itself, then every module in modules() order), cheaper per module.
+            if _module_has(self, "_register_aliases"):
+                self._register_aliases()
+            for module in _modules_preorder(self):
+                if module is not self and _module_has(module, "_register_aliases"):
+                    module._register_aliases()
 
         def train(self, mode: bool = True) -> FastScanBridge:
             original = getattr(self, "original_model", None)

@@ -14,6 +14,7 @@ import torch
 from probing_core.models import (
     ModelSpec,
     _bridge_from_hf_folder,
+    _modules_preorder,
     enable_compat_cached,
     load_model,
     processed_weights_key,
@@ -87,6 +88,8 @@ def _assert_same_bridge(ours, theirs, tokens):
     assert all(ours.hook_dict[k].name == theirs.hook_dict[k].name for k in theirs.hook_dict)
     assert [n for n, _ in ours.named_modules()] == [n for n, _ in theirs.named_modules()]
     assert [m.training for m in ours.modules()] == [m.training for m in theirs.modules()]
+    assert [sorted(vars(m)) for m in ours.modules()] == [sorted(vars(m)) for m in theirs.modules()]  # aliases set on each
+    assert [id(m) for m in _modules_preorder(ours)] == [id(m) for m in ours.modules()]
     assert [m.training for m in ours.original_model.modules()] == [m.training for m in theirs.original_model.modules()]
     s1, s2 = ours.state_dict(), theirs.state_dict()
     assert list(s1) == list(s2) and all(torch.equal(s1[k], s2[k]) for k in s1)
