@@ -360,6 +360,7 @@ class LayerAccuracyResult:
             "n_test": dict(zip(self.columns, np.asarray(self.n_test).tolist())),
             "test_accuracy_ci95": np.round(self.test_accuracy_ci, 6).tolist(),
             "control_chance": None if self.control_column is None else round(float(self.control_chance), 6),
+            "control_n_test": None if self.control_column is None else int(self.control_n_test),
             "n_classes": dict(zip(self.columns, [len(c) for c in self.classes])),
             "control_column": self.control_column,
             "control_accuracy": None if self.control_column is None else np.round(self.control_accuracy, 6).tolist(),
@@ -458,7 +459,7 @@ def probe_tasks(
     notes: Sequence[str] = (),
     progress: Progress | None = None,
     tol: float = 1e-4,
-    control_samples: int | Literal["task"] | None = None,
+    control_samples: int | Literal["task"] | None = "task",
 ) -> LayerAccuracyResult:
     """Fit one multinomial L2 probe per hook and task (all hooks at once per task).
 
@@ -476,9 +477,10 @@ def probe_tasks(
             ``max_samples``). A probe can only score on it by memorising types.
         label, position, notes: descriptions carried into the result.
         progress: ``cb(fraction, message)``.
-        control_samples: cap on the control task's rows (a seeded subsample): None = ``max_samples``;
-            ``"task"`` = as many rows as the first column's real task (the same n on both sides of the
-            selectivity, and a control fit that costs what the real one costs).
+        control_samples: cap on the control task's rows (a seeded subsample). Default ``"task"``: as many
+            rows as the first column's real task (the same n on both sides of the selectivity, and a control
+            fit that costs what the real one costs; the page and ``probe layers`` use it); None = every row
+            up to ``max_samples`` (``probe layers --control-every-row``, the page's research checkbox).
         tol: the solver's stopping tolerance (scikit-learn's lbfgs ``tol`` scaling; see
             ``multiclass.fit_multiclass_all_hooks``); ``converged`` is that gradient norm within ``10 * tol``.
 
@@ -612,7 +614,7 @@ def probe_layers(
     control: bool = True,
     progress: Progress | None = None,
     tol: float = 1e-4,
-    control_samples: int | Literal["task"] | None = None,
+    control_samples: int | Literal["task"] | None = "task",
 ) -> LayerAccuracyResult:
     """Probe accuracy of categorical labels across hooks (layers) and positions.
 

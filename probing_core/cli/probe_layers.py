@@ -31,7 +31,7 @@ def _run(args: argparse.Namespace) -> int:
         hooks = resolve_hooks(model, args.hooks or ["embed", "resid_post"])
         acts, _ = common.cached_entry(args, model, dataset, hooks, store, bar="cache build")
         res = lp.probe_layers(acts, hooks, labels, pos, C=args.C, test_fraction=args.test_fraction, seed=args.seed,
-                              max_samples=args.max_samples)
+                              max_samples=args.max_samples, control_samples=None if args.control_every_row else "task")
         params = {"labels": args.label, "positions": args.positions, "entry": acts.key, "C": args.C}
     if args.json:
         common.print_json({"model": model.describe(), "params": params, "result": res.to_json()})
@@ -57,6 +57,8 @@ def register_probe(sub: argparse._SubParsersAction) -> None:
                    help="token-offset:N (token N positions away; 0 = current, -2 = two back) or column:NAME; repeat for more columns (default token-offset:0)")
     p.add_argument("--positions", default="all", help="all, at:0,1,-1 (fixed positions; -1 = last), every:K, or tokens:STR1,STR2 (default all)")
     p.add_argument("--split-positions", action="store_true", help="with at:…, one column per position")
+    p.add_argument("--control-every-row", action="store_true",
+                   help="fit the control task on every row (slower) instead of as many rows as the real task (the page's default)")
     p.add_argument("--hooks", nargs="+", default=None, type=common.nonempty, help="hook families or names (default: embed resid_post)")
     p.add_argument("--top-k-classes", type=common.int_range(2, 1_000_000), default=20, help="keep the K most frequent classes (default 20)")
     p.add_argument("--C", type=common.positive_float, default=1.0, help="inverse L2 strength (default 1)")

@@ -57,3 +57,20 @@ def test_cli_errors_are_one_line_with_exit_2(capsys, tmp_path):
     assert main(["cache", "build", "--model", "not-a-model-xyz", "--cache-dir", d]) == 2
     err = capsys.readouterr().err
     assert "internet" in err or "could not load" in err
+
+
+def test_probe_layers_control_matches_the_page_default(capsys, tmp_path):
+    """`probe layers` fits its control task on as many rows as the real task, as the page does; the flag
+    --control-every-row gives the every-row control (more held-out control rows, same real-task accuracies)."""
+    d = str(tmp_path / "c")
+    common = ["probe", "layers", "--model", "tiny", "--max-tokens", "1500", "--hooks", "embed", "blocks.1.hook_resid_post",
+              "--label", "token-offset:-1", "--top-k-classes", "6", "--cache-dir", d, "--json"]
+    code, task = run_json(capsys, *common)
+    assert code == 0
+    code, every = run_json(capsys, *common, "--control-every-row")
+    assert code == 0
+    t, e = task["result"], every["result"]
+    assert t["test_accuracy"] == e["test_accuracy"]
+    assert t["control_n_test"] < e["control_n_test"]
+    assert any("as many as the real task" in n for n in t["notes"])
+    assert not any("as many as the real task" in n for n in e["notes"])

@@ -194,11 +194,12 @@ def test_tree_preset_on_checkpoint(store):
 
 
 def test_control_on_as_many_rows_as_the_task(acts):
-    """control_samples="task": the control probe gets the real task's n (a seeded subsample of every row of the
-    column, types outside the top-K included); the default keeps every row up to max_samples."""
+    """control_samples="task" (the default, as on the page and in the CLI): the control probe gets the real task's
+    n (a seeded subsample of every row of the column, types outside the top-K included); None keeps every row up to
+    max_samples."""
     spec = LayerLabelSpec("token", -1, top_k=6)
-    full = probe_layers(acts, HOOKS, spec, PositionSpec("all"))
-    same = probe_layers(acts, HOOKS, spec, PositionSpec("all"), control_samples="task")
+    full = probe_layers(acts, HOOKS, spec, PositionSpec("all"), control_samples=None)
+    same = probe_layers(acts, HOOKS, spec, PositionSpec("all"))
     again = probe_layers(acts, HOOKS, spec, PositionSpec("all"), control_samples="task")
     assert np.array_equal(same.test_accuracy, full.test_accuracy)  # the real task does not change
     n = int(same.n_samples[0])
