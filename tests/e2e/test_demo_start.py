@@ -42,7 +42,9 @@ def _start(cache: Path, port: int, log) -> subprocess.Popen:
 def test_demo_server_builds_the_example_at_start_and_home_shows_it(new_context, tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
-    (cache / "models").symlink_to((REPO / ".test-cache" / "models").resolve(), target_is_directory=True)  # if the page ever loaded the embedded model: warm
+    shared_models = REPO / ".test-cache" / "models"  # if the page ever loaded the embedded model: converted once, shared
+    shared_models.mkdir(parents=True, exist_ok=True)
+    (cache / "models").symlink_to(shared_models.resolve(), target_is_directory=True)
     port = _free_port()
     OUT.mkdir(exist_ok=True)
     log_path = OUT / "e2e-demo-server.log"
