@@ -688,11 +688,13 @@ def enable_compat_cached(
 
 
 # --------------------------------------------------------------------------------------------
-# Bridge construction. TransformerLens 4.3 finds hook points by walking every component and
-# calling getattr on every name dir() lists (methods and all), three times per warm start: twice
-# while building the bridge and once more in compatibility mode — about half of a warm start.
-# FastScanBridge walks the same tree and registers the same names, in the same order, but reads
-# only the attributes that can hold a hook point (a plain method never does).
+# Bridge construction, the same result with less work (the warm start's largest part once the
+# processed weights were cached). TransformerLens 4.3 finds hook points by calling getattr on every
+# name dir() lists, on every component, three times per start; deep-copies the block template once
+# per layer; walks train() over two interleaved module trees without a visited set; and walks every
+# module for aliases twice. FastScanBridge and _build_bridge do each step the library's way for the
+# version they mirror (4.3; any other version is built by build_bridge_from_module itself), and
+# tests/unit/test_model_cache.py compares the result with the library's own construction.
 # --------------------------------------------------------------------------------------------
 
 #: Attribute names TransformerLens 4.3's scan skips (weight views that compute on access).
