@@ -157,3 +157,29 @@ def test_a_read_only_cache_stops_the_demo_build_with_one_line(tmp_path, capsys):
     assert run_demo_build(tmp_path, "tiny") == 1
     err = capsys.readouterr().err
     assert "PROBING_CACHE_DIR" in err and "Traceback" not in err
+
+
+def _launch(tmp_path, demo: str, command: list[str]):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PROBING_DEMO": demo, "PROBING_DEMO_MODEL": "tiny", "PROBING_CACHE_DIR": str(tmp_path)}
+    return subprocess.run([sys.executable, "-m", "probing_core.store.background", "serve", "--", *command],
+                          env=env, capture_output=True, text=True, timeout=120, check=True)
+
+
+def test_the_launcher_runs_the_command_and_starts_no_build_outside_demo_mode(tmp_path):
+    out = _launch(tmp_path, "0", ["echo", "server here"])
+    assert out.stdout.strip() == "server here" and not (tmp_path / "background").exists()
+
+
+def test_the_launcher_starts_the_demo_build_then_becomes_the_command(tmp_path):
+    out = _launch(tmp_path, "1", ["echo", "server here"])  # the command ends at once; its build goes on
+    assert out.stdout.strip() == "server here"
+    path = progress_folder(tmp_path) / PROGRESS_FILE
+    deadline = time.monotonic() + 120
+    while (rec := read_progress(path)) is None or rec["state"] == "running":
+        assert time.monotonic() < deadline, rec
+        time.sleep(0.2)
+    assert rec["state"] == "done" and rec["model_id"] == "tiny"
+    assert [e.key for e in ActivationStore(tmp_path / "activations").entries()] == [rec["entry_key"]]
