@@ -23,6 +23,18 @@ from probing_core.models import (
 )
 
 
+def _save_with_random_gains(model, folder: Path, norm_key: str) -> Path:
+    """Random LayerNorm gains (parameters whose name holds ``norm_key``), so folding them is not a no-op;
+    the model and a byte tokenizer saved like a HF folder."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if norm_key in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(folder)
+    _byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
 def _byte_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -45,14 +57,7 @@ def llama_folder(tmp_path_factory) -> Path:
                       num_key_value_heads=2, max_position_embeddings=128, bos_token_id=256, eos_token_id=257,
                       tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # random LayerNorm gains, so folding them is not a no-op
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    model.save_pretrained(folder)
-    _byte_tokenizer().save_pretrained(folder)
-    return folder
+    return _save_with_random_gains(LlamaForCausalLM(cfg), folder, "norm")
 
 
 @pytest.fixture()
@@ -225,13 +230,7 @@ def gpt2_folder(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=258, n_positions=64, n_embd=32, n_layer=2, n_head=4,
                                        bos_token_id=256, eos_token_id=257))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ln" in name:
-                p.uniform_(0.5, 1.5)
-    model.save_pretrained(folder)
-    _byte_tokenizer().save_pretrained(folder)
-    return folder
+    return _save_with_random_gains(model, folder, "ln")
 
 
 @pytest.mark.parametrize("which", ["llama", "gpt2"])
