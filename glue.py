@@ -286,6 +286,15 @@ def _shelves() -> tuple[threading.Lock, dict[str, OrderedDict]]:
     return threading.Lock(), {}
 
 
+def _shelve(shelves: dict[str, OrderedDict], shelf: str, key: Hashable, value: Any, keep: int) -> Any:
+    """Put ``value`` on ``shelf`` under ``key``, dropping the oldest past ``keep`` (caller holds the lock)."""
+    items = shelves.setdefault(shelf, OrderedDict())
+    items[key] = value
+    while len(items) > keep:
+        items.popitem(last=False)
+    return value
+
+
 def shared_slot(shelf: str, key: Hashable, *, keep: int) -> list:
     """A mutable list shared by every session under ``key`` (e.g. label-independent decompositions).
 
@@ -293,13 +302,8 @@ def shared_slot(shelf: str, key: Hashable, *, keep: int) -> list:
     """
     lock, shelves = _shelves()
     with lock:
-        items = shelves.setdefault(shelf, OrderedDict())
-        slot = items.get(key)
-        if slot is None:
-            slot = items[key] = []
-            while len(items) > keep:
-                items.popitem(last=False)
-        return slot
+        slot = shelves.setdefault(shelf, OrderedDict()).get(key)
+        return _shelve(shelves, shelf, key, [], keep) if slot is None else slot
 
 
 @st.cache_resource(show_spinner=False)
@@ -372,10 +376,7 @@ def shared_result(shelf: str, key: Hashable, compute: Callable[[Callable[[float,
         finally:
             done()
         with lock:
-            items = shelves[shelf]
-            items[key] = res
-            while len(items) > keep:
-                items.popitem(last=False)
+            _shelve(shelves, shelf, key, res, keep)
         return res
     finally:
         with lock:
@@ -397,10 +398,7 @@ def cached_figure(name: str, key: Hashable, build: Callable[[], Any], *, keep: i
     if fig is None:
         fig = build()
         with lock:
-            items = shelves["figures"]
-            items[(name, key)] = fig
-            while len(items) > keep:
-                items.popitem(last=False)
+            _shelve(shelves, "figures", (name, key), fig, keep)
     return fig
 
 
@@ -428,10 +426,7 @@ def sparse_fit(model: LoadedModel, acts: CachedActivations, hook: str, q: Any) -
         acts, hook, ctx, q, embed_best=embed, progress=p), keep=16, label="Fitting the whole C path at once")
     if embed is None and fit.embed_best is not None:
         with lock:
-            items = shelves["sparse_embed"]
-            items[(acts.key, q)] = fit.embed_best
-            while len(items) > 16:
-                items.popitem(last=False)
+            _shelve(shelves, "sparse_embed", (acts.key, q), fit.embed_best, 16)
     return fit
 
 
