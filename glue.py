@@ -34,7 +34,7 @@ from probing_core.models import (
     model_catalog,
 )
 from probing_core.store.entries import ActivationStore, StoreEntry, size_limit_from_env
-from probing_core.threads import ComputeQueue, compute_slots
+from probing_core.threads import ComputeQueue, compute_slots, lower_thread_priority, script_niceness
 
 # ---------------------------------------------------------------------------------------------
 # Settings
@@ -324,6 +324,14 @@ def freeze_long_lived() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+def lower_script_priority() -> None:
+    """Run this page's script thread (and the fit workers it starts) below the server's event loop
+    (``PROBING_SCRIPT_NICE``, default 10 nice levels), so health checks and every browser's messages are
+    answered first when all cores are busy. Only in a real server: tests never renice their threads."""
+    if _in_server():
+        lower_thread_priority(script_niceness())
 
 
 def _in_server() -> bool:

@@ -209,3 +209,32 @@ class ComputeQueue:
                 self._running -= 1
                 self._cond.notify_all()
 
+
+
+def script_niceness() -> int:
+    """How much lower than the server's own thread a page's script thread runs: ``PROBING_SCRIPT_NICE``
+    (0–19; 0 = same priority), default 10. Anything else (empty, words, negative, above 19) gives the default."""
+    env = os.environ.get("PROBING_SCRIPT_NICE", "").strip()
+    return int(env) if env.isdigit() and int(env) <= 19 else 10
+
+
+def lower_thread_priority(by: int) -> bool:
+    """Run the calling OS thread ``by`` nice levels below the process's main thread (Linux; once per thread).
+
+    The server's main thread runs the event loop that answers every browser and ``/_stcore/health``;
+    page scripts and their fits run on other threads. Lower priority for those lets the kernel run the
+    event loop first whenever it has work, on a machine whose cores are all busy. Niceness is per thread
+    on Linux and threads inherit it from the thread that starts them (fit workers, BLAS/OpenMP pools).
+    A thread can only be lowered (raising needs privileges), so this never raises one back; the main
+    thread is never touched. Returns whether this thread now runs lower than the main thread.
+    """
+    if by <= 0 or not sys.platform.startswith("linux") or threading.current_thread() is threading.main_thread():
+        return False
+    tid = threading.get_native_id()
+    try:
+        target = min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + by)  # the main thread's niceness + by
+        if os.getpriority(os.PRIO_PROCESS, tid) < target:
+            os.setpriority(os.PRIO_PROCESS, tid, target)
+        return os.getpriority(os.PRIO_PROCESS, tid) > os.getpriority(os.PRIO_PROCESS, os.getpid())
+    except OSError:  # a sandbox without setpriority: run at the same priority
+        return False

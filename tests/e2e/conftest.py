@@ -87,7 +87,7 @@ def _health(base: str) -> str:
 
 @pytest.fixture(scope="session")
 def server(chromium_path) -> dict:
-    """Start the app; yield {"url", "port", "cache_dir", "log"}; stop it at the end."""
+    """Start the app; yield {"url", "port", "cache_dir", "log", "pid"}; stop it at the end."""
     port = _free_port()
     cache_dir = Path(os.environ.get("PROBING_CACHE_DIR", REPO / ".test-cache")).resolve()
     env = {k: v for k, v in os.environ.items() if k != "PROBING_DEMO" and not k.startswith("STREAMLIT_")}
@@ -107,7 +107,7 @@ def server(chromium_path) -> dict:
             if time.monotonic() > deadline:
                 pytest.fail(f"/_stcore/health did not answer 'ok' within 120 s; see {log_path}")
             time.sleep(0.5)
-        yield {"url": base, "port": port, "cache_dir": cache_dir, "log": log_path}
+        yield {"url": base, "port": port, "cache_dir": cache_dir, "log": log_path, "pid": proc.pid}
     finally:
         proc.terminate()
         try:

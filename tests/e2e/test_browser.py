@@ -6,6 +6,7 @@ Screenshots go to test-output/screenshots/ (git-ignored).
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -74,6 +75,45 @@ def test_health_endpoint_and_the_images_health_check(server):
     res = subprocess.run([sys.executable, "-c", argv[2]], env={"STREAMLIT_SERVER_PORT": str(server["port"])},
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, res.stderr
+
+
+def _thread_niceness(pid: int) -> dict[int, int]:
+    """{thread id: niceness} of a process's threads (/proc: field 19 of each task's stat line)."""
+    out = {}
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            out[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[16])
+        except (OSError, ValueError, IndexError):  # a thread that ended meanwhile
+            pass
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="per-thread niceness is Linux's")
+def test_page_scripts_run_below_the_servers_event_loop(server, page):
+    """The server's main thread (event loop: health checks, every browser's messages) keeps its priority; the
+    threads that run page scripts and fits, and the pools they start, run PROBING_SCRIPT_NICE (10) levels lower."""
+    import threading
+
+    seen: dict[int, int] = {}
+    stop = threading.Event()
+
+    def sample() -> None:  # every thread seen while the page runs (script threads end with their run)
+        while not stop.is_set():
+            seen.update(_thread_niceness(server["pid"]))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        goto(page, server["url"], "pages/lens.py")  # a script run with a forward pass
+        assert_no_exception(page, "Logit lens")
+    finally:
+        stop.set()
+        sampler.join()
+    main = seen[server["pid"]]
+    assert main == os.getpriority(os.PRIO_PROCESS, os.getpid()), "the server's main thread was reniced"
+    assert [t for t, n in seen.items() if n == min(19, main + 10)], f"no server thread ran below its event loop: {seen}"
+    assert all(n >= main for n in seen.values())
 
 
 def test_home_build_then_regression_curve_and_alpha_slider(server, page):

@@ -1,4 +1,5 @@
-"""threads.ComputeQueue (heavy computations one slot at a time, in arrival order) and glue.freeze_long_lived.
+"""threads.ComputeQueue (heavy computations one slot at a time, in arrival order), glue.freeze_long_lived and
+threads.lower_thread_priority (page scripts below the event loop).
 
 Real threads, real waits: the queue is what keeps 8 browser sessions' fits from all running at once
 on a small server (benchmarks/bench_load.py measures the effect).
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from probing_core.threads import ComputeQueue, compute_slots
+from probing_core.threads import ComputeQueue, compute_slots, lower_thread_priority, script_niceness
 
 
 def _start(fn, *args) -> threading.Thread:
@@ -171,3 +172,44 @@ def test_freeze_long_lived_freezes_what_exists_and_later_garbage_is_still_collec
                        timeout=300, cwd=repo, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("ok")
+
+
+@pytest.mark.parametrize(("env", "want"), [("5", 5), ("0", 0), ("19", 19), ("20", 10), ("-3", 10), ("abc", 10),
+                                           ("", 10), (" 7 ", 7)])
+def test_script_niceness_reads_the_variable_or_uses_ten(monkeypatch, env, want):
+    monkeypatch.setenv("PROBING_SCRIPT_NICE", env)
+    assert script_niceness() == want
+
+
+def _nice(tid: int) -> int:
+    """A thread's niceness as the kernel reports it (/proc: field 19 of its stat line)."""
+    stat = open(f"/proc/{os.getpid()}/task/{tid}/stat").read()
+    return int(stat.rsplit(")", 1)[1].split()[16])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="per-thread niceness is Linux's")
+def test_a_lowered_thread_runs_below_the_main_thread_and_passes_it_on_to_threads_it_starts():
+    main = _nice(threading.get_native_id())
+    out: dict[str, object] = {}
+
+    def child() -> None:
+        out["child"] = _nice(threading.get_native_id())
+
+    def script() -> None:
+        out["first"] = lower_thread_priority(4)
+        out["after_first"] = _nice(threading.get_native_id())
+        out["second"] = lower_thread_priority(4)  # once per thread: not lowered again
+        out["after_second"] = _nice(threading.get_native_id())
+        t = threading.Thread(target=child)  # what map_hooks' fit workers are
+        t.start()
+        t.join()
+
+    t = threading.Thread(target=script)
+    t.start()
+    t.join()
+    want = min(19, main + 4)
+    assert out["after_first"] == want and out["after_second"] == want and out["child"] == want
+    assert out["first"] is (want > main) and out["second"] is (want > main)
+    assert _nice(threading.get_native_id()) == main, "the calling (main) thread must keep its priority"
+    assert lower_thread_priority(4) is False and _nice(threading.get_native_id()) == main  # never the main thread
+    assert lower_thread_priority(0) is False
