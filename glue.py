@@ -438,19 +438,175 @@ def sparse_fit(model: LoadedModel, acts: CachedActivations, hook: str, q: Any) -
     return fit
 
 
+#: The Layer probes page's C values (its select_slider). Every C of a label state is one cold fit, so a table is
+#: the same whichever order the controls were moved in; the first view fits the C in view, then the page's other
+#: C values are fitted in a background thread (:class:`_LayerGrid`), so a later C move is a lookup.
+LAYERS_C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+
+
 def layer_probes(key: str, hooks: tuple[str, ...], label: Any, pos: Any, C: float, *, test_fraction: float = 0.3,
-                 seed: int = 0, control_samples: Any = "task") -> Any:
+                 seed: int = 0, control_samples: Any = "task", grid: Sequence[float] = LAYERS_C_GRID) -> Any:
     """The Layer probes table for this state (``layer_probes.probe_layers``), shared by every session; a fresh fit
     shows a progress bar per hook. Always fitted cold (never warm-started from the state before), so a table does
     not depend on the order in which the controls were moved. ``control_samples="task"``: the control task on as
-    many rows as the real task (its fit then costs what the real one costs; None: up to 6,000 rows)."""
+    many rows as the real task (its fit then costs what the real one costs; None: up to 6,000 rows).
+
+    Once this state's table is there, the other C values of ``grid`` are fitted in the background (nearest C
+    first), each cold like this one; a move to a C the background is fitting shows that fit's progress and waits
+    for it, and any fit a session asks for preempts the background within one hook."""
+    import math
+
     from probing_core.analyses import layer_probes as lp
 
-    return shared_result("layer_probes", repr((key, hooks, label, pos, C, test_fraction, seed, control_samples)),
-                         lambda progress: lp.probe_layers(get_entry(key), list(hooks), label, pos, C=C,
-                                                          test_fraction=test_fraction, seed=seed, progress=progress,
-                                                          control_samples=control_samples),
-                         keep=16, label="Fitting one probe per hook")
+    acts = get_entry(key)
+    state = (key, hooks, label, pos, test_fraction, seed, control_samples)
+
+    def fit(c: float, progress: Callable[[float, str], None]) -> Any:
+        return lp.probe_layers(acts, list(hooks), label, pos, C=c, test_fraction=test_fraction, seed=seed,
+                               progress=progress, control_samples=control_samples)
+
+    bg = _layers_grid()
+    bg.wait_shown(_layers_key(state, C))
+    res = shared_result("layer_probes", _layers_key(state, C), lambda p: fit(C, p), keep=_LAYERS_KEEP,
+                        label="Fitting one probe per hook")
+    if C in grid:
+        bg.want(state, fit, sorted(grid, key=lambda c: (abs(math.log10(c / C)), c)))
+    return res
+
+
+_LAYERS_KEEP = 48  # the whole C grid of 8 label states
+
+
+def _layers_key(state: tuple, C: float) -> str:
+    key, hooks, label, pos, test_fraction, seed, control_samples = state
+    return repr((key, hooks, label, pos, float(C), test_fraction, seed, control_samples))
+
+
+class _Yield(Exception):
+    """The background grid fit gives the cores back (a session's fit is waiting, or the user moved on)."""
+
+
+class _LayerGrid:
+    """One background thread per process fitting the rest of the C grid of the latest label state asked for.
+
+    It fits one C at a time, cold, through the same shelf and in-flight events as :func:`shared_result` (a session
+    asking for that C waits for it instead of fitting it again), and only while no other fit runs or waits: it
+    takes a turn in the compute queue when the queue is empty, and gives it back at the next hook when anyone
+    queues (that C is then fitted again later, or by the session that asks for it). It ends when the grid of the
+    latest state is complete; :meth:`join` waits for that (tests)."""
+
+    def __init__(self, lock: threading.Lock, shelves: dict, flights: dict, queue: ComputeQueue) -> None:
+        self.lock, self.shelves, self.flights, self.queue = lock, shelves, flights, queue
+        self.cond = threading.Condition()
+        self.target: tuple | None = None  # (state, fit, C order)
+        self.thread: threading.Thread | None = None
+        self.progress: dict[str, tuple[float, str]] = {}  # key -> progress of the fit running here
+        self.failed: set[str] = set()  # keys whose fit raised a ProbingError here
+
+    def want(self, state: tuple, fit: Callable, order: Sequence[float]) -> None:
+        with self.cond:
+            self.target = (state, fit, list(order))
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="layers-grid", daemon=True)
+                self.thread.start()
+            self.cond.notify_all()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the background has nothing left to fit; True when it has stopped."""
+        with self.cond:
+            t = self.thread
+        if t is not None:
+            t.join(timeout)
+        return t is None or not t.is_alive()
+
+    def wait_shown(self, key: str) -> None:
+        """If the background is fitting ``key``, show its progress until it is done (then it is on the shelf,
+        or, if the background gave its turn away, the caller fits it)."""
+        with self.lock:
+            event = self.flights.get(("layer_probes", key))
+        if event is None or key not in self.progress:
+            return
+        update, done = progress_bar("Fitting one probe per hook (started in the background)")
+        try:
+            while not event.wait(0.2):
+                update(*self.progress.get(key, (1.0, "finishing")))
+        finally:
+            done()
+
+    def _next(self, state: tuple, order: Sequence[float]) -> tuple[str, threading.Event] | None:
+        """The first C of ``order`` not fitted and not being fitted, claimed (its in-flight event); None: done."""
+        with self.lock:
+            shelf = self.shelves.setdefault("layer_probes", OrderedDict())
+            for c in order:
+                key = _layers_key(state, c)
+                if key not in shelf and ("layer_probes", key) not in self.flights and key not in self.failed:
+                    event = self.flights[("layer_probes", key)] = threading.Event()
+                    return key, event
+        return None
+
+    def _stale(self, state: tuple) -> bool:
+        with self.cond:
+            return self.target is None or self.target[0] != state
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        finally:  # done, or an unexpected error: the next want() starts a new thread
+            with self.cond:
+                if self.thread is threading.current_thread():
+                    self.target, self.thread = None, None
+
+    def _loop(self) -> None:
+        import time
+
+        lower_script_priority()
+        while True:
+            with self.cond:
+                state, fit, order = self.target
+            while self.queue.counts() != (0, 0) and not self._stale(state):  # sessions' fits first
+                time.sleep(0.2)
+            job = None if self._stale(state) else self._next(state, order)
+            if job is None:
+                with self.cond:
+                    if self.target is not None and self.target[0] == state:  # nothing newer: done
+                        self.target, self.thread = None, None
+                        return
+                continue
+            key, event = job
+            c = next(c for c in order if _layers_key(state, c) == key)
+
+            def tick(frac: float, msg: str, key: str = key, state: tuple = state) -> None:
+                self.progress[key] = (frac, msg)
+                if self.queue.counts()[1] or self._stale(state):
+                    raise _Yield()
+
+            self.progress[key] = (0.0, "starting")
+            res = None
+            try:
+                with self.queue.turn():
+                    res = fit(c, tick)
+            except _Yield:  # fitted again later, or by the session that asks for it
+                res = None
+            except ProbingError:  # not tried again here; a session that asks for this C meets the error itself
+                self.failed.add(key)
+            finally:
+                with self.lock:
+                    if res is not None:
+                        _shelve(self.shelves, "layer_probes", key, res, _LAYERS_KEEP)
+                    self.flights.pop(("layer_probes", key), None)
+                self.progress.pop(key, None)
+                event.set()
+
+
+@st.cache_resource(show_spinner=False)
+def _layers_grid() -> _LayerGrid:
+    lock, shelves = _shelves()
+    return _LayerGrid(lock, shelves, _in_flight(), _compute_queue())
+
+
+def layers_grid_join(timeout: float | None = None) -> bool:
+    """Wait for the Layer probes page's background C-grid fits to finish (tests: leave no thread behind)."""
+    return _layers_grid().join(timeout)
 
 
 def tree_edge_probes(model: LoadedModel, n_trees: int, seed: int, C: float) -> tuple[Any, str]:

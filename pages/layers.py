@@ -96,7 +96,8 @@ def label_probes() -> None:
         pos = lp.PositionSpec("every", every=int(p2.number_input("k", 1, 64, 4, key="layers_every", bind=Q)))
     else:
         pos = lp.PositionSpec("all")
-    C = p3.select_slider("C (inverse L2 strength)", [0.001, 0.01, 0.1, 1.0, 10.0, 100.0], 1.0, key="layers_C", bind=Q)
+    C = p3.select_slider("C (inverse L2 strength)", list(glue.LAYERS_C_GRID), 1.0, key="layers_C", bind=Q,
+                         help="Once a table is shown, the other C values are fitted in the background: a move is a lookup.")
     every_row = glue.research() and p3.checkbox("Control on every row (slower)", key="layers_ctrl_all", bind=Q,
                                                 help="The control task on every row of the column (up to 6,000), not "
                                                      "on as many rows as the real task (the default: the same n).")

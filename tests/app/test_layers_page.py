@@ -1,6 +1,7 @@
 """AppTest for the Layer probes page (tiny native model, an entry built through the core first)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from conftest import REPO, open_page, tiny_entry_key
 from streamlit.testing.v1 import AppTest
@@ -75,3 +76,37 @@ def test_control_on_as_many_rows_as_the_task_unless_asked(at: AppTest):
     assert not at.exception and not at.error
     assert not any("as many as the real task" in c.value for c in at.caption)
     assert at.dataframe[0].value["control"].tolist() != before  # a different (larger) control sample
+
+
+@pytest.fixture(autouse=True)
+def _no_background_fits_left():
+    """The page fits the other C values of a state in a background thread: it must be done after each test."""
+    import glue
+
+    yield
+    assert glue.layers_grid_join(120), "the Layer probes C-grid thread is still running"
+
+
+def test_c_moves_are_lookups_with_the_numbers_of_a_cold_fit(at: AppTest, entry_key: str):
+    """After the first view every C of the slider is fitted (in the background); a C move then reads a result
+    that equals a cold fit at that C — the same numbers whichever order the controls were moved in."""
+    import glue
+    from probing_core.analyses import layer_probes as lp
+
+    assert glue.layers_grid_join(120)
+    hooks = tuple(at.dataframe[0].value["hook"])
+    state = (entry_key, hooks, lp.LayerLabelSpec("token", -1, top_k=20), lp.PositionSpec("all"), 0.3, 0, "task")
+    lock, shelves = glue._shelves()
+    with lock:
+        shelf = dict(shelves["layer_probes"])
+    grid = {c: shelf.get(glue._layers_key(state, c)) for c in glue.LAYERS_C_GRID}
+    assert all(r is not None for r in grid.values()), [c for c, r in grid.items() if r is None]
+    acts = glue.get_entry(entry_key)
+    for c in (0.01, 10.0):
+        cold = lp.probe_layers(acts, list(hooks), state[2], state[3], C=c)
+        np.testing.assert_array_equal(grid[c].test_accuracy, cold.test_accuracy)
+        np.testing.assert_array_equal(grid[c].control_accuracy, cold.control_accuracy)
+        at.select_slider(key="layers_C").set_value(c).run()
+        assert not at.exception and not at.error
+        np.testing.assert_allclose(at.dataframe[0].value["token at -1"], cold.test_accuracy[:, 0])
+    assert grid[0.001].test_accuracy.mean() < grid[1.0].test_accuracy.mean()  # the C values are really different fits
