@@ -406,13 +406,29 @@ def _check_hooks(acts: CachedActivations, hooks: Sequence[str]) -> list[str]:
     return hooks
 
 
+class _HookArrays(dict):
+    """``{hook: memmap}`` of one entry, each opened on first use and then kept for one probe call (the real task
+    and the control read the same arrays: every store read re-checks the entry's folder, ~5 ms a read)."""
+
+    def __init__(self, acts: CachedActivations) -> None:
+        super().__init__()
+        self.acts = acts
+
+    def __missing__(self, hook: str) -> np.ndarray:
+        a = self[hook] = self.acts.hook(hook)
+        return a
+
+
 def _fit_by_width(acts: CachedActivations, hooks: list[str], rows: np.ndarray, y: np.ndarray, *, C: float,
                   test_fraction: float, seed: int, progress: Progress | None = None, tol: float = 1e-4,
+                  arrays: dict[str, np.ndarray] | None = None,
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, int]:
     """Fit all hooks (one fit per feature width). Returns train, test, converged [H], chance, n_test.
 
-    ``progress(fraction, message)`` once per fitted hook (fraction of ``hooks``).
+    ``progress(fraction, message)`` once per fitted hook (fraction of ``hooks``). ``arrays``: the hooks' arrays
+    opened so far (filled here; default: opened for this call).
     """
+    arrays = _HookArrays(acts) if arrays is None else arrays
     widths = acts.meta.get("widths", {})
     tr = np.zeros(len(hooks))
     te = np.zeros(len(hooks))
@@ -430,7 +446,7 @@ def _fit_by_width(acts: CachedActivations, hooks: list[str], rows: np.ndarray, y
                 progress((before + f * size) / len(hooks), msg)
         # The stored memmaps are read in place, a hook at a time (no stacked copy). No
         # eigen-preconditioner: on SmolLM2's activations it cost more iterations, not fewer.
-        X = {hooks[i]: acts.hook(hooks[i]) for i in idx}
+        X = {hooks[i]: arrays[hooks[i]] for i in idx}
         # The L-BFGS fit holds a hook's selected rows in memory (two hooks in flight): refuse
         # clearly rather than swap when an entry is larger than memory (the ridge probe streams).
         check_fits_in_memory(2 * len(rows_s) * int(w) * 4, "the per-layer multiclass probe")
@@ -513,6 +529,7 @@ def probe_tasks(
     first_kept: tuple[np.ndarray, np.ndarray, int] | None = None
     control_ci = np.full((H, 2), np.nan)
     control_chance, control_n_test = float("nan"), 0
+    arrays = _HookArrays(acts)
     for k, task in enumerate(tasks):
         if progress:
             progress(k / (K + (1 if control else 0)), f"fitting {task.name} ({H} hooks)")
@@ -544,7 +561,7 @@ def probe_tasks(
             def tick(f: float, msg: str, k: int = k, name: str = task.name) -> None:
                 progress((k + f) / slots, f"{name}: {msg}")
         tr, te, cv, ch, nt = _fit_by_width(acts, hooks, rows, y, C=C, test_fraction=test_fraction, seed=seed,
-                                           progress=tick, tol=tol)
+                                           progress=tick, tol=tol, arrays=arrays)
         train[:, k], test[:, k], conv[:, k], chance[k], n_test[k] = tr, te, cv, ch, nt
         n_samples[k] = idx.size
         classes.append(sorted(set(y.tolist())))
@@ -578,7 +595,8 @@ def probe_tasks(
                 def tick(f: float, msg: str) -> None:
                     progress((K + f) / (K + 1), f"control task: {msg}")
             _, control_acc, _, control_chance, control_n_test = _fit_by_width(
-                acts, hooks, rows, yc, C=C, test_fraction=test_fraction, seed=seed, progress=tick, tol=tol)
+                acts, hooks, rows, yc, C=C, test_fraction=test_fraction, seed=seed, progress=tick, tol=tol,
+                arrays=arrays)
             control_col = tasks[0].name
             selectivity = test[:, 0] - control_acc
             control_ci = splits.accuracy_ci(np.round(control_acc * control_n_test), control_n_test)
