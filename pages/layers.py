@@ -17,8 +17,9 @@ glue.explain(
     demo="Can we tell **which word came just before** by looking inside the model? For each layer, a small "
          "classifier looks at one word's numbers and guesses the word before it. Low score = the model has not "
          "looked back yet; high score = it has.",
-    steps=["pick what to guess (the word before, two back, …)", "read the table top to bottom: the embedding, "
-           "then layer 0, 1, …", "where the score jumps is where the model gathers that word"],
+    steps=["pick what to guess (the word before, two back, …)",
+           "read the table top to bottom: the embedding, then layer 0, 1, …",
+           "where the score jumps is where the model gathers that word"],
 )
 model = glue.selected_model()
 

@@ -24,41 +24,42 @@ Nothing here imports streamlit; every array returned is CPU numpy.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
-from probing_core.solvers import multiclass, splits
-from probing_core.store.shards import check_fits_in_memory
-from probing_core.store.activations import CachedActivations, build_cache, open_entry
 from probing_core.data.datasets import DatasetSpec, make_dataset
 from probing_core.errors import HookError, InputError, LabelError, ProbeError
 from probing_core.models import LoadedModel
+from probing_core.solvers import multiclass, splits
+from probing_core.store.activations import CachedActivations, build_cache, open_entry
 from probing_core.store.entries import ActivationStore, StoreEntry
+from probing_core.store.shards import check_fits_in_memory
 
 __all__ = [
+    "DEFAULT_MAX_SAMPLES",
+    "FAMILIES",
+    "LayerAccuracyResult",
     "LayerLabelSpec",
     "PositionSpec",
-    "LayerAccuracyResult",
     "ProbeTask",
+    "build_tree_cache",
+    "chance_note",
+    "compute_layer_labels",
+    "families_in",
+    "keep_top_classes",
     "parse_label",
     "parse_positions",
-    "select_rows",
-    "compute_layer_labels",
-    "keep_top_classes",
     "probe_layers",
     "probe_tasks",
-    "tree_edge_samples",
-    "build_tree_cache",
     "probe_tree_edges",
     "run_tree_edge_preset",
-    "chance_note",
-    "families_in",
-    "table_note",
+    "select_rows",
     "split_note",
-    "FAMILIES",
-    "DEFAULT_MAX_SAMPLES",
+    "table_note",
+    "tree_edge_samples",
 ]
 
 #: Cap on probe samples per column (seeded subsample): keeps H × n × d in memory and L-BFGS quick.
@@ -454,7 +455,7 @@ def _fit_by_width(acts: CachedActivations, hooks: list[str], rows: np.ndarray, y
                                                 progress=tick, tol=tol)
         tr[idx], te[idx], conv[idx] = res.train_accuracy, res.test_accuracy, res.converged
         chance = res.chance
-        n_test = int(len(res.test_idx))
+        n_test = len(res.test_idx)
         done += len(idx)
     return tr, te, conv, chance, n_test
 
@@ -554,11 +555,11 @@ def probe_tasks(
         if idx.size > max_samples:
             idx = np.sort(rng.choice(idx, size=max_samples, replace=False))
             notes_out.append(f"{task.name}: a seeded subsample of {max_samples:,} of {int(keep.sum()):,} samples was probed.")
-        rows, y, types = np.asarray(task.rows)[idx], labels[idx], np.asarray(task.token_types)[idx]
+        rows, y = np.asarray(task.rows)[idx], labels[idx]
         slots = K + (1 if control else 0)
         tick = None
         if progress:
-            def tick(f: float, msg: str, k: int = k, name: str = task.name) -> None:
+            def tick(f: float, msg: str, k: int = k, name: str = task.name, slots: int = slots) -> None:
                 progress((k + f) / slots, f"{name}: {msg}")
         tr, te, cv, ch, nt = _fit_by_width(acts, hooks, rows, y, C=C, test_fraction=test_fraction, seed=seed,
                                            progress=tick, tol=tol, arrays=arrays)
@@ -570,7 +571,7 @@ def probe_tasks(
             first_y, first_n = y, idx.size
     selectivity = np.full(H, np.nan)
     if control and first_kept is not None:
-        all_rows, all_types, k0 = first_kept
+        all_rows, all_types, _ = first_kept
         # Every type the label is about gets one class drawn from the real task's class
         # distribution, over all rows of the column (types outside the top-K too, capped like the
         # real task at max_samples): a task solvable only by memorising types.
@@ -701,7 +702,8 @@ _NODE = {"source": "node 0", "target": "node 1"}
 
 def tree_edge_samples(n_samples: int = 400, seed: int = 0, n_nodes: int | None = None) -> list:
     """Seeded natural tree samples for the preset (same arguments → same samples)."""
-    from probing_core.tree import model as tree_model, task as tree_task
+    from probing_core.tree import model as tree_model
+    from probing_core.tree import task as tree_task
 
     if n_samples < 10:
         raise InputError(f"n_samples={n_samples}: use at least 10 trees (a few hundred give stable accuracies).")
@@ -795,8 +797,8 @@ def probe_tree_edges(
         acts, hooks, tasks, top_k=tree_task.MAX_NODES, test_fraction=test_fraction, seed=seed, C=C,
         max_samples=max_samples, label="edge source (node 0) / target (node 1)",
         position="2nd, 3rd, 4th token of each edge",
-        notes=[f"{len(samples)} seeded trees of {samples[0].n_nodes} nodes; 'node 0' = an edge's source, "
-               "'node 1' = its target."],
+        notes=[(f"{len(samples)} seeded trees of {samples[0].n_nodes} nodes; 'node 0' = an edge's source, "
+                "'node 1' = its target.")],
         progress=progress,
     )
     return replace(res, notes=[*res.notes, chance_note(res)])

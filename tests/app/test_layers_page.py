@@ -110,3 +110,65 @@ def test_c_moves_are_lookups_with_the_numbers_of_a_cold_fit(at: AppTest, entry_k
         assert not at.exception and not at.error
         np.testing.assert_allclose(at.dataframe[0].value["token at -1"], cold.test_accuracy[:, 0])
     assert grid[0.001].test_accuracy.mean() < grid[1.0].test_accuracy.mean()  # the C values are really different fits
+
+
+def test_background_grid_yields_to_a_queued_fit_and_then_finishes():
+    """The C-grid thread fits only while no other fit runs or waits: a fit that queues takes the slot within one
+    hook (the yielded C is fitted again later), and every C of the grid ends on the shelf exactly once."""
+    import threading
+    import time
+    from collections import OrderedDict
+
+    import glue
+    from probing_core.threads import ComputeQueue
+
+    lock, shelves, flights, queue = threading.Lock(), {"layer_probes": OrderedDict()}, {}, ComputeQueue(1)
+    grid = glue._LayerGrid(lock, shelves, flights, queue)
+    started, finished = [], []
+
+    def fit(c: float, progress) -> str:  # a fit of 10 "hooks" of 50 ms each
+        started.append(c)
+        for i in range(10):
+            time.sleep(0.05)
+            progress((i + 1) / 10, f"hook {i}")
+        finished.append(c)
+        return f"result {c}"
+
+    state = ("entry", ("h",), "label", "pos", 0.3, 0, "task")
+    grid.want(state, fit, [1.0, 0.1, 10.0])
+    time.sleep(0.2)  # the background is inside its first fit
+    t = time.perf_counter()
+    with queue.turn():  # a session's fit: the background gives the slot back at its next hook
+        waited = time.perf_counter() - t
+        time.sleep(0.3)
+        assert finished == []  # nothing ran beside it
+    assert waited < 0.2, waited
+    assert grid.join(10)
+    assert started[0] == 1.0 and started.count(1.0) == 2 and sorted(finished) == [0.1, 1.0, 10.0]
+    assert dict(shelves["layer_probes"]) == {
+        glue._layers_key(state, c): f"result {c}" for c in (1.0, 0.1, 10.0)}
+    assert not flights and not grid.progress
+
+
+def test_background_grid_tries_a_failing_c_once():
+    """A C whose fit raises a user error is left for the session that asks for it (which shows the error)."""
+    import threading
+    from collections import OrderedDict
+
+    import glue
+    from probing_core.errors import LabelError
+    from probing_core.threads import ComputeQueue
+
+    shelves, flights, calls = {"layer_probes": OrderedDict()}, {}, []
+    grid = glue._LayerGrid(threading.Lock(), shelves, flights, ComputeQueue(1))
+
+    def fit(c: float, progress) -> str:
+        calls.append(c)
+        if c == 10.0:
+            raise LabelError("one class")
+        return f"result {c}"
+
+    state = ("entry", ("h",), "label", "pos", 0.3, 0, "task")
+    grid.want(state, fit, [1.0, 10.0, 0.1])
+    assert grid.join(10)
+    assert sorted(calls) == [0.1, 1.0, 10.0] and len(shelves["layer_probes"]) == 2 and not flights
