@@ -460,10 +460,11 @@ def layer_probes(key: str, hooks: tuple[str, ...], label: Any, pos: Any, C: floa
 
     acts = get_entry(key)
     state = (key, hooks, label, pos, test_fraction, seed, control_samples)
+    arrays = _layers_arrays(acts, hooks)  # opened here, on the script's thread, for the background's fits too
 
     def fit(c: float, progress: Callable[[float, str], None]) -> Any:
         return lp.probe_layers(acts, list(hooks), label, pos, C=c, test_fraction=test_fraction, seed=seed,
-                               progress=progress, control_samples=control_samples)
+                               progress=progress, control_samples=control_samples, arrays=arrays)
 
     bg = _layers_grid()
     bg.wait_shown(_layers_key(state, C))
@@ -475,6 +476,22 @@ def layer_probes(key: str, hooks: tuple[str, ...], label: Any, pos: Any, C: floa
 
 
 _LAYERS_KEEP = 48  # the whole C grid of 8 label states
+
+
+def _layers_arrays(acts: CachedActivations, hooks: tuple[str, ...]) -> dict[str, Any]:
+    """``{hook: memmap}`` of the entry's hooks, opened once (entries never change under a key) on the calling
+    thread. The background grid thread must not open them itself: numpy parses a ``.npy`` header with ``ast``,
+    and CPython 3.11's AST constructor is not safe beside the script compile of another thread (it raised
+    "SystemError: AST constructor recursion depth mismatch" in a page rerun)."""
+    lock, shelves = _shelves()
+    key = (acts.key, hooks)
+    with lock:
+        arrays = shelves.setdefault("layers_arrays", OrderedDict()).get(key)
+    if arrays is None:
+        arrays = {h: acts.hook(h) for h in hooks if h in acts.hooks}
+        with lock:
+            _shelve(shelves, "layers_arrays", key, arrays, 4)
+    return arrays
 
 
 def _layers_key(state: tuple, C: float) -> str:

@@ -24,7 +24,7 @@ Nothing here imports streamlit; every array returned is CPU numpy.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -409,10 +409,11 @@ def _check_hooks(acts: CachedActivations, hooks: Sequence[str]) -> list[str]:
 
 class _HookArrays(dict):
     """``{hook: memmap}`` of one entry, each opened on first use and then kept for one probe call (the real task
-    and the control read the same arrays: every store read re-checks the entry's folder, ~5 ms a read)."""
+    and the control read the same arrays: every store read re-checks the entry's folder, ~5 ms a read).
+    ``opened``: arrays the caller opened already (e.g. on another thread, see :func:`probe_layers`)."""
 
-    def __init__(self, acts: CachedActivations) -> None:
-        super().__init__()
+    def __init__(self, acts: CachedActivations, opened: Mapping[str, np.ndarray] | None = None) -> None:
+        super().__init__(opened or {})
         self.acts = acts
 
     def __missing__(self, hook: str) -> np.ndarray:
@@ -477,6 +478,7 @@ def probe_tasks(
     progress: Progress | None = None,
     tol: float = 1e-4,
     control_samples: int | Literal["task"] | None = "task",
+    arrays: Mapping[str, np.ndarray] | None = None,
 ) -> LayerAccuracyResult:
     """Fit one multinomial L2 probe per hook and task (all hooks at once per task).
 
@@ -530,7 +532,7 @@ def probe_tasks(
     first_kept: tuple[np.ndarray, np.ndarray, int] | None = None
     control_ci = np.full((H, 2), np.nan)
     control_chance, control_n_test = float("nan"), 0
-    arrays = _HookArrays(acts)
+    arrays = _HookArrays(acts, arrays)
     for k, task in enumerate(tasks):
         if progress:
             progress(k / (K + (1 if control else 0)), f"fitting {task.name} ({H} hooks)")
@@ -634,6 +636,7 @@ def probe_layers(
     progress: Progress | None = None,
     tol: float = 1e-4,
     control_samples: int | Literal["task"] | None = "task",
+    arrays: Mapping[str, np.ndarray] | None = None,
 ) -> LayerAccuracyResult:
     """Probe accuracy of categorical labels across hooks (layers) and positions.
 
@@ -646,6 +649,9 @@ def probe_layers(
         label_spec: one label or several (one column each).
         position_spec: which token rows to read.
         test_fraction, seed, C, max_samples, control, progress, tol, control_samples: see :func:`probe_tasks`.
+        arrays: ``{hook: acts.hook(hook)}`` opened already (the rest are opened here). A fit on a thread other
+            than the one that runs Streamlit's scripts gets them opened on that thread: numpy parses a ``.npy``
+            header with ``ast``, and CPython 3.11's AST constructor is not safe beside a script compile.
 
     Returns:
         :class:`LayerAccuracyResult` with test accuracy ``[H, columns]``.
@@ -689,6 +695,7 @@ def probe_layers(
         acts, hooks, tasks, top_k=labels[0].top_k, test_fraction=test_fraction, seed=seed, C=C,
         max_samples=max_samples, control=control, label=", ".join(s.name() for s in labels),
         position=position_spec.name(), notes=notes, progress=progress, tol=tol, control_samples=control_samples,
+        arrays=arrays,
     )
 
 
