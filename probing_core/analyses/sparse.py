@@ -24,6 +24,7 @@ import json
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,9 @@ from probing_core.solvers.logistic_path import (
     classification_report_dict,
     default_Cs,
     fit_control_task,
+    fit_cv_fold,
     fit_logistic_path,
+    with_cv,
 )
 from probing_core.solvers.splits import accuracy_ci, control_labels
 from probing_core.store.activations import CachedActivations
@@ -402,10 +405,12 @@ def fit_sparse(acts: CachedActivations, hook: str, ctx: ContextSet, q: SparseQue
                embed_best: LogisticPathResult | None = None, progress: Progress | None = None) -> SparseFit:
     """The C path on ``hook``, the embed-only probe on the same Cs, and the control task along the path.
 
-    The C grid is known before the path is fitted (:func:`default_Cs` on the features), so the path (with its CV
-    folds), the embed-only fits and the control path are independent: they run on one worker thread per core
-    (:func:`probing_core.threads.workers`), each single-threaded, and every thread has ended when this returns.
-    Same numbers as fitting them one after the other (each fit is deterministic; tested).
+    The C grid is known before the path is fitted (:func:`default_Cs` on the features), so the path, each of its CV
+    folds (:func:`~probing_core.solvers.logistic_path.fit_cv_fold`), the embed-only fits (the baseline's own folds
+    too) and the control path are independent jobs: they run on one worker thread per core
+    (:func:`probing_core.threads.workers`), each single-threaded, the fits on every training row first, and every
+    thread has ended when this returns. Same numbers as fitting them one after the other, and as
+    :func:`fit_sparse_path` / :func:`fit_embed_baseline` with their CV in one call (each fit is deterministic; tested).
 
     Args:
         acts, hook, ctx: the entry, the hook and the contexts (:func:`mine`). q: penalty, L1 ratio and folds.
@@ -419,13 +424,13 @@ def fit_sparse(acts: CachedActivations, hook: str, ctx: ContextSet, q: SparseQue
     X = features(acts, hook, ctx)
     grid = default_Cs(X, ctx.labels)  # what fit_sparse_path would pick: the embed and control fits share it
     pen = {"penalty": q.penalty, "l1_ratio": q.l1_ratio}
-    jobs: dict[str, Callable[[], Any]] = {  # the longest first
-        "the C path with its CV folds": lambda: fit_sparse_path(X, ctx, Cs=grid, cv=q.cv or None, **pen)}
-    if "hook_embed" in acts.hooks:
-        Xe = features(acts, "hook_embed", ctx)
-        if embed_best is None:
-            jobs["the embed-only baseline (C on CV)"] = lambda: fit_sparse_path(Xe, ctx, cv=q.cv or None, **pen)
-        jobs["the embed-only probe at the same C values"] = lambda: fit_logistic_path(Xe, ctx.labels, Cs=grid, **pen)
+    folds = int(q.cv) if q.cv and int(q.cv) >= 2 else SELECT_CV
+
+    def with_folds(name: str, Xf: np.ndarray, Cs: np.ndarray) -> None:
+        jobs[name] = lambda: fit_logistic_path(Xf, ctx.labels, Cs=Cs, **pen)
+        for i in range(folds):
+            jobs[f"{name}, CV fold {i + 1}/{folds}"] = partial(fit_cv_fold, Xf, ctx.labels, Cs=Cs, fold=i, cv=folds,
+                                                              **pen)
 
     def control() -> tuple[LogisticPathResult, float] | LabelError:
         try:
@@ -433,13 +438,26 @@ def fit_sparse(acts: CachedActivations, hook: str, ctx: ContextSet, q: SparseQue
         except LabelError as e:  # the rest of the page still works; the control section says why
             return e
 
+    # Longest first (a worker that frees up takes the next): the fits on every training row, then the CV folds.
+    jobs: dict[str, Callable[[], Any]] = {}
+    with_folds("the C path", X, grid)
     jobs["the control task along the path"] = control
-    out = _run_jobs(jobs, progress)
-    path = out["the C path with its CV folds"]
+    if "hook_embed" in acts.hooks:
+        Xe = features(acts, "hook_embed", ctx)
+        if embed_best is None:
+            with_folds("the embed-only baseline", Xe, default_Cs(Xe, ctx.labels))
+        jobs["the embed-only probe at the same C values"] = lambda: fit_logistic_path(Xe, ctx.labels, Cs=grid, **pen)
+    out = _run_jobs(dict(sorted(jobs.items(), key=lambda job: "CV fold" in job[0])), progress)  # stable: folds last
+
+    def joined(name: str) -> LogisticPathResult:
+        return with_cv(out[name], [out[f"{name}, CV fold {i + 1}/{folds}"] for i in range(folds)])
+
+    path = joined("the C path")
+    if "the embed-only baseline" in out:
+        embed_best = joined("the embed-only baseline")
     ctrl = out["the control task along the path"]
     controls = None if isinstance(ctrl, LabelError) else _control_path(path, *ctrl)
-    return SparseFit(hook, ctx, X, path, out.get("the embed-only probe at the same C values"),
-                     out.get("the embed-only baseline (C on CV)", embed_best), controls,
+    return SparseFit(hook, ctx, X, path, out.get("the embed-only probe at the same C values"), embed_best, controls,
                      str(ctrl) if isinstance(ctrl, LabelError) else None)
 
 
@@ -449,7 +467,7 @@ def _run_jobs(jobs: dict[str, Callable[[], Any]], progress: Progress | None) -> 
     out: dict[str, Any] = {}
     n = min(workers(), len(jobs))
     if progress is not None:
-        progress(0.0, f"{len(jobs)} fits on {n} thread{'s' * (n != 1)}: {', '.join(jobs)}")
+        progress(0.0, f"{len(jobs)} fits on {n} thread{'s' * (n != 1)}")
     if n <= 1:
         for i, (name, job) in enumerate(jobs.items()):
             out[name] = job()

@@ -1,4 +1,4 @@
-"""Binary L1 / elastic-net logistic path by an active-set (orthant-wise) Newton method.
+"""Binary L1 / elastic-net logistic path by a proximal Newton method on a working set.
 
 Same objective as :mod:`probing_core.solvers.logistic_path` (scikit-learn's scaling, unpenalized intercept)::
 
@@ -6,25 +6,34 @@ Same objective as :mod:`probing_core.solvers.logistic_path` (scikit-learn's scal
 
 (s_i = ±1 the label.)
 
-Why not the batched FISTA of ``logistic.py`` here (``benchmarks/bench_sparse.py``): a
+Why not the batched FISTA of ``logistic_path.py`` here (``benchmarks/bench_sparse.py``): a
 first-order method needs 50–300 passes over the data per C to reach a KKT residual of 1e-3, and
 at n ≤ 500 its many small torch operations cost more than liblinear's whole sweep. A sparse
 probe has few non-zero neurons (at most about one per training sample), so a Newton step on
 them is cheap, and along an ascending C path the solution at the previous C is an excellent
-start: each C then takes 2–6 Newton steps.
+start: each C then takes 1–4 Newton steps.
 
-One step at a given C:
+One (outer) step at a given C — the structure of liblinear's newGLMNET (Yuan, Ho & Lin 2012),
+with a different inner solver:
 
 1. one full-width gradient ``C X^T r`` gives every neuron's KKT residual — the exact
    convergence check (nothing is ever screened out without it);
-2. the working set is the current support plus the worst KKT violators (at least 16, at most
-   a fifth of the support more, never more than the samples can carry), each entering with
-   the sign that lowers ``F`` — a working set grown this way needs no separate screening rule;
-3. a Newton direction for the smooth problem on that working set with those signs fixed
-   (Gram of the working set in float32, Cholesky in float64; a float64 Gram and a
-   Levenberg–Marquardt damping where the neurons are strongly correlated);
-4. a backtracking line search on the true objective, projecting onto the orthant: a
-   coefficient that would change sign is set to exactly zero and leaves the support.
+2. the working set S is the current support plus the worst KKT violators (at least 16, at most
+   a fifth of the support more, never more than the samples can carry) — a working set grown
+   this way needs no separate screening rule;
+3. the Hessian of the smooth part on S (Gram of the working set in float32, a float64 Gram
+   where that is not positive definite) and the gradient give a quadratic model of F on S;
+4. the L1-penalized quadratic model is minimized on S (:func:`_l1_qp`: sign-fixed Newton steps
+   on the model, projected onto the orthant, until the model's own KKT residual is small) —
+   the step settles which coefficients are zero, which enter and with what sign, all on the one
+   Hessian, so the outer loop needs few Hessians (each costs ``|S|² n``);
+5. a backtracking line search on the true objective along that step (Armijo with the
+   predicted decrease of Tseng & Yun 2009).
+
+The previous version took one projected Newton step per Hessian: with hundreds of neurons
+near the weak end of a path, each step flipped the signs of tens of them, and a C took up to
+26 Hessians on the full training split and up to 83 in a CV fold (" the" vs " a", 910 contexts,
+``docs/sparse.md``); now 1–4.
 
 A C that has not reached the tolerance after ``max_newton`` steps (or whose line search
 fails) is returned with its residual; :func:`probing_core.solvers.logistic_path._solve_path` recomputes every
@@ -71,6 +80,74 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * z))
 
 
+def _chol_solve(H: np.ndarray, rhs: np.ndarray, mu: float) -> np.ndarray | None:
+    """``(H + mu I)^-1 rhs`` by Cholesky, raising ``mu`` 1000-fold (three times) where H is not positive definite."""
+    diag = np.arange(H.shape[0])
+    for _ in range(4):
+        Hm = H.copy()
+        Hm[diag, diag] += mu
+        c, info = lapack.dpotrf(Hm, lower=0, clean=0, overwrite_a=1)
+        if info == 0:
+            return lapack.dpotrs(c, rhs, lower=0)[0]
+        mu *= 1000.0
+    return None
+
+
+def _l1_qp(H: np.ndarray, g: np.ndarray, wS: np.ndarray, a: float, *, eps: float, mu: float,
+           max_inner: int = 50) -> tuple[np.ndarray, int]:
+    """Minimize the model ``m(d) = g·d + ½ dᵀ H d + a ||wS + d_w||_1`` over ``d = (d_w, d_b)``.
+
+    H ``(s+1, s+1)`` (the last row/column is the unpenalized intercept), g ``(s+1,)``, wS ``(s,)``.
+    Each iteration takes the coefficients that are non-zero or whose model gradient exceeds ``a``
+    (those enter with the sign that lowers ``m``), solves the model with those signs fixed (one
+    Cholesky, ``mu`` of ridge), and halves the step until ``m`` decreases, setting a coefficient
+    that would change sign to exactly zero. Stops when the model's KKT residual is ``<= eps``.
+    Only ``(s+1)``-sized work: no pass over the samples.
+
+    Returns ``(d, iterations)``.
+    """
+    s = wS.size
+    d = np.zeros(s + 1)
+    Hd = np.zeros(s + 1)
+    v = wS.copy()  # wS + d_w
+    m0 = 0.0  # m(0) without the constant a ||wS||_1, kept out of every comparison below
+    l1_0 = float(np.abs(wS).sum())
+    it = 0
+    for it in range(max_inner):
+        q = g + Hd  # the model's smooth gradient at d
+        qw = q[:s]
+        nzv = v != 0
+        res = np.where(nzv, np.abs(qw + a * np.sign(v)), np.maximum(np.abs(qw) - a, 0.0))
+        if max(float(res.max()) if s else 0.0, abs(float(q[s]))) <= eps:
+            break
+        F = np.flatnonzero(nzv | (np.abs(qw) > a))
+        theta = np.where(nzv[F], np.sign(v[F]), -np.sign(qw[F]))
+        idx = np.append(F, s)
+        rhs = -q[idx]
+        rhs[:-1] -= a * theta
+        step = _chol_solve(H[np.ix_(idx, idx)], rhs, mu)
+        if step is None:
+            break
+        vF, bF = v[F], d[s]
+        t = 1.0
+        for _ in range(30):
+            vn = vF + t * step[:-1]
+            vn[np.sign(vn) != theta] = 0.0  # would change sign: exactly zero (leaves the support)
+            dn = d.copy()
+            dn[F] = vn - wS[F]
+            dn[s] = bF + t * step[-1]
+            Hdn = H @ dn
+            mn = float(g @ dn) + 0.5 * float(dn @ Hdn) + a * (float(np.abs(wS + dn[:s]).sum()) - l1_0)
+            if mn < m0:
+                break
+            t *= 0.5
+        else:
+            break  # no decrease along this direction: take what we have
+        d, Hd, m0 = dn, Hdn, mn
+        v = wS + d[:s]
+    return d, it
+
+
 def _solve_one_C(
     XT: np.ndarray,
     y: np.ndarray,
@@ -84,19 +161,17 @@ def _solve_one_C(
     min_add: int = 16,
     grow: float = 0.2,
 ) -> tuple[np.ndarray, float, float, int, float]:
-    """Active-set Newton at one C from ``(w, b)``.
+    """Proximal Newton on a working set at one C from ``(w, b)`` (see the module docstring).
 
     A step adds at most ``max(min_add, grow * support)`` violators, and never more than there
     are samples left to support them: adding every violator (hundreds, from a cold start at a
-    weak penalty) makes most of them flip sign and leave again, with a Hessian of all of them
-    computed in between — cold fits at a weak penalty were 3–4× slower that way on the
-    benchmark's data.
+    weak penalty) costs a Hessian of all of them while most never enter.
 
     XT ``(d, n)`` float32 (features as rows, so a working set is a contiguous gather);
     y ``(n,)`` float64 in {0, 1}; w ``(d,)`` float64 (not modified).
     Returns ``(w, b, kkt, steps, objective)``.
     """
-    d, n = XT.shape
+    n = XT.shape[1]
     rho = 1.0 - a
     w = w.copy()
     S0 = np.flatnonzero(w)
@@ -129,26 +204,24 @@ def _solve_one_C(
         add = viol[np.argpartition(-excess[viol], k_add - 1)[:k_add]] if 0 < k_add < viol.size else viol
         S = np.concatenate([nz, add])
         s = S.size
-        theta = np.sign(w[S])
-        theta[nz.size:] = -np.sign(G[add])
         XS32 = XT[S]  # (s, n)
         XS = XS32.astype(np.float64)
-        # Gradient and Hessian of the smooth problem on S with the signs fixed (+ intercept).
-        g = np.empty(s + 1)
-        g[:s] = G[S] + a * theta
-        g[s] = gb
         D = C * p * (1.0 - p)
         H = np.empty((s + 1, s + 1))
         H[:s, s] = H[s, :s] = XS @ D
         H[s, s] = D.sum()
-        diag = np.arange(s + 1)
+        diag = np.arange(s)
+        g = np.empty(s + 1)
+        g[:s] = G[S]
+        g[s] = gb
+        wS = w[S]
+        # The Gram part in float32 first (half the time of float64, the bulk of a step at a wide
+        # support) with a ridge of 1e-6 of the mean curvature, as float32 sums are only PSD to
+        # about that precision; a small ridge also keeps the model bounded when the support
+        # outgrows the samples (the problem is then not strictly convex), and the line search
+        # absorbs the difference. If that factorization fails (strongly correlated neurons), the
+        # Gram is redone in float64 with a far smaller ridge.
         step = None
-        # The Gram part in float32 first (half the time of float64, the bulk of a step at a
-        # wide support) with a ridge of 1e-6 of the mean curvature, as float32 sums are only
-        # PSD to about that precision. A small ridge keeps H positive definite when the support
-        # outgrows the samples (the problem is then not strictly convex); the line search absorbs
-        # the difference. If that factorization fails (strongly correlated neurons), redo the Gram
-        # in float64 with a far smaller ridge.
         for exact in (False, True):
             if exact:
                 XD64 = XS * np.sqrt(D)
@@ -157,49 +230,38 @@ def _solve_one_C(
                 XD = XS32 * np.sqrt(D).astype(np.float32)
                 H[:s, :s] = XD @ XD.T
             if rho > 0:
-                H[diag[:s], diag[:s]] += rho
+                H[diag, diag] += rho
             mu = max(damp, 1e-10 if exact else 1e-6) * float(np.trace(H)) / (s + 1) + 1e-12
-            for _ in range(3 if exact else 1):
-                Hm = H.copy()
-                Hm[diag, diag] += mu
-                c, info = lapack.dpotrf(Hm, lower=0, clean=0, overwrite_a=1)
-                if info == 0:
-                    step = -lapack.dpotrs(c, g, lower=0)[0]
-                    break
-                mu *= 1000.0
-            if step is not None:
+            step, _ = _l1_qp(H, g, wS, a, eps=max(0.3 * tol, 0.1 * kkt) * a, mu=mu)
+            if np.any(step):
                 break
-        if step is None:
-            break  # the caller's FISTA finishes this C
         dw, db = step[:s], float(step[s])
-        wS = w[S]
+        # Predicted decrease (Tseng & Yun): linear model of the smooth part plus the change of the L1 term.
+        l1_S = float(np.abs(wS).sum())
+        pred = float(g @ step) + a * (float(np.abs(wS + dw).sum()) - l1_S)
+        if not pred < 0:
+            break  # the caller's FISTA finishes this C
         dz = dw @ XS + db
         t = 1.0
         accepted = False
         for halvings in range(40):
             w_new = wS + t * dw
-            flip = np.sign(w_new) != theta
-            w_new[flip] = 0.0
-            b_new = b + t * db
-            z_new = (w_new @ XS + b_new) if flip.any() else z + t * dz
-            F_new = objective(z_new, w_new)
-            # Armijo with the orthant-restricted gradient (OWL-QN's condition).
-            decrease = float(g[:s] @ (w_new - wS)) + gb * (b_new - b)
-            if F_new <= F + 1e-4 * min(decrease, 0.0):
+            F_new = objective(z + t * dz, w_new)
+            if F_new <= F + 1e-4 * t * pred:
                 accepted = True
                 break
             t *= 0.5
         if not accepted:
             break
-        # Strongly correlated neurons leave nearly flat directions in H, along which the Newton
-        # step overshoots by orders of magnitude (many halvings, many sign flips); damp the next
-        # steps then, and relax again once full steps are accepted.
+        # Strongly correlated neurons leave nearly flat directions in H, along which the model's
+        # minimizer overshoots by orders of magnitude (many halvings); damp the next steps then,
+        # and relax again once full steps are accepted.
         if halvings >= 3:
             damp = max(10.0 * damp, 1e-4)
         elif halvings == 0:
             damp = damp / 10.0 if damp > 1e-6 else 0.0
         w[S] = w_new
-        b, z, F = b_new, z_new, F_new
+        b, z, F = b + t * db, z + t * dz, F_new
     return w, b, kkt, steps, F
 
 
@@ -237,7 +299,7 @@ def newton_l1_path(
     Xs = np.asarray(Xs, dtype=np.float32)
     XT = np.ascontiguousarray(Xs.T)  # (d, n): a working set is then a row gather
     yf = np.asarray(y, dtype=np.float64)
-    n, d = Xs.shape
+    d = Xs.shape[1]
     K = len(Cs)
     W = np.zeros((K, 1, d), np.float32)
     B = np.zeros((K, 1), np.float32)

@@ -27,17 +27,21 @@ Everything returned is CPU numpy; nothing here imports streamlit.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from probing_core.errors import LabelError, ProbeError
-from probing_core.solvers.splits import check_Cs, control_labels, stratified_kfold, stratified_split, validate_xy
 from probing_core.solvers.l1_newton import newton_l1_path
-
-
+from probing_core.solvers.splits import (
+    check_Cs,
+    control_labels,
+    stratified_kfold,
+    stratified_split,
+    validate_xy,
+)
 
 _PENALTIES = ("l1", "l2", "elasticnet")
 
@@ -95,7 +99,7 @@ class _Scaler:
     scale: np.ndarray  # (d,) std, 1 where a feature is constant
 
     @staticmethod
-    def fit(X: np.ndarray, enabled: bool) -> "_Scaler":
+    def fit(X: np.ndarray, enabled: bool) -> _Scaler:
         d = X.shape[1]
         if not enabled:
             return _Scaler(np.zeros(d, np.float32), np.ones(d, np.float32))
@@ -565,6 +569,63 @@ def _solve_path(
     return _SolveOut(*(np.concatenate([getattr(o, f) for o in outs]) for f in ("W", "b", "kkt", "n_iter", "objective")))
 
 
+@dataclass(frozen=True)
+class FoldPath:
+    """One CV fold's path, reduced to what :class:`LogisticPathResult` keeps of it (K = C values, d = features)."""
+
+    accuracy: np.ndarray  # (K,) validation accuracy
+    selected: np.ndarray  # (K, d) bool: non-zero coefficient (any class)
+    converged: np.ndarray  # (K,) bool
+
+
+def _fold_path(Xtr: np.ndarray, codes_tr: np.ndarray, n_classes: int, Cs: np.ndarray, a: float, f_tr: np.ndarray,
+               f_va: np.ndarray, *, standardize: bool, tol: float, max_iter: int) -> FoldPath:
+    """The path on one fold's training rows (scaled on them; each C warm-started from the previous C of this
+    fold, as the main path is), scored on its validation rows."""
+    Xf_s = _Scaler.fit(Xtr[f_tr], standardize).apply(Xtr)
+    o = _solve_path(Xf_s[f_tr], codes_tr[f_tr], n_classes, Cs, a, tol=tol, max_iter=max_iter)
+    return FoldPath(_accuracy(Xf_s[f_va], codes_tr[f_va], o.W, o.b), (o.W != 0).any(axis=1), o.kkt <= tol)
+
+
+def _combine_folds(folds: Sequence[FoldPath]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(cv_accuracy, cv_selection_frequency, cv_converged)`` over the folds."""
+    return (np.mean([f.accuracy for f in folds], axis=0), np.mean([f.selected for f in folds], axis=0),
+            np.all([f.converged for f in folds], axis=0))
+
+
+def fit_cv_fold(X: np.ndarray, y: np.ndarray, *, Cs: Sequence[float] | np.ndarray, fold: int, cv: int,
+                penalty: str = "l1", l1_ratio: float = 0.5, test_fraction: float = 0.3, seed: int = 0,
+                standardize: bool = True, tol: float = 1e-3, max_iter: int = 1500) -> FoldPath:
+    """Fold ``fold`` of the ``cv`` folds that :func:`fit_logistic_path` (same arguments, ``cv=cv``) fits: the same
+    split, folds, scaling and solver, so :func:`with_cv` of all of them gives that call's CV fields exactly. The
+    folds are independent: a caller may fit them on separate threads.
+
+    Args:
+        X, y, Cs, penalty, l1_ratio, test_fraction, seed, standardize, tol, max_iter: as :func:`fit_logistic_path`.
+        fold: which fold, ``0 <= fold < cv``. cv: the number of folds (>= 2).
+
+    Returns:
+        :class:`FoldPath`.
+
+    Raises:
+        ProbeError / LabelError: as :func:`fit_logistic_path`.
+    """
+    a = _l1_weight(penalty, l1_ratio)
+    if not 2 <= cv or not 0 <= fold < cv:
+        raise ProbeError(f"fold {fold} of {cv} CV folds does not exist; use 0 <= fold < cv and cv >= 2.")
+    Xf, codes, classes = validate_xy(X, y, min_per_class=max(2, cv))
+    tr, _ = stratified_split(codes, test_fraction=test_fraction, seed=seed)
+    f_tr, f_va = stratified_kfold(codes[tr], k=cv, seed=seed)[fold]
+    return _fold_path(Xf[tr], codes[tr], classes.size, np.sort(check_Cs(Cs)), a, f_tr, f_va, standardize=standardize,
+                      tol=tol, max_iter=max_iter)
+
+
+def with_cv(path: LogisticPathResult, folds: Sequence[FoldPath]) -> LogisticPathResult:
+    """``path`` (fitted without CV) with the CV fields of ``folds`` (:func:`fit_cv_fold`, every fold once)."""
+    acc, sel, conv = _combine_folds(folds)
+    return replace(path, cv_accuracy=acc, cv_selection_frequency=sel, cv_converged=conv)
+
+
 def fit_logistic_path(
     X: np.ndarray,
     y: np.ndarray,
@@ -619,20 +680,9 @@ def fit_logistic_path(
     nz = (out.W != 0).any(axis=1)  # (K, d)
     cv_acc = cv_sel = cv_conv = None
     if cv:
-        folds = stratified_kfold(codes[tr], k=cv, seed=seed)
-        accs, sels, convs = [], [], []
-        Xtr = Xf[tr]
-        for f_tr, f_va in folds:
-            sc = _Scaler.fit(Xtr[f_tr], standardize)
-            Xf_s = sc.apply(Xtr)
-            o = _solve_path(Xf_s[f_tr], codes[tr][f_tr], classes.size, Cs_arr, a, tol=tol, max_iter=max_iter,
-                            W0=out.W, b0=out.b)
-            accs.append(_accuracy(Xf_s[f_va], codes[tr][f_va], o.W, o.b))
-            sels.append((o.W != 0).any(axis=1))
-            convs.append(o.kkt <= tol)
-        cv_acc = np.mean(accs, axis=0)
-        cv_sel = np.mean(sels, axis=0)
-        cv_conv = np.all(convs, axis=0)
+        cv_acc, cv_sel, cv_conv = _combine_folds([_fold_path(Xf[tr], codes[tr], classes.size, Cs_arr, a, f_tr, f_va,
+                                                             standardize=standardize, tol=tol, max_iter=max_iter)
+                                                  for f_tr, f_va in stratified_kfold(codes[tr], k=cv, seed=seed)])
     return LogisticPathResult(
         Cs=Cs_arr,
         penalty=penalty,
@@ -726,12 +776,12 @@ class LogisticProbe:
     def get_params(self, deep: bool = True) -> dict:
         return {k: getattr(self, k) for k in ("C", "penalty", "l1_ratio", "standardize", "tol", "max_iter")}
 
-    def set_params(self, **params: object) -> "LogisticProbe":
+    def set_params(self, **params: object) -> LogisticProbe:
         for k, v in params.items():
             setattr(self, k, v)
         return self
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> "LogisticProbe":
+    def fit(self, X: np.ndarray, y: np.ndarray) -> LogisticProbe:
         a = _l1_weight(self.penalty, self.l1_ratio)
         C = check_Cs(self.C)[:1]
         Xf, codes, classes = validate_xy(X, y, min_per_class=1)
