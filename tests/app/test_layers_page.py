@@ -124,6 +124,7 @@ def test_background_grid_yields_to_a_queued_fit_and_then_finishes():
 
     lock, shelves, flights, queue = threading.Lock(), {"layer_probes": OrderedDict()}, {}, ComputeQueue(1)
     grid = glue._LayerGrid(lock, shelves, flights, queue)
+    grid.delay = 0.0
     started, finished = [], []
 
     def fit(c: float, progress) -> str:  # a fit of 10 "hooks" of 50 ms each
