@@ -101,7 +101,8 @@ def _l1_qp(H: np.ndarray, g: np.ndarray, wS: np.ndarray, a: float, *, eps: float
     Each iteration takes the coefficients that are non-zero or whose model gradient exceeds ``a``
     (those enter with the sign that lowers ``m``), solves the model with those signs fixed (one
     Cholesky, ``mu`` of ridge), and halves the step until ``m`` decreases, setting a coefficient
-    that would change sign to exactly zero. Stops when the model's KKT residual is ``<= eps``.
+    that would change sign to exactly zero; a direction with no decrease is recomputed with a
+    1000-fold ridge (at most six times). Stops when the model's KKT residual is ``<= eps``.
     Only ``(s+1)``-sized work: no pass over the samples.
 
     Returns ``(d, iterations)``.
@@ -112,6 +113,7 @@ def _l1_qp(H: np.ndarray, g: np.ndarray, wS: np.ndarray, a: float, *, eps: float
     v = wS.copy()  # wS + d_w
     m0 = 0.0  # m(0) without the constant a ||wS||_1, kept out of every comparison below
     l1_0 = float(np.abs(wS).sum())
+    raises = 6
     it = 0
     for it in range(max_inner):
         q = g + Hd  # the model's smooth gradient at d
@@ -142,7 +144,14 @@ def _l1_qp(H: np.ndarray, g: np.ndarray, wS: np.ndarray, a: float, *, eps: float
                 break
             t *= 0.5
         else:
-            break  # no decrease along this direction: take what we have
+            # No decrease along this direction: where H is singular (more coefficients than the rows can tell
+            # apart) a tiny ridge leaves steps of enormous length along its null space. A stronger ridge
+            # shortens the step (Levenberg-Marquardt); the model's gradient, and so its minimizer, is unchanged.
+            if raises == 0:
+                break
+            raises -= 1
+            mu = max(1000.0 * mu, 1e-9 * float(np.trace(H)) / (s + 1))
+            continue
         d, Hd, m0 = dn, Hdn, mn
         v = wS + d[:s]
     return d, it
@@ -275,6 +284,7 @@ def newton_l1_path(
     W0: np.ndarray | None = None,
     b0: np.ndarray | None = None,
     max_newton: int = 100,
+    min_add: int = 16,
 ) -> L1PathSolution:
     """Binary L1 (``a = 1``) or elastic-net (``0 < a < 1``) logistic probes along a C path.
 
@@ -290,6 +300,7 @@ def newton_l1_path(
         W0: ``(1, 1, d)`` or ``(K, 1, d)`` warm start; b0 likewise ``(1, 1)`` / ``(K, 1)``.
             Without them the first C starts from zero coefficients and the log-odds intercept.
         max_newton: Newton steps per C before it is handed back unconverged.
+        min_add: violators a step may add to the working set at least (``d``: every violator, no cap).
 
     Returns:
         :class:`L1PathSolution`; entries with ``kkt > tol`` did not converge here.
@@ -317,7 +328,8 @@ def newton_l1_path(
                 w = np.asarray(W0[k if W0.shape[0] == K else 0, 0], dtype=np.float64)
                 if b0 is not None:
                     b = float(b0[k if b0.shape[0] == K else 0, 0])
-            w, b, kkt[k], its[k], obj[k] = _solve_one_C(XT, yf, float(C), a, w, b, tol=tol, max_newton=max_newton)
+            w, b, kkt[k], its[k], obj[k] = _solve_one_C(XT, yf, float(C), a, w, b, tol=tol, max_newton=max_newton,
+                                                        min_add=min_add)
             W[k, 0] = w
             B[k, 0] = b
     return L1PathSolution(W, B, kkt, its, obj)

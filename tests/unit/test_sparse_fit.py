@@ -154,3 +154,16 @@ def test_parallel_fits_give_the_sequential_numbers_and_leave_no_thread(setup, mo
     assert np.allclose(one.path.cv_accuracy, two.path.cv_accuracy)
     assert np.allclose(one.controls.control_accuracy, two.controls.control_accuracy)
     assert np.allclose(fit.controls.control_accuracy, two.controls.control_accuracy)
+
+
+def test_the_fold_jobs_give_the_one_call_cv_path_and_embed_baseline(setup):
+    """fit_sparse fits the path's CV folds (and the embed-only baseline's) as separate jobs: the same path, CV fields
+    and chosen C as fit_sparse_path with its CV in one call, and the same baseline as fit_embed_baseline."""
+    acts, _q, ctx, fit = setup
+    one = sparse.fit_sparse_path(fit.X, ctx)
+    for f in ("Cs", "coefs", "test_accuracy", "cv_accuracy", "cv_selection_frequency", "cv_converged"):
+        assert np.array_equal(getattr(fit.path, f), getattr(one, f)), f
+    assert sparse.chosen_index(fit.path) == sparse.chosen_index(one)
+    base = sparse.fit_embed_baseline(acts, ctx)
+    for f in ("Cs", "coefs", "test_accuracy", "cv_accuracy", "cv_converged"):
+        assert np.array_equal(getattr(fit.embed_best, f), getattr(base, f)), f
