@@ -11,7 +11,8 @@ contexts at once — each a fresh Streamlit session — through the common path:
 
 and prints, per N, the median and p95 latency of each action, errors (exception elements, error
 alerts, timeouts, "Traceback" in the server log), the server's RSS (peak and after the round), and
-the /_stcore/health round trip, polled every 0.25 s throughout (goal: under 1 s at all times).
+the /_stcore/health round trip, polled every 0.25 s throughout from a process of its own (goal: under 1 s
+at all times), beside a bare http.server polled the same way as a control for the machine itself.
 
 Latency is measured in the page: from just before the action to the moment the script run it caused
 has finished (a MutationObserver on ``data-test-script-state``), with no fixed settle time included.
@@ -81,6 +82,29 @@ DONE_JS = """() => { const w = window.__bench;
       document.querySelector("[data-testid='stApp']").getAttribute('data-test-script-state') !== 'running';
   return !w.running && performance.now() - w.last > 300 && !document.querySelector("[data-testid='stSpinner']"); }"""
 IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
+
+
+#: The poller process: every 0.25 s, GET the server's /_stcore/health, then the control's /health; one line
+#: per poll: "start ok seconds control_seconds" (start: time.monotonic(), the same clock in every process).
+POLLER = """
+import sys, time, urllib.request
+health, control, out = sys.argv[1:4]
+def get(url):
+    t = time.perf_counter()
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            ok = r.read().strip() == b"ok"
+    except OSError:
+        ok = False
+    return ok, time.perf_counter() - t
+with open(out, "a", buffering=1) as f:
+    while True:
+        t0 = time.monotonic()
+        ok, secs = get(health)
+        cok, csecs = get(control)
+        f.write(f"{t0:.4f} {int(ok)} {secs:.4f} {csecs if cok else float('inf'):.4f}\\n")
+        time.sleep(0.25)
+"""
 
 
 def _free_port() -> int:
@@ -165,29 +189,37 @@ class Server:
                 self.close()
                 sys.exit(f"server did not come up; see {log_path}")
             time.sleep(0.5)
-        self._thread = threading.Thread(target=self._poll, daemon=True)
+        # The health and control polls run in a process of their own (as Docker's health check does), so
+        # the benchmark's own work (Playwright driving N pages from this process) never delays a poll.
+        self._polls = Path(self._control_dir, "polls.txt")
+        self.poller = subprocess.Popen([sys.executable, "-c", POLLER, f"{self.base}/_stcore/health",
+                                        f"http://127.0.0.1:{self.control_port}/health", str(self._polls)])
+        self._rss: list[tuple[float, int]] = []
+        self._thread = threading.Thread(target=self._sample_rss, daemon=True)
         self._thread.start()
 
-    def _poll(self) -> None:
+    def _sample_rss(self) -> None:
         while not self._stop.is_set():
-            t_poll = time.monotonic()  # a poll is filed under the time its request started
-            ok, secs = _health(self.base)
-            t0 = time.perf_counter()
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.control_port}/health", timeout=5) as r:
-                    r.read()
-                control = time.perf_counter() - t0
-            except OSError:
-                control = float("inf")
-            try:
-                rss = self.ps.memory_info().rss
+                self._rss.append((time.monotonic(), self.ps.memory_info().rss))
             except psutil.Error:
-                rss = 0
-            self.samples.append((t_poll, ok, secs, rss, control))
+                pass
             self._stop.wait(0.25)
 
     def window(self, t0: float, t1: float) -> list[tuple[float, bool, float, int, float]]:
-        return [s for s in self.samples if t0 <= s[0] <= t1]
+        """(time, ok, seconds, rss, control seconds) of each poll that started in [t0, t1] (the poller's file,
+        CLOCK_MONOTONIC in both processes); rss: the nearest server RSS sample at or before it."""
+        polls = []
+        for line in self._polls.read_text().splitlines() if self._polls.exists() else []:
+            parts = line.split()
+            if len(parts) == 4:
+                polls.append((float(parts[0]), parts[1] == "1", float(parts[2]), float(parts[3])))
+        out, rss = [], list(self._rss)
+        for t, ok, secs, control in polls:
+            if t0 <= t <= t1:
+                before = [r for tr, r in rss if tr <= t]
+                out.append((t, ok, secs, before[-1] if before else 0, control))
+        return out
 
     def rss(self) -> int:
         return self.ps.memory_info().rss
@@ -197,6 +229,7 @@ class Server:
 
     def close(self) -> None:
         self._stop.set()
+        self.poller.terminate()
         self.control.terminate()
         shutil.rmtree(self._control_dir, ignore_errors=True)
         self.proc.terminate()
