@@ -21,7 +21,7 @@ nav = st.navigation(pages)
 
 import glue  # noqa: E402
 
-glue.lower_script_priority()  # the event loop (health checks, every browser) before page scripts on busy cores
+glue.serve_event_loop_first()  # health checks and every browser before page scripts, on busy cores
 glue.page_style()
 glue.sign_in_gate()  # PROBING_AUTH=1: nothing below runs until the visitor has signed in
 glue.sidebar()

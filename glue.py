@@ -13,6 +13,7 @@ import contextlib
 import gc
 import hashlib
 import os
+import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -326,12 +327,30 @@ def freeze_long_lived() -> None:
     gc.freeze()
 
 
+def serve_event_loop_first() -> None:
+    """Keep the server's event loop (health checks, every browser's messages) answering while pages compute.
+
+    In a real server (tests never change their process): (1) this page's script thread, and the fit workers
+    and pools it starts, run ``PROBING_SCRIPT_NICE`` (default 10) nice levels below the event loop's thread,
+    so the kernel runs the loop first on busy cores; (2) CPython's GIL switch interval drops from 5 ms to
+    ``SWITCH_INTERVAL`` (1 ms): a thread that wants the GIL asks the holder to drop it after that long, and
+    with several sessions' scripts wanting it too, the loop waited up to that many intervals per request.
+    """
+    if _in_server():
+        if sys.getswitchinterval() > SWITCH_INTERVAL:
+            sys.setswitchinterval(SWITCH_INTERVAL)
+    lower_script_priority()
+
+
 def lower_script_priority() -> None:
-    """Run this page's script thread (and the fit workers it starts) below the server's event loop
-    (``PROBING_SCRIPT_NICE``, default 10 nice levels), so health checks and every browser's messages are
-    answered first when all cores are busy. Only in a real server: tests never renice their threads."""
+    """This thread (a page script's or a background fit's) ``PROBING_SCRIPT_NICE`` levels below the event loop;
+    only in a real server."""
     if _in_server():
         lower_thread_priority(script_niceness())
+
+
+#: Seconds between GIL drop requests in the server (CPython's default: 0.005).
+SWITCH_INTERVAL = 0.001
 
 
 def _in_server() -> bool:
