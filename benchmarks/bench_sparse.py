@@ -10,6 +10,15 @@ warm-started refit to a new C (a slider move). Optionally (full run) the noteboo
 fit, which does not converge.
 
     python benchmarks/bench_sparse.py [--quick] [--threads 1]
+    python benchmarks/bench_sparse.py --page [--hook blocks.0.mlp.hook_post] [--classes ' a' ' this' ' that']
+
+``--page``: what a label change on the Sparse page fits (``analyses.sparse.fit_sparse``: the path, its
+CV folds, the embed-only baseline with its folds, the embed-only probe at the same C values and the
+control path, on the page's worker threads), on real activations: the entry the page's "Build these
+hooks now" makes (``glue.SPARSE_BUILD``: SmolLM2, 40,000 pydoc tokens, built in ``PROBING_CACHE_DIR``
+if missing), " the" against each class B, one fresh fit per class (wall and CPU seconds, Newton steps
+per C, the largest KKT residual, every point converged). The page bench (``bench_page_reruns.py``)
+moves to layer 0 before its label changes; so does this by default.
 
 The machine may be shared: figures are wall-clock on whatever load there is; the ratio is
 what matters (both sides run in the same process, one after the other). ``--threads`` caps
@@ -18,10 +27,14 @@ torch and the BLAS under numpy/scipy alike (liblinear is single-threaded).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def planted(n: int, d: int, k: int = 8, seed: int = 0):
@@ -46,12 +59,22 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one small size, no saga")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch and BLAS threads (1 is best on a shared 2-core box)")
+    ap.add_argument("--page", action="store_true", help="time a Sparse label change's fits on real activations")
+    ap.add_argument("--hook", default="blocks.0.mlp.hook_post", help="--page: the probed hook")
+    ap.add_argument("--classes", nargs="+", default=[" an", " a", " this", " that"], help="--page: class B tokens")
     args = ap.parse_args()
+    if args.page:
+        page_fits(args.hook, args.classes)
+        return
     import torch
     from sklearn.linear_model import LogisticRegression
     from threadpoolctl import threadpool_limits
 
-    from probing_core.solvers.logistic_path import default_Cs, fit_logistic_path, refit_at_C
+    from probing_core.solvers.logistic_path import (
+        default_Cs,
+        fit_logistic_path,
+        refit_at_C,
+    )
 
     torch.set_num_threads(args.threads)
     threadpool_limits(args.threads)
@@ -74,7 +97,8 @@ def main() -> None:
         Xs = (X - path.mean) / path.scale
         tr, te = path.train_idx, path.test_idx
 
-        def sweep(**kw: float) -> tuple[list, float]:
+        def sweep(Xs: np.ndarray = Xs, y: np.ndarray = y, tr: np.ndarray = tr, Cs: np.ndarray = Cs,
+                  **kw: float) -> tuple[list, float]:
             t = time.perf_counter()
             ms = [LogisticRegression(solver="liblinear", l1_ratio=1.0, C=float(C), intercept_scaling=1000,
                                      max_iter=10_000, **kw).fit(Xs[tr], y[tr]) for C in Cs]
@@ -134,6 +158,42 @@ def main() -> None:
             t_all, worst, conv_all = t_all + dt, max(worst, dt), conv_all + int(r.converged[0])
         print(f"all layers at one C (C={C_mid:.3g}): {L} layers × n={n} × d={d}: {t_all:.2f} s "
               f"(slowest layer {worst:.2f} s), converged {conv_all}/{L}")
+
+
+def page_fits(hook: str, classes: list[str]) -> None:
+    """One fresh ``fit_sparse`` per class B on the Sparse page's default entry (see the module docstring)."""
+    import os
+
+    import glue
+    from probing_core.analyses import sparse
+    from probing_core.data.datasets import DatasetSpec, load_dataset
+    from probing_core.models import ModelSpec, default_cache_root, load_model
+    from probing_core.store.activations import build_cache, open_entry
+    from probing_core.store.entries import ActivationStore
+    from probing_core.threads import workers
+
+    model = load_model(ModelSpec("embedded"))
+    store = ActivationStore(default_cache_root() / "activations")
+    want = glue.SPARSE_BUILD
+    entry, _ = build_cache(model, load_dataset(DatasetSpec("pydoc")), want.hooks(model), store=store,
+                           max_tokens=want.max_tokens, max_len=want.max_len, dtype=want.dtype)
+    acts = open_entry(store, entry.key)
+    print(f"fit_sparse on {hook}, entry {entry.key[:10]} ({acts.n_tokens:,} tokens), {workers()} worker threads, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{'class B':>9} {'contexts':>8} {'wall ms':>8} {'CPU ms':>7} {'Newton steps/C (path)':>22} "
+          f"{'max KKT':>8} {'converged':>9}")
+    for b in classes:
+        q = sparse.SparseQuery(sparse.parse_classes(" the", b))
+        ctx = sparse.mine(acts, model.tokenizer, q)
+        t, c = time.perf_counter(), time.process_time()
+        fit = sparse.fit_sparse(acts, hook, ctx, q)
+        wall, cpu = time.perf_counter() - t, time.process_time() - c
+        paths = [fit.path, fit.embed_same, fit.embed_best]
+        kkt = max(float(p.kkt_residual.max()) for p in paths)
+        conv = all(bool(p.converged.all()) for p in paths) and bool(fit.controls.converged.all())
+        print(f"{b!r:>9} {len(ctx.labels):>8} {wall * 1e3:>8.0f} {cpu * 1e3:>7.0f} "
+              f"{int(fit.path.n_iter.max()):>9} max, {fit.path.n_iter.mean():.1f} mean {kkt:>8.1e} "
+              f"{'all' if conv else 'NOT all':>9}", flush=True)
 
 
 if __name__ == "__main__":

@@ -124,10 +124,15 @@ def _l1_qp(H: np.ndarray, g: np.ndarray, wS: np.ndarray, a: float, *, eps: float
             break
         F = np.flatnonzero(nzv | (np.abs(qw) > a))
         theta = np.where(nzv[F], np.sign(v[F]), -np.sign(qw[F]))
-        idx = np.append(F, s)
-        rhs = -q[idx]
-        rhs[:-1] -= a * theta
-        step = _chol_solve(H[np.ix_(idx, idx)], rhs, mu)
+        if F.size == s:  # every coefficient free (the usual first iteration): no gather
+            rhs = -q
+            rhs[:-1] -= a * theta
+            step = _chol_solve(H, rhs, mu)
+        else:
+            idx = np.append(F, s)
+            rhs = -q[idx]
+            rhs[:-1] -= a * theta
+            step = _chol_solve(H[np.ix_(idx, idx)], rhs, mu)
         if step is None:
             break
         vF, bF = v[F], d[s]
