@@ -543,11 +543,14 @@ class _LayerGrid:
         self.progress: dict[str, tuple[float, str]] = {}  # key -> progress of the fit running here
         self.failed: set[str] = set()  # keys whose fit raised a ProbingError here
         self.not_before = 0.0  # time.monotonic() before which no new state's fit starts
+        self.stopping = False  # the process is exiting: no new fits, the running one yields
 
     def want(self, state: tuple, fit: Callable, order: Sequence[float]) -> None:
         import time
 
         with self.cond:
+            if self.stopping:
+                return
             if self.target is None or self.target[0] != state:
                 self.not_before = time.monotonic() + self.delay
             self.target = (state, fit, list(order))
@@ -563,6 +566,13 @@ class _LayerGrid:
         if t is not None:
             t.join(timeout)
         return t is None or not t.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """At exit: the running fit yields at its next hook and the thread ends (a daemon thread still inside torch
+        when the interpreter finalizes can abort the process)."""
+        with self.cond:
+            self.stopping = True
+        self.join(timeout)
 
     def wait_shown(self, key: str) -> None:
         """If the background is fitting ``key``, show its progress until it is done (then it is on the shelf,
@@ -591,7 +601,7 @@ class _LayerGrid:
 
     def _stale(self, state: tuple) -> bool:
         with self.cond:
-            return self.target is None or self.target[0] != state
+            return self.stopping or self.target is None or self.target[0] != state
 
     def _run(self) -> None:
         try:
@@ -607,6 +617,8 @@ class _LayerGrid:
         lower_script_priority()
         while True:
             with self.cond:
+                if self.stopping:
+                    return
                 state, fit, order = self.target
             while (self.queue.counts() != (0, 0) or time.monotonic() < self.not_before) and not self._stale(state):
                 time.sleep(0.1)  # sessions' fits and page draws first
@@ -645,8 +657,12 @@ class _LayerGrid:
 
 @st.cache_resource(show_spinner=False)
 def _layers_grid() -> _LayerGrid:
+    import atexit
+
     lock, shelves = _shelves()
-    return _LayerGrid(lock, shelves, _in_flight(), _compute_queue())
+    grid = _LayerGrid(lock, shelves, _in_flight(), _compute_queue())
+    atexit.register(grid.stop)
+    return grid
 
 
 def layers_grid_join(timeout: float | None = None) -> bool:

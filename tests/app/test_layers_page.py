@@ -173,3 +173,32 @@ def test_background_grid_tries_a_failing_c_once():
     grid.want(state, fit, [1.0, 10.0, 0.1])
     assert grid.join(10)
     assert sorted(calls) == [0.1, 1.0, 10.0] and len(shelves["layer_probes"]) == 2 and not flights
+
+
+def test_background_grid_stops_at_exit():
+    """At exit (atexit) the running fit yields at its next hook and the thread ends; later requests start nothing."""
+    import threading
+    import time
+    from collections import OrderedDict
+
+    import glue
+    from probing_core.threads import ComputeQueue
+
+    shelves, flights = {"layer_probes": OrderedDict()}, {}
+    grid = glue._LayerGrid(threading.Lock(), shelves, flights, ComputeQueue(1))
+    grid.delay = 0.0
+
+    def fit(c: float, progress) -> str:
+        for i in range(100):
+            time.sleep(0.05)
+            progress(i / 100, "hook")
+        return "done"
+
+    state = ("entry", ("h",), "label", "pos", 0.3, 0, "task")
+    grid.want(state, fit, [1.0, 10.0])
+    time.sleep(0.2)
+    t = time.perf_counter()
+    grid.stop()
+    assert time.perf_counter() - t < 1.0 and grid.thread is None and not flights and not shelves["layer_probes"]
+    grid.want(state, fit, [1.0])
+    assert grid.thread is None
