@@ -461,6 +461,9 @@ def sparse_fit(model: LoadedModel, acts: CachedActivations, hook: str, q: Any) -
 #: the same whichever order the controls were moved in; the first view fits the C in view, then the page's other
 #: C values are fitted in a background thread (:class:`_LayerGrid`), so a later C move is a lookup.
 LAYERS_C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+#: The background C grid runs in a real server; under AppTest only when this is True (the page tests that check
+#: it and bench_page_reruns set it), so other tests that open the page leave no thread behind.
+LAYERS_GRID_IN_APPTEST = False
 
 
 def layer_probes(key: str, hooks: tuple[str, ...], label: Any, pos: Any, C: float, *, test_fraction: float = 0.3,
@@ -489,7 +492,7 @@ def layer_probes(key: str, hooks: tuple[str, ...], label: Any, pos: Any, C: floa
     bg.wait_shown(_layers_key(state, C))
     res = shared_result("layer_probes", _layers_key(state, C), lambda p: fit(C, p), keep=_LAYERS_KEEP,
                         label="Fitting one probe per hook")
-    if C in grid:
+    if C in grid and (LAYERS_GRID_IN_APPTEST or _in_server()):
         bg.want(state, fit, sorted(grid, key=lambda c: (abs(math.log10(c / C)), c)))
     return res
 

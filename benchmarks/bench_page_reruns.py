@@ -329,6 +329,9 @@ def main() -> None:
     print(f"bench_page_reruns: {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f} at start; "
           f"store {default_cache_root()}")
     entries = default_entries(a.tokens, sparse="sparse" in a.pages.split(","))
+    import glue
+
+    glue.LAYERS_GRID_IN_APPTEST = True  # the Layer probes page's background C grid, as in a real server
     install_timers()
     table = []
     for page in a.pages.split(","):

@@ -87,12 +87,14 @@ def _no_background_fits_left():
     assert glue.layers_grid_join(120), "the Layer probes C-grid thread is still running"
 
 
-def test_c_moves_are_lookups_with_the_numbers_of_a_cold_fit(at: AppTest, entry_key: str):
+def test_c_moves_are_lookups_with_the_numbers_of_a_cold_fit(entry_key: str, monkeypatch):
     """After the first view every C of the slider is fitted (in the background); a C move then reads a result
     that equals a cold fit at that C — the same numbers whichever order the controls were moved in."""
     import glue
     from probing_core.analyses import layer_probes as lp
 
+    monkeypatch.setattr(glue, "LAYERS_GRID_IN_APPTEST", True)  # AppTest is not a real server
+    at = open_page("pages/layers.py", entry_key)
     assert glue.layers_grid_join(120)
     hooks = tuple(at.dataframe[0].value["hook"])
     state = (entry_key, hooks, lp.LayerLabelSpec("token", -1, top_k=20), lp.PositionSpec("all"), 0.3, 0, "task")
