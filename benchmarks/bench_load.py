@@ -391,8 +391,9 @@ async def session(browser, base: str, label: str, prompt: str) -> tuple[dict[str
             await slider.focus()
             await slider.press("End")
         async def alpha_at_end() -> bool:
-            slider = page.locator(".st-key-reg_alpha [role='slider']").first
-            return await slider.get_attribute("aria-valuenow") == await slider.get_attribute("aria-valuemax")
+            slider = page.locator(".st-key-reg_alpha input[type='range'], .st-key-reg_alpha [role='slider']").first
+            return await slider.evaluate("el => (el.getAttribute('aria-valuenow') ?? el.value) == "
+                                         "(el.getAttribute('aria-valuemax') ?? el.max)", timeout=30_000)
         times["move_alpha"] = await _timed(page, move_alpha, alpha_at_end, "move_alpha")
         errors += await _page_errors(page)
 
