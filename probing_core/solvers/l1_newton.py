@@ -11,7 +11,7 @@ first-order method needs 50–300 passes over the data per C to reach a KKT resi
 at n ≤ 500 its many small torch operations cost more than liblinear's whole sweep. A sparse
 probe has few non-zero neurons (at most about one per training sample), so a Newton step on
 them is cheap, and along an ascending C path the solution at the previous C is an excellent
-start: each C then takes 1–4 Newton steps.
+start: each C then takes 1–4 Newton steps (at most 6 on the Sparse page's data).
 
 One (outer) step at a given C — the structure of liblinear's newGLMNET (Yuan, Ho & Lin 2012),
 with a different inner solver:
@@ -33,7 +33,7 @@ with a different inner solver:
 The previous version took one projected Newton step per Hessian: with hundreds of neurons
 near the weak end of a path, each step flipped the signs of tens of them, and a C took up to
 26 Hessians on the full training split and up to 83 in a CV fold (" the" vs " a", 910 contexts,
-``docs/sparse.md``); now 1–4.
+``docs/sparse.md``); now 1–6.
 
 A C that has not reached the tolerance after ``max_newton`` steps (or whose line search
 fails) is returned with its residual; :func:`probing_core.solvers.logistic_path._solve_path` recomputes every
