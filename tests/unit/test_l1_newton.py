@@ -13,6 +13,7 @@ import pytest
 from scipy.optimize import minimize
 from sklearn.linear_model import LogisticRegression
 
+from probing_core.errors import ProbeError
 from probing_core.solvers.l1_newton import _l1_qp, newton_l1_path
 from probing_core.solvers.logistic_path import (
     _Scaler,
@@ -156,7 +157,7 @@ def test_cv_folds_as_separate_jobs_equal_the_cv_of_one_call(neurons):
     assert np.array_equal(joined.cv_selection_frequency, one.cv_selection_frequency)
     assert np.array_equal(joined.cv_converged, one.cv_converged)
     assert np.array_equal(joined.coefs, one.coefs)
-    with pytest.raises(Exception, match="fold 3 of 3"):
+    with pytest.raises(ProbeError, match="fold 3 of 3"):
         fit_cv_fold(X, yy, Cs=grid, fold=3, cv=3)
 
 
