@@ -66,3 +66,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def mlp_next_word_rows(model: LoadedModel, dataset, folder: Path, hook: str, max_tokens: int):
+    """``(X (n, d_mlp) float32, y (n,))``: a real MLP hook of ``model`` over ``dataset`` (built in ``folder``),
+    label = "the next token starts a new word" (a space then a letter or digit); BOS rows and the last token
+    of each row left out. The L1 path tests' real data (fewer rows than neurons at a few hundred tokens)."""
+    import numpy as np
+
+    from probing_core.store.activations import open_entry
+
+    store = ActivationStore(folder)
+    entry, _ = build_cache(model, dataset, [hook], store=store, max_len=64, max_tokens=max_tokens)
+    acts = open_entry(store, entry.key)
+    rows = np.flatnonzero(~acts.bos_mask() & (acts.next_ids >= 0))
+    nxt = acts.text_strings(acts.next_ids[rows])
+    y = np.array([s[:1] == " " and s[1:2].isalnum() for s in nxt], dtype=int)
+    return np.asarray(acts.hook(hook)[rows], dtype=np.float32), y

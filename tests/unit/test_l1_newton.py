@@ -24,8 +24,7 @@ from probing_core.solvers.logistic_path import (
     with_cv,
 )
 from probing_core.solvers.splits import stratified_split
-from probing_core.store.activations import build_cache, open_entry
-from probing_core.store.entries import ActivationStore
+from tests.conftest import mlp_next_word_rows
 
 HOOK = "blocks.3.mlp.hook_post"
 
@@ -35,13 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 @pytest.fixture(scope="module")
 def neurons(embedded_model, pydoc_dataset, tmp_path_factory):
     """``(Xs, y, Cs)``: standardized training rows of real MLP neurons (n < d) and a 17-C grid over 2.5 decades."""
-    store = ActivationStore(tmp_path_factory.mktemp("l1-newton-store"))
-    entry, _ = build_cache(embedded_model, pydoc_dataset, [HOOK], store=store, max_len=64, max_tokens=1200)
-    acts = open_entry(store, entry.key)
-    rows = np.flatnonzero(~acts.bos_mask() & (acts.next_ids >= 0))
-    nxt = acts.text_strings(acts.next_ids[rows])
-    y = np.array([s[:1] == " " and s[1:2].isalnum() for s in nxt], dtype=int)
-    X = np.asarray(acts.hook(HOOK)[rows], dtype=np.float32)
+    X, y = mlp_next_word_rows(embedded_model, pydoc_dataset, tmp_path_factory.mktemp("l1-newton-store"), HOOK, 1200)
     tr, _ = stratified_split(y, test_fraction=0.3, seed=0)
     Xs = _Scaler.fit(X[tr], True).apply(X[tr])
     assert Xs.shape[0] < Xs.shape[1], Xs.shape

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from probing_core.store.activations import build_cache, open_entry
 from probing_core.solvers.l1_newton import newton_l1_path
 from probing_core.solvers.logistic_path import _Scaler, _solve_path, default_Cs, fit_logistic_path
-from probing_core.store.entries import ActivationStore
+from tests.conftest import mlp_next_word_rows
 
 HOOK = "blocks.3.mlp.hook_post"
 
@@ -25,13 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 @pytest.fixture(scope="module")
 def real_mlp(embedded_model, pydoc_dataset, tmp_path_factory):
     """``(X (n, 1536) float32, y (n,))`` from a real forward pass of the embedded model."""
-    store = ActivationStore(tmp_path_factory.mktemp("l1-store"))
-    entry, _ = build_cache(embedded_model, pydoc_dataset, [HOOK], store=store, max_len=64, max_tokens=800)
-    acts = open_entry(store, entry.key)
-    rows = np.flatnonzero(~acts.bos_mask() & (acts.next_ids >= 0))
-    nxt = acts.text_strings(acts.next_ids[rows])
-    y = np.array([s[:1] == " " and s[1:2].isalnum() for s in nxt], dtype=int)
-    X = np.asarray(acts.hook(HOOK)[rows], dtype=np.float32)
+    X, y = mlp_next_word_rows(embedded_model, pydoc_dataset, tmp_path_factory.mktemp("l1-store"), HOOK, 800)
     assert X.shape[0] < X.shape[1] and 0.2 < y.mean() < 0.8, (X.shape, y.mean())
     return X, y
 
