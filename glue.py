@@ -330,11 +330,11 @@ def freeze_long_lived() -> None:
 def serve_event_loop_first() -> None:
     """Keep the server's event loop (health checks, every browser's messages) answering while pages compute.
 
-    In a real server (tests never change their process): (1) this page's script thread, and the fit workers
-    and pools it starts, run ``PROBING_SCRIPT_NICE`` (default 10) nice levels below the event loop's thread,
-    so the kernel runs the loop first on busy cores; (2) CPython's GIL switch interval drops from 5 ms to
+    In a real server (tests never change their process): (1) CPython's GIL switch interval drops from 5 ms to
     ``SWITCH_INTERVAL`` (1 ms): a thread that wants the GIL asks the holder to drop it after that long, and
-    with several sessions' scripts wanting it too, the loop waited up to that many intervals per request.
+    with several sessions' scripts wanting it too, the loop waited up to that many intervals per request;
+    (2) with ``PROBING_SCRIPT_NICE`` set (default 0: off), this page's script thread and the fit workers and
+    pools it starts run that many nice levels below the event loop's thread.
     """
     if _in_server():
         if sys.getswitchinterval() > SWITCH_INTERVAL:

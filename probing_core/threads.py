@@ -213,9 +213,14 @@ class ComputeQueue:
 
 def script_niceness() -> int:
     """How much lower than the server's own thread a page's script thread runs: ``PROBING_SCRIPT_NICE``
-    (0–19; 0 = same priority), default 10. Anything else (empty, words, negative, above 19) gives the default."""
+    (0–19), default 0 (the same priority). Anything else (empty, words, negative, above 19) gives 0.
+
+    Off by default: a lowered script thread that holds the GIL (a garbage collection, any long C call) is
+    itself starved by other processes on the machine while the event loop waits for it — measured with
+    browsers on the same cores (docs/deploy.md, Load). Worth it only where nothing else competes for the CPU.
+    """
     env = os.environ.get("PROBING_SCRIPT_NICE", "").strip()
-    return int(env) if env.isdigit() and int(env) <= 19 else 10
+    return int(env) if env.isdigit() and int(env) <= 19 else 0
 
 
 def lower_thread_priority(by: int) -> bool:

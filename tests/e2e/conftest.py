@@ -85,6 +85,10 @@ def _health(base: str) -> str:
         return ""
 
 
+#: PROBING_SCRIPT_NICE of the e2e server (off by default in the app; see probing_core.threads.script_niceness).
+E2E_SCRIPT_NICE = 5
+
+
 @pytest.fixture(scope="session")
 def server(chromium_path) -> dict:
     """Start the app; yield {"url", "port", "cache_dir", "log", "pid"}; stop it at the end."""
@@ -92,6 +96,7 @@ def server(chromium_path) -> dict:
     cache_dir = Path(os.environ.get("PROBING_CACHE_DIR", REPO / ".test-cache")).resolve()
     env = {k: v for k, v in os.environ.items() if k != "PROBING_DEMO" and not k.startswith("STREAMLIT_")}
     env.update(PROBING_CACHE_DIR=str(cache_dir), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.setdefault("PROBING_SCRIPT_NICE", str(E2E_SCRIPT_NICE))  # opt-in setting, on here so a test can see it work
     OUT.mkdir(exist_ok=True)
     log_path = OUT / "e2e-server.log"
     log = open(log_path, "w")

@@ -17,6 +17,7 @@ import pytest
 
 from probing_core.store.entries import ActivationStore
 from tests.e2e.conftest import (
+    E2E_SCRIPT_NICE,
     REPO,
     app_pages,
     assert_no_exception,
@@ -90,8 +91,12 @@ def _thread_niceness(pid: int) -> dict[int, int]:
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="per-thread niceness is Linux's")
 def test_page_scripts_run_below_the_servers_event_loop(server, page):
-    """The server's main thread (event loop: health checks, every browser's messages) keeps its priority; the
-    threads that run page scripts and fits, and the pools they start, run PROBING_SCRIPT_NICE (10) levels lower."""
+    """With PROBING_SCRIPT_NICE set (the e2e server sets 5 unless the environment says otherwise), the server's
+    main thread (event loop: health checks, every browser's messages) keeps its priority and the threads that run
+    page scripts and fits, and the pools they start, run that many levels lower."""
+    want = int(os.environ.get("PROBING_SCRIPT_NICE", E2E_SCRIPT_NICE))
+    if want == 0:
+        pytest.skip("PROBING_SCRIPT_NICE=0 in this environment: nothing to see")
     import threading
 
     seen: dict[int, int] = {}
@@ -112,7 +117,7 @@ def test_page_scripts_run_below_the_servers_event_loop(server, page):
         sampler.join()
     main = seen[server["pid"]]
     assert main == os.getpriority(os.PRIO_PROCESS, os.getpid()), "the server's main thread was reniced"
-    assert [t for t, n in seen.items() if n == min(19, main + 10)], f"no server thread ran below its event loop: {seen}"
+    assert [t for t, n in seen.items() if n == min(19, main + want)], f"no server thread ran below its event loop: {seen}"
     assert all(n >= main for n in seen.values())
 
 
