@@ -591,15 +591,16 @@ class _LayerGrid:
         finally:
             done()
 
-    def _next(self, state: tuple, order: Sequence[float]) -> tuple[str, threading.Event] | None:
-        """The first C of ``order`` not fitted and not being fitted, claimed (its in-flight event); None: done."""
+    def _next(self, state: tuple, order: Sequence[float]) -> tuple[float, str, threading.Event] | None:
+        """The first C of ``order`` not fitted and not being fitted, claimed: ``(C, key, its in-flight event)``;
+        None: done."""
         with self.lock:
             shelf = self.shelves.setdefault("layer_probes", OrderedDict())
             for c in order:
                 key = _layers_key(state, c)
                 if key not in shelf and ("layer_probes", key) not in self.flights and key not in self.failed:
                     event = self.flights[("layer_probes", key)] = threading.Event()
-                    return key, event
+                    return c, key, event
         return None
 
     def _stale(self, state: tuple) -> bool:
@@ -632,8 +633,7 @@ class _LayerGrid:
                         self.target, self.thread = None, None
                         return
                 continue
-            key, event = job
-            c = next(c for c in order if _layers_key(state, c) == key)
+            c, key, event = job
 
             def tick(frac: float, msg: str, key: str = key, state: tuple = state) -> None:
                 self.progress[key] = (frac, msg)
