@@ -467,37 +467,48 @@ LAYERS_GRID_IN_APPTEST = False
 
 
 def layer_probes(key: str, hooks: tuple[str, ...], label: Any, pos: Any, C: float, *, test_fraction: float = 0.3,
-                 seed: int = 0, control_samples: Any = "task", grid: Sequence[float] = LAYERS_C_GRID) -> Any:
+                 seed: int = 0, control_samples: Any = "task", grid: Sequence[float] = LAYERS_C_GRID,
+                 nearby: Sequence[Any] = ()) -> Any:
     """The Layer probes table for this state (``layer_probes.probe_layers``), shared by every session; a fresh fit
     shows a progress bar per hook. Always fitted cold (never warm-started from the state before), so a table does
     not depend on the order in which the controls were moved. ``control_samples="task"``: the control task on as
     many rows as the real task (its fit then costs what the real one costs; None: up to 6,000 rows).
 
-    Once this state's table is there, the other C values of ``grid`` are fitted in the background (nearest C
-    first), each cold like this one; a move to a C the background is fitting shows that fit's progress and waits
-    for it, and any fit a session asks for preempts the background within one hook."""
+    Once this state's table is there, the background (:class:`_LayerGrid`) fits, each cold like this one: the two
+    C values of ``grid`` next to ``C``, then the labels of ``nearby`` (what one step of the page's label controls
+    reaches) at this C, then the rest of the C grid. A move to a state the background is fitting shows that fit's
+    progress and waits for it, and any fit a session asks for preempts the background within one hook."""
     import math
 
     from probing_core.analyses import layer_probes as lp
 
     acts = get_entry(key)
-    state = (key, hooks, label, pos, test_fraction, seed, control_samples)
     arrays = _layers_arrays(acts, hooks)  # opened here, on the script's thread, for the background's fits too
 
-    def fit(c: float, progress: Callable[[float, str], None]) -> Any:
-        return lp.probe_layers(acts, list(hooks), label, pos, C=c, test_fraction=test_fraction, seed=seed,
-                               progress=progress, control_samples=control_samples, arrays=arrays)
+    def state_of(lab: Any) -> tuple:
+        return (key, hooks, lab, pos, test_fraction, seed, control_samples)
 
+    def fit_of(lab: Any) -> Callable[[float, Callable[[float, str], None]], Any]:
+        def fit(c: float, progress: Callable[[float, str], None]) -> Any:
+            return lp.probe_layers(acts, list(hooks), lab, pos, C=c, test_fraction=test_fraction, seed=seed,
+                                   progress=progress, control_samples=control_samples, arrays=arrays)
+        return fit
+
+    state, fit = state_of(label), fit_of(label)
     bg = _layers_grid()
     bg.wait_shown(_layers_key(state, C))
     res = shared_result("layer_probes", _layers_key(state, C), lambda p: fit(C, p), keep=_LAYERS_KEEP,
                         label="Fitting one probe per hook")
     if C in grid and (LAYERS_GRID_IN_APPTEST or _in_server()):
-        bg.want(state, fit, sorted(grid, key=lambda c: (abs(math.log10(c / C)), c)))
+        order = sorted(grid, key=lambda c: (abs(math.log10(c / C)), c))[1:]  # the C in view is done
+        jobs = [(state, fit, c) for c in order[:2]]
+        jobs += [(state_of(lab), fit_of(lab), C) for lab in nearby if lab != label]
+        jobs += [(state, fit, c) for c in order[2:]]
+        bg.want(state, jobs)
     return res
 
 
-_LAYERS_KEEP = 48  # the whole C grid of 8 label states
+_LAYERS_KEEP = 64  # the whole C grid of 8 label states, and what the background fits around the last ones
 
 
 def _layers_arrays(acts: CachedActivations, hooks: tuple[str, ...]) -> dict[str, Any]:
@@ -526,13 +537,14 @@ class _Yield(Exception):
 
 
 class _LayerGrid:
-    """One background thread per process fitting the rest of the C grid of the latest label state asked for.
+    """One background thread per process fitting what is around the latest Layer probes state asked for: the other
+    C values of that state and its nearby label states (``jobs``, in order; see :func:`layer_probes`).
 
-    It fits one C at a time, cold, through the same shelf and in-flight events as :func:`shared_result` (a session
-    asking for that C waits for it instead of fitting it again), and only while no other fit runs or waits: it
-    takes a turn in the compute queue when the queue is empty, and gives it back at the next hook when anyone
-    queues (that C is then fitted again later, or by the session that asks for it). It ends when the grid of the
-    latest state is complete; :meth:`join` waits for that (tests). It starts ``delay`` seconds after a new state
+    It fits one ``(state, C)`` at a time, cold, through the same shelf and in-flight events as :func:`shared_result`
+    (a session asking for it waits for it instead of fitting it again), and only while no other fit runs or waits:
+    it takes a turn in the compute queue when the queue is empty, and gives it back at the next hook when anyone
+    queues (that fit is then done again later, or by the session that asks for it). It ends when the jobs of the
+    latest state are done; :meth:`join` waits for that (tests). It starts ``delay`` seconds after a new state
     is asked for, so that the page that asked draws its table and charts first (measured: fitting at once added
     ~350 ms to that rerun)."""
 
@@ -541,14 +553,15 @@ class _LayerGrid:
     def __init__(self, lock: threading.Lock, shelves: dict, flights: dict, queue: ComputeQueue) -> None:
         self.lock, self.shelves, self.flights, self.queue = lock, shelves, flights, queue
         self.cond = threading.Condition()
-        self.target: tuple | None = None  # (state, fit, C order)
+        self.target: tuple | None = None  # (state asked for, [(state, fit, C), ...] to fit around it)
         self.thread: threading.Thread | None = None
         self.progress: dict[str, tuple[float, str]] = {}  # key -> progress of the fit running here
         self.failed: set[str] = set()  # keys whose fit raised a ProbingError here
         self.not_before = 0.0  # time.monotonic() before which no new state's fit starts
         self.stopping = False  # the process is exiting: no new fits, the running one yields
 
-    def want(self, state: tuple, fit: Callable, order: Sequence[float]) -> None:
+    def want(self, state: tuple, jobs: Sequence[tuple[tuple, Callable, float]]) -> None:
+        """Fit ``jobs`` — ``(state, fit, C)``, ``fit(C, progress)`` — around ``state`` (the one asked for)."""
         import time
 
         with self.cond:
@@ -556,7 +569,7 @@ class _LayerGrid:
                 return
             if self.target is None or self.target[0] != state:
                 self.not_before = time.monotonic() + self.delay
-            self.target = (state, fit, list(order))
+            self.target = (state, list(jobs))
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="layers-grid", daemon=True)
                 self.thread.start()
@@ -591,16 +604,16 @@ class _LayerGrid:
         finally:
             done()
 
-    def _next(self, state: tuple, order: Sequence[float]) -> tuple[float, str, threading.Event] | None:
-        """The first C of ``order`` not fitted and not being fitted, claimed: ``(C, key, its in-flight event)``;
+    def _next(self, jobs: Sequence[tuple[tuple, Callable, float]]) -> tuple[Callable, float, str, threading.Event] | None:
+        """The first job not fitted and not being fitted, claimed: ``(fit, C, key, its in-flight event)``;
         None: done."""
         with self.lock:
             shelf = self.shelves.setdefault("layer_probes", OrderedDict())
-            for c in order:
+            for state, fit, c in jobs:
                 key = _layers_key(state, c)
                 if key not in shelf and ("layer_probes", key) not in self.flights and key not in self.failed:
                     event = self.flights[("layer_probes", key)] = threading.Event()
-                    return c, key, event
+                    return fit, c, key, event
         return None
 
     def _stale(self, state: tuple) -> bool:
@@ -623,17 +636,17 @@ class _LayerGrid:
             with self.cond:
                 if self.stopping:
                     return
-                state, fit, order = self.target
+                state, jobs = self.target
             while (self.queue.counts() != (0, 0) or time.monotonic() < self.not_before) and not self._stale(state):
                 time.sleep(0.1)  # sessions' fits and page draws first
-            job = None if self._stale(state) else self._next(state, order)
+            job = None if self._stale(state) else self._next(jobs)
             if job is None:
                 with self.cond:
                     if self.target is not None and self.target[0] == state:  # nothing newer: done
                         self.target, self.thread = None, None
                         return
                 continue
-            c, key, event = job
+            fit, c, key, event = job
 
             def tick(frac: float, msg: str, key: str = key, state: tuple = state) -> None:
                 self.progress[key] = (frac, msg)

@@ -10,8 +10,8 @@ their JSON, the protobuf messages). Each row splits that time into
 * **rest** — everything else: Streamlit's script run, widgets, dataframes (Arrow), AppTest's own
   parsing of the message tree (a few ms per element).
 
-The Layer probes page fits the other C values of a label state in a background thread named
-``layers-grid`` (not counted in the split; a move to a C it is fitting waits for it). The other pages
+The Layer probes page fits the other C values of a label state and one step of each label control in a
+background thread named ``layers-grid`` (not counted in the split; a move to a C it is fitting waits for it). The other pages
 start no background work of their own (the Sparse page's C path, embed-only baseline
 and control task are fitted once per state, so a C move is a lookup); a thread named
 ``warm-shelves`` (older trees) would not be counted in the split, only in the totals.
@@ -206,6 +206,27 @@ def step(kind: str, key: str, values: list | None = None, *, back: bool = False,
     return move
 
 
+def label_step(pause: float):
+    """A Layer probes label move of one control step from where the page is — the token offset one back (or one
+    forward at its end), then the top-K one up, in turn — after ``pause`` seconds on the page (not timed). The page
+    fits one step of each label control in the background once a table is shown, so these read what it fitted."""
+    state = {"i": 0}
+
+    def move(at: AppTest):
+        time.sleep(pause)
+        if state["i"] % 2 == 0:
+            w = _widget(at, "slider", "layers_offset")
+            v = w.value - 1 if w.value - 1 >= w.min else w.value + 1
+        else:
+            w = _widget(at, "slider", "layers_top_k")
+            v = w.value + 1 if w.value + 1 <= w.max else w.value - 1
+        state["i"] += 1
+        w.set_value(v)
+        return v
+
+    return move
+
+
 #: The Sparse page's C control: a slider over the steps of the C path (the URL holds the step).
 _C_KIND = "slider"
 
@@ -231,6 +252,9 @@ PLANS: dict[str, list[tuple[str, Callable]]] = {
         # the page fits the other C values of a label state in the background after its first view
         ("C slider (new value, after 40 s on the page)", step("select_slider", "layers_C", [1.0, 100.0, 0.001],
                                                                pause=40.0)),
+        # ... and one step of the offset or top-K (nearby label states, fitted at the C in view after the C values
+        # next to it): after 60 s they are there
+        ("label, one step (after 60 s on the page)", label_step(60.0)),
     ],
     "attention": [
         ("layer", step("number_input", "attn_layer", [1, 2, 3, 4])),

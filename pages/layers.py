@@ -1,4 +1,6 @@
 """Layer probes: accuracy of a categorical probe at every hook (layer) and position; tree edge preset."""
+from dataclasses import replace
+
 import streamlit as st
 
 import glue
@@ -6,6 +8,7 @@ from probing_core.analyses import layer_probes as lp
 from probing_core.plots import layers as plots
 
 Q = "query-params"
+OFFSETS, TOP_K = (-5, 2), (2, 50)  # the label sliders' ranges
 st.title("🧱 Layer probes")
 glue.explain(
     "Which layer knows what? For every hook (the token embedding, then the residual stream after each block) "
@@ -81,9 +84,13 @@ def label_probes() -> None:
         label = lp.LayerLabelSpec("column", column=l2.selectbox("Column", cols, key="layers_column", bind=Q))
     else:  # opens on the previous token: an answer that changes across layers (the current token is 1.000 everywhere)
         label = lp.LayerLabelSpec("token", offset=int(l2.slider(
-            "Token offset (-1 = the token before, -2 = two back, 0 = current, 1 = next)", -5, 2, -1, key="layers_offset", bind=Q)))
-    top_k = l3.slider("Keep the top-K classes", 2, 50, 20, key="layers_top_k", bind=Q)
+            "Token offset (-1 = the token before, -2 = two back, 0 = current, 1 = next)", *OFFSETS, -1, key="layers_offset", bind=Q)))
+    top_k = l3.slider("Keep the top-K classes", *TOP_K, 20, key="layers_top_k", bind=Q)
     label = lp.LayerLabelSpec(label.kind, label.offset, label.column, int(top_k))
+    # one step of each label control away: fitted in the background after this table (then a lookup)
+    nearby = [replace(label, offset=o) for o in (label.offset - 1, label.offset + 1)
+              if label.kind == "token" and OFFSETS[0] <= o <= OFFSETS[1]]
+    nearby += [replace(label, top_k=k) for k in (top_k - 1, top_k + 1) if TOP_K[0] <= k <= TOP_K[1]]
     p1, p2, p3 = st.columns(3)
     rule = p1.radio("Positions", ["All tokens", "Fixed positions", "Matching tokens", "Every k-th"], key="layers_rule", bind=Q)
     if rule == "Fixed positions":
@@ -98,12 +105,14 @@ def label_probes() -> None:
     else:
         pos = lp.PositionSpec("all")
     C = p3.select_slider("C (inverse L2 strength)", list(glue.LAYERS_C_GRID), 1.0, key="layers_C", bind=Q,
-                         help="Once a table is shown, the other C values are fitted in the background: a move is a lookup.")
+                         help="Once a table is shown, the other C values (and one step of the offset and top-K) are fitted in the "
+                              "background: a move there is a lookup.")
     every_row = glue.research() and p3.checkbox("Control on every row (slower)", key="layers_ctrl_all", bind=Q,
                                                 help="The control task on every row of the column (up to 6,000), not "
                                                      "on as many rows as the real task (the default: the same n).")
     with glue.user_errors():
-        res = glue.layer_probes(acts.key, tuple(hooks), label, pos, float(C), control_samples=None if every_row else "task")
+        res = glue.layer_probes(acts.key, tuple(hooks), label, pos, float(C), control_samples=None if every_row else "task",
+                                nearby=nearby)
     show(res, "custom", {"label": label.name(), "top_k": int(top_k), "positions": pos.name(), "hooks": hooks, "C": float(C),
                          "test_fraction": 0.3, "seed": 0, "control_rows": "all" if every_row else "as many as the task"}, acts)
 

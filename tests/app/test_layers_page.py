@@ -114,6 +114,34 @@ def test_c_moves_are_lookups_with_the_numbers_of_a_cold_fit(entry_key: str, monk
     assert grid[0.001].test_accuracy.mean() < grid[1.0].test_accuracy.mean()  # the C values are really different fits
 
 
+def test_one_label_step_is_fitted_in_the_background(entry_key: str, monkeypatch):
+    """After the first view the background also fits one step of each label control (offset ±1, top-K ±1) at the C
+    in view, each equal to a cold fit; moving the offset there reads it (the page shows those numbers)."""
+    from dataclasses import replace
+
+    import glue
+    from probing_core.analyses import layer_probes as lp
+
+    monkeypatch.setattr(glue, "LAYERS_GRID_IN_APPTEST", True)
+    at = open_page("pages/layers.py", entry_key)
+    assert glue.layers_grid_join(120)
+    hooks = tuple(at.dataframe[0].value["hook"])
+    label = lp.LayerLabelSpec("token", -1, top_k=20)
+    near = [replace(label, offset=-2), replace(label, offset=0), replace(label, top_k=19), replace(label, top_k=21)]
+    lock, shelves = glue._shelves()
+    with lock:
+        shelf = dict(shelves["layer_probes"])
+    keys = {lab: glue._layers_key((entry_key, hooks, lab, lp.PositionSpec("all"), 0.3, 0, "task"), 1.0) for lab in near}
+    assert all(k in shelf for k in keys.values()), [lab for lab, k in keys.items() if k not in shelf]
+    acts = glue.get_entry(entry_key)
+    cold = lp.probe_layers(acts, list(hooks), near[0], lp.PositionSpec("all"), C=1.0)
+    np.testing.assert_array_equal(shelf[keys[near[0]]].test_accuracy, cold.test_accuracy)
+    np.testing.assert_array_equal(shelf[keys[near[0]]].control_accuracy, cold.control_accuracy)
+    at.slider(key="layers_offset").set_value(-2).run()
+    assert not at.exception and not at.error
+    np.testing.assert_allclose(at.dataframe[0].value["token at -2"], cold.test_accuracy[:, 0])
+
+
 def test_background_grid_yields_to_a_queued_fit_and_then_finishes():
     """The C-grid thread fits only while no other fit runs or waits: a fit that queues takes the slot within one
     hook (the yielded C is fitted again later), and every C of the grid ends on the shelf exactly once."""
@@ -138,7 +166,7 @@ def test_background_grid_yields_to_a_queued_fit_and_then_finishes():
         return f"result {c}"
 
     state = ("entry", ("h",), "label", "pos", 0.3, 0, "task")
-    grid.want(state, fit, [1.0, 0.1, 10.0])
+    grid.want(state, [(state, fit, c) for c in (1.0, 0.1, 10.0)])
     time.sleep(0.2)  # the background is inside its first fit
     t = time.perf_counter()
     with queue.turn():  # a session's fit: the background gives the slot back at its next hook
@@ -172,7 +200,7 @@ def test_background_grid_tries_a_failing_c_once():
         return f"result {c}"
 
     state = ("entry", ("h",), "label", "pos", 0.3, 0, "task")
-    grid.want(state, fit, [1.0, 10.0, 0.1])
+    grid.want(state, [(state, fit, c) for c in (1.0, 10.0, 0.1)])
     assert grid.join(10)
     assert sorted(calls) == [0.1, 1.0, 10.0] and len(shelves["layer_probes"]) == 2 and not flights
 
@@ -197,10 +225,10 @@ def test_background_grid_stops_at_exit():
         return "done"
 
     state = ("entry", ("h",), "label", "pos", 0.3, 0, "task")
-    grid.want(state, fit, [1.0, 10.0])
+    grid.want(state, [(state, fit, c) for c in (1.0, 10.0)])
     time.sleep(0.2)
     t = time.perf_counter()
     grid.stop()
     assert time.perf_counter() - t < 1.0 and grid.thread is None and not flights and not shelves["layer_probes"]
-    grid.want(state, fit, [1.0])
+    grid.want(state, [(state, fit, 1.0)])
     assert grid.thread is None
