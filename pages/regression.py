@@ -57,10 +57,10 @@ if t1.open:
         hook = st.selectbox("R² against α for hook", list(r.hooks), key="reg_hook", bind=Q, format_func=glue.layer_words)
         st.plotly_chart(plots.r2_vs_alpha(r, hook), key="reg_vs_alpha")
         alpha = None if ai is None else float(r.alphas[ai])
-        glue.downloads(("⬇ R² curves (CSV)", reg.curve_rows(run), "r2-curves.csv", "reg_dl_csv"),
-                       ("⬇ Probe weights (.npy per hook, zip)", reg.weights_zip(run, alpha), "probe-weights.zip", "reg_dl_zip"),
-                       (glue.MANIFEST_LABEL, glue.run_manifest(model, acts, core=run.manifest, page="regression",
-                                                               alpha_shown=alpha or "best per hook"), "regression-manifest.json", "reg_dl_manifest"))
+        glue.downloads(("⬇ R² curves (CSV)", lambda: reg.curve_rows(run), "r2-curves.csv", "reg_dl_csv"),  # made on click
+                       ("⬇ Probe weights (.npy per hook, zip)", lambda: reg.weights_zip(run, alpha), "probe-weights.zip", "reg_dl_zip"),
+                       (glue.MANIFEST_LABEL, lambda: glue.run_manifest(model, acts, core=run.manifest, page="regression",
+                                                                       alpha_shown=alpha or "best per hook"), "regression-manifest.json", "reg_dl_manifest"))
 
 if t2.open:
     with t2:

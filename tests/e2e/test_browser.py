@@ -152,6 +152,25 @@ def test_home_build_then_regression_curve_and_alpha_slider(server, page):
     assert after != before, "moving the α slider did not change the R² curve"
     screenshot(page, "regression-largest-alpha")
 
+    # The downloads are made when clicked (not on every rerun): the file arrives, at the α shown.
+    with page.expect_download() as got:
+        page.locator(".st-key-reg_dl_zip button").click()
+    import io
+    import zipfile
+
+    import numpy as np
+
+    with zipfile.ZipFile(io.BytesIO(Path(got.value.path()).read_bytes())) as z:
+        names = [n for n in z.namelist() if n.endswith(".npy")]
+        assert "hook_embed.npy" in names and len(names) > 1, z.namelist()
+        w = np.load(io.BytesIO(z.read(names[0])), allow_pickle=False)
+        assert "best per hook" not in z.read("README.txt").decode()  # the α moved to above, not the default
+    assert w.ndim >= 1 and w.size > 0 and np.isfinite(w).all()
+    with page.expect_download() as got:
+        page.locator(".st-key-reg_dl_csv button").click()
+    csv = Path(got.value.path()).read_text()
+    assert csv.splitlines()[0].count(",") >= 2 and len(csv.splitlines()) > 2, csv[:200]
+
 
 def test_attention_page_draws_circuitsvis_in_its_iframe(server, page):
     _require_page("pages/attention.py")
