@@ -14,7 +14,8 @@ from scipy.optimize import minimize
 from sklearn.linear_model import LogisticRegression
 
 from probing_core.errors import ProbeError
-from probing_core.solvers.l1_newton import _l1_qp, newton_l1_path
+from probing_core.solvers import l1_newton
+from probing_core.solvers.l1_newton import _chol, _l1_qp, _subset_solve, newton_l1_path
 from probing_core.solvers.logistic_path import (
     _Scaler,
     _solve_path,
@@ -53,6 +54,49 @@ def _kkt64(Xs: np.ndarray, y: np.ndarray, C: float, w: np.ndarray, b: float) -> 
 def _objective(Xs: np.ndarray, y: np.ndarray, C: float, w: np.ndarray, b: float) -> float:
     z = Xs.astype(np.float64) @ w.astype(np.float64) + b
     return C * float(np.sum(np.logaddexp(0.0, z) - y * z)) + float(np.abs(w).sum())
+
+
+def test_a_subset_solve_from_the_whole_factor_equals_a_new_factorization():
+    """_subset_solve (the whole set's Cholesky factor reused for a principal block) against numpy's solve of that
+    block, with 1, 7 and 30 of 121 indices left out."""
+    rng = np.random.default_rng(1)
+    A = rng.standard_normal((300, 121))
+    H = A.T @ A
+    c, mu = _chol(H, 1e-8)
+    assert mu == 1e-8
+    for n_out in (1, 7, 30):
+        out = np.sort(rng.choice(120, n_out, replace=False))
+        keep = np.setdiff1d(np.arange(121), out)
+        rhs = rng.standard_normal(keep.size)
+        want = np.linalg.solve(H[np.ix_(keep, keep)] + 1e-8 * np.eye(keep.size), rhs)
+        np.testing.assert_allclose(_subset_solve(c, keep, out, rhs), want, rtol=1e-9, atol=1e-12)
+
+
+def test_the_inner_solver_gives_the_same_step_with_and_without_the_reused_factor(monkeypatch):
+    """The factor reuse changes how a step is solved, not the step: _l1_qp on a model where coefficients leave the
+    free set (every coefficient non-zero at the start, some at zero in the model's minimizer) gives the same step
+    either way."""
+    rng = np.random.default_rng(2)
+    s = 80
+    A = rng.standard_normal((200, s + 1))
+    H = A.T @ A
+    wS = rng.standard_normal(s)
+    g = A.T @ rng.standard_normal(200) * 5
+    calls = []
+    real = l1_newton._subset_solve
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(l1_newton, "_subset_solve", counted)  # counts the real function's calls
+    reused, it1 = _l1_qp(H, g, wS, 20.0, eps=1e-6, mu=1e-8)  # 9-11 of 80 end at zero (eps above rounding: g is ~100)
+    assert calls, "no subset was solved from the whole factor: the case does not test the reuse"
+    monkeypatch.setattr(l1_newton, "_SUBSET_REUSE", -1.0)  # every subset factorized anew, as before
+    fresh, it2 = _l1_qp(H, g, wS, 20.0, eps=1e-6, mu=1e-8)
+    assert int((wS + fresh[:s] == 0).sum()) > 0
+    assert it1 == it2
+    np.testing.assert_allclose(reused, fresh, rtol=1e-8, atol=1e-12)
 
 
 @pytest.mark.parametrize("rank", [60, 25])
