@@ -1075,9 +1075,12 @@ def download_data(data: Any) -> str | bytes:
 def download(label: str, data: Any, file_name: str, key: str, *, where: Any = None) -> None:
     """One download button (in ``where``, a column, or the page); data as :func:`download_data` makes it,
     the MIME type from the file name's extension. ``data`` may be a function of no arguments: the file is then
-    made when the button is clicked, not on every rerun."""
+    made when the button is clicked, not on every rerun. A click does not rerun the page (``on_click="ignore"``):
+    with the default rerun, the rerun replaced a deferred file's id while the browser fetched the old one
+    ("Deferred file … not found" in a real browser, the download never came)."""
     payload = (lambda: download_data(data())) if callable(data) else download_data(data)
-    (where or st).download_button(label, payload, file_name, _MIME.get(Path(file_name).suffix), key=key)
+    (where or st).download_button(label, payload, file_name, _MIME.get(Path(file_name).suffix), key=key,
+                                  on_click="ignore")
 
 
 def downloads(*items: tuple[str, Any, str, str]) -> None:

@@ -153,7 +153,7 @@ def test_home_build_then_regression_curve_and_alpha_slider(server, page):
     screenshot(page, "regression-largest-alpha")
 
     # The downloads are made when clicked (not on every rerun): the file arrives, at the α shown.
-    with page.expect_download() as got:
+    with page.expect_download(timeout=60_000) as got:
         page.locator(".st-key-reg_dl_zip button").click()
     import io
     import zipfile
@@ -166,7 +166,7 @@ def test_home_build_then_regression_curve_and_alpha_slider(server, page):
         w = np.load(io.BytesIO(z.read(names[0])), allow_pickle=False)
         assert "best per hook" not in z.read("README.txt").decode()  # the α moved to above, not the default
     assert w.ndim >= 1 and w.size > 0 and np.isfinite(w).all()
-    with page.expect_download() as got:
+    with page.expect_download(timeout=60_000) as got:
         page.locator(".st-key-reg_dl_csv button").click()
     csv = Path(got.value.path()).read_text()
     assert csv.splitlines()[0].count(",") >= 2 and len(csv.splitlines()) > 2, csv[:200]
