@@ -1,6 +1,4 @@
 """Layer probes: accuracy of a categorical probe at every hook (layer) and position; tree edge preset."""
-from dataclasses import replace
-
 import streamlit as st
 
 import glue
@@ -87,10 +85,6 @@ def label_probes() -> None:
             "Token offset (-1 = the token before, -2 = two back, 0 = current, 1 = next)", *OFFSETS, -1, key="layers_offset", bind=Q)))
     top_k = l3.slider("Keep the top-K classes", *TOP_K, 20, key="layers_top_k", bind=Q)
     label = lp.LayerLabelSpec(label.kind, label.offset, label.column, int(top_k))
-    # one step of each label control away: fitted in the background after this table (then a lookup)
-    nearby = [replace(label, offset=o) for o in (label.offset - 1, label.offset + 1)
-              if label.kind == "token" and OFFSETS[0] <= o <= OFFSETS[1]]
-    nearby += [replace(label, top_k=k) for k in (top_k - 1, top_k + 1) if TOP_K[0] <= k <= TOP_K[1]]
     p1, p2, p3 = st.columns(3)
     rule = p1.radio("Positions", ["All tokens", "Fixed positions", "Matching tokens", "Every k-th"], key="layers_rule", bind=Q)
     if rule == "Fixed positions":
@@ -112,7 +106,7 @@ def label_probes() -> None:
                                                      "on as many rows as the real task (the default: the same n).")
     with glue.user_errors():
         res = glue.layer_probes(acts.key, tuple(hooks), label, pos, float(C), control_samples=None if every_row else "task",
-                                nearby=nearby)
+                                nearby=lp.one_step_away(label, OFFSETS, TOP_K))  # fitted next, in the background
     show(res, "custom", {"label": label.name(), "top_k": int(top_k), "positions": pos.name(), "hooks": hooks, "C": float(C),
                          "test_fraction": 0.3, "seed": 0, "control_rows": "all" if every_row else "as many as the task"}, acts)
 

@@ -124,6 +124,14 @@ class PositionSpec:
         return "all tokens"
 
 
+def one_step_away(label: LayerLabelSpec, offsets: tuple[int, int], top_ks: tuple[int, int]) -> list[LayerLabelSpec]:
+    """The labels one step of a control away from ``label``: the token offset ∓1 (token labels), then the top-K ∓1,
+    kept within the controls' ranges ``offsets`` and ``top_ks`` (inclusive bounds)."""
+    near = [replace(label, offset=o) for o in (label.offset - 1, label.offset + 1)
+            if label.kind == "token" and offsets[0] <= o <= offsets[1]]
+    return near + [replace(label, top_k=k) for k in (label.top_k - 1, label.top_k + 1) if top_ks[0] <= k <= top_ks[1]]
+
+
 def parse_label(text: str, top_k: int = 20) -> LayerLabelSpec:
     """Parse ``token`` / ``token-offset:-2`` / ``column:NAME`` (also ``class:NAME``) into a spec.
 

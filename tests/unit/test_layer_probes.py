@@ -20,6 +20,7 @@ from probing_core.analyses.layer_probes import (
     build_tree_cache,
     compute_layer_labels,
     keep_top_classes,
+    one_step_away,
     parse_label,
     parse_positions,
     probe_layers,
@@ -228,3 +229,17 @@ def test_page_notes_and_tables(acts, tiny_model):
     assert list(intervals.columns) == ["layer", "token at -1 95% CI"]
     plain, _ = accuracy_tables(res, research=False)
     assert "hook" not in plain.columns and plain["token at -1"].tolist() == table["token at -1"].tolist()
+
+
+def test_one_step_away_stays_within_the_controls():
+    """The labels the page fits in the background: offset ∓1 and top-K ∓1, never outside the sliders' ranges, and no
+    offset step for a dataset column."""
+    tok = LayerLabelSpec("token", offset=-1, top_k=20)
+    assert one_step_away(tok, (-5, 2), (2, 50)) == [
+        LayerLabelSpec("token", -2, None, 20), LayerLabelSpec("token", 0, None, 20),
+        LayerLabelSpec("token", -1, None, 19), LayerLabelSpec("token", -1, None, 21)]
+    edge = LayerLabelSpec("token", offset=2, top_k=2)
+    assert one_step_away(edge, (-5, 2), (2, 50)) == [LayerLabelSpec("token", 1, None, 2),
+                                                        LayerLabelSpec("token", 2, None, 3)]
+    col = LayerLabelSpec("column", column="topic", top_k=50)
+    assert one_step_away(col, (-5, 2), (2, 50)) == [LayerLabelSpec("column", 0, "topic", 49)]
