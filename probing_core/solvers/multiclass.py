@@ -75,7 +75,7 @@ class _NonFinite(Exception):
 # fp32 rows are kept in the row layout only and both products go through NumPy's BLAS (OpenBLAS), which
 # reads ``X`` as ``X`` or ``Xᵀ`` without a copy: on this AMD EPYC (AVX2) its single-threaded
 # 1,147 × 576 × 20 products took 0.41-0.55 ms against torch/MKL's 0.72 ms, and the Layer probes
-# default table (31 hooks, real + control task) fitted 1.2× faster with half the memory (no
+# default table (31 hooks, real + control task) fitted 1.1-1.2× faster with half the memory (no
 # transposed copy). bf16 copies (CPUs with native bf16 GEMMs) keep both layouts and torch.
 _CHUNK = 512  # rows per block in the row-wise passes: 512 × d fp32 stays in a 2 MB L2 up to d ≈ 1000
 _BLOCK_BYTES = 1 << 20  # ... and narrower rows go in blocks of ~1 MB (fewer calls per pass)
@@ -95,8 +95,8 @@ class _HookData:
     The standardization ``(x - mu) / sd`` is folded into :meth:`fwd` and :meth:`grad` (a rank-one
     correction and a column scale), so no second pass is needed. For bf16 the row layout serves
     ``X W`` and the transposed one ``X^T R`` (torch: each GEMM with its big operand unpacked, 2-4x
-    faster than either product on one layout); fp32 rows serve both through NumPy. Exact figures (fp32 decision values, gradient,
-    test predictions) come from :meth:`exact_grad` and :meth:`predict_rows`, which re-read the
+    faster than either product on one layout); fp32 rows serve both through NumPy. Exact figures
+    (fp32 decision values, gradient, test predictions) come from :meth:`exact_grad` and :meth:`predict_rows`, which re-read the
     fp32 rows a block at a time (one read for both products).
     """
 
