@@ -96,8 +96,8 @@ class _HookData:
     correction and a column scale), so no second pass is needed. For bf16 the row layout serves
     ``X W`` and the transposed one ``X^T R`` (torch: each GEMM with its big operand unpacked, 2-4x
     faster than either product on one layout); fp32 rows serve both through NumPy. Exact figures
-    (fp32 decision values, gradient, test predictions) come from :meth:`exact_grad` and :meth:`predict_rows`, which re-read the
-    fp32 rows a block at a time (one read for both products).
+    (fp32 decision values, gradient, test predictions) come from :meth:`exact_grad` and
+    :meth:`predict_rows`, which re-read the fp32 rows a block at a time (one read for both products).
     """
 
     def __init__(self, a_: np.ndarray, rows: torch.Tensor, standardize: bool, low: bool, bufs: dict):
